@@ -1,0 +1,51 @@
+"""`ummae` command line: one module per command, each with `add_parser` and `run`.
+
+Errors in what the user gave (config values, paths, checkpoints) are `UmmaeError`s: printed as
+one line, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UmmaeError
+from . import presets as presets_cmd
+from . import pretrain as pretrain_cmd
+
+__all__ = ["main", "build_parser"]
+
+COMMANDS = (pretrain_cmd, presets_cmd)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = _Parser(prog="ummae", description="Efficient masked-image-modeling pre-training (UM-MAE) "
+                                               "for Swin, PVT and ViT backbones.")
+    parser.add_argument("--version", action="version", version=f"ummae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except UmmaeError as e:
+        print(f"ummae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ummae {args.command}: interrupted", file=sys.stderr)
+        return 130

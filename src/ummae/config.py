@@ -1,0 +1,331 @@
+"""Run configuration: typed sections, presets, YAML files and command-line overrides.
+
+A configuration is resolved in layers, later ones winning:
+    preset (`--preset`, default `demo`) < YAML file (`--config`) < `--set key=value` < named flags
+and validated as a whole, so every bad value is reported as one line naming its key. The
+resolved configuration is written to the run directory as `config.yaml`; feeding that file back
+with `--config` reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "ModelConfig", "MaskingConfig", "DataConfig", "OptimConfig", "TrainConfig", "PretrainConfig",
+    "resolve_config", "config_to_dict", "apply_overrides", "parse_set_option",
+]
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "swin"  # backbone family
+    embed_dim: int = 96
+    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    window_size: int = 8  # on the compact grid; the full image uses 16 at 256 px
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    pos_hidden_dim: int = 32  # coordinate-MLP width of the position bias (Swin-L: 64)
+    drop_path_rate: float = 0.0
+    decoder_dim: int = 512
+    decoder_depth: int = 2
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class MaskingConfig:
+    method: str = "uniform"
+    unit_size: int = 16  # pixels
+    secondary_ratio: float = 0.25
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # folder tree of images; None = the built-in demo photographs
+    img_size: int = 256
+    min_crop_scale: float = 0.2  # RandomResizedCrop scale range (min_crop_scale, 1)
+    demo_length: int = 512  # demo crops per epoch
+    num_workers: int = 4
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4  # base lr; lr = blr * effective_batch / 256
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_epochs: float = 10.0
+    clip_grad: float | None = None  # max gradient norm; None = no clipping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    max_steps: int | None = None  # stop after this many optimizer steps (schedule fitted to it)
+    batch_size: int = 64  # per device, per micro-step
+    accum_steps: int = 1  # micro-steps per optimizer step
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    out: str | None = None  # run directory; None = runs/<preset>-<timestamp>
+    log_every: int = 10  # optimizer steps between metric lines
+    vis_images: int = 8  # images in the reconstruction picture
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.train.batch_size * self.train.accum_steps
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: absolute `optim.lr`, else scaled from `optim.blr`."""
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return self.optim.blr * self.effective_batch / 256
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+def config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON/checkpoint safe: only str, int, float, bool, None, lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a YAML/command-line value to the field's type, or raise naming the key."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):  # YAML reads `--set k=1` as an int
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _section_classes() -> dict[str, type]:
+    hints = _field_types(PretrainConfig)
+    return {name: hints[name] for name in hints if dataclasses.is_dataclass(hints[name])}
+
+
+def apply_overrides(cfg: PretrainConfig, values: dict[str, Any], source: str) -> PretrainConfig:
+    """Set nested `values` (`{"train": {"epochs": 3}}` or `{"train.epochs": 3}`) on `cfg`.
+
+    Unknown sections or keys raise `ConfigError` naming them and where they came from.
+    """
+    sections = _section_classes()
+    for top, value in values.items():
+        if "." in top:  # dotted key
+            section, _, key = top.partition(".")
+            value = {key: value}
+            top = section
+        if top == "preset":
+            continue  # chosen before the layers are applied
+        if top not in sections:
+            raise ConfigError(f"unknown config section '{top}' in {source} "
+                              f"(known: preset, {', '.join(sections)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section '{top}' in {source} must be a mapping of keys")
+        section_obj = getattr(cfg, top)
+        hints = _field_types(sections[top])
+        for key, v in value.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key '{top}.{key}' in {source} "
+                                  f"(known: {', '.join(hints)})")
+            setattr(section_obj, key, _coerce(v, hints[key], f"{top}.{key}"))
+    return cfg
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """`"optim.blr=1e-4"` -> `("optim.blr", 1e-4)`; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: '{path}' must hold a mapping of sections")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+def validate(cfg: PretrainConfig) -> PretrainConfig:
+    """Check every value; raise `ConfigError` naming the first bad key."""
+    from .models import ENCODERS
+
+    def positive(key: str, v: float | int | None, allow_none: bool = False, zero: bool = False):
+        if v is None and allow_none:
+            return
+        if v is None or (isinstance(v, float) and math.isnan(v)) or v < 0 or (v == 0 and not zero):
+            raise ConfigError(f"{key} must be {'>= 0' if zero else '> 0'}, got {v}")
+
+    m, k, d, o, t = cfg.model, cfg.masking, cfg.data, cfg.optim, cfg.train
+    if m.arch not in ENCODERS:
+        raise ConfigError(f"model.arch must be one of {sorted(ENCODERS)}, got {m.arch!r}")
+    for key in ("embed_dim", "window_size", "patch_size", "mlp_ratio", "pos_hidden_dim",
+                "decoder_dim", "decoder_depth", "decoder_heads"):
+        positive(f"model.{key}", getattr(m, key))
+    if not m.depths or any(x < 1 for x in m.depths):
+        raise ConfigError(f"model.depths must be a non-empty list of integers >= 1, got {m.depths}")
+    if len(m.num_heads) != len(m.depths) or any(x < 1 for x in m.num_heads):
+        raise ConfigError(f"model.num_heads must have one integer >= 1 per stage ({len(m.depths)}), got {m.num_heads}")
+    for i, heads in enumerate(m.num_heads):
+        if (m.embed_dim * 2 ** i) % heads:
+            raise ConfigError(f"model.num_heads[{i}]={heads} does not divide the stage width {m.embed_dim * 2 ** i}")
+    if m.decoder_dim % m.decoder_heads or m.decoder_dim % 4:
+        raise ConfigError(f"model.decoder_dim {m.decoder_dim} must be divisible by 4 and by model.decoder_heads")
+    if not 0 <= m.drop_path_rate < 1:
+        raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+
+    if k.method != "uniform":
+        raise ConfigError(f"masking.method must be 'uniform' for this model, got {k.method!r}")
+    positive("masking.unit_size", k.unit_size)
+    if not 0 <= k.secondary_ratio < 1:
+        raise ConfigError(f"masking.secondary_ratio must be in [0, 1), got {k.secondary_ratio}")
+
+    positive("data.img_size", d.img_size)
+    if d.img_size % k.unit_size:
+        raise ConfigError(f"data.img_size {d.img_size} is not divisible by masking.unit_size {k.unit_size}")
+    if (d.img_size // k.unit_size) % 2:
+        raise ConfigError(f"data.img_size {d.img_size} / masking.unit_size {k.unit_size} gives an odd "
+                          f"unit grid ({d.img_size // k.unit_size}); uniform masking needs it even")
+    if not 0 < d.min_crop_scale <= 1:
+        raise ConfigError(f"data.min_crop_scale must be in (0, 1], got {d.min_crop_scale}")
+    positive("data.demo_length", d.demo_length)
+    positive("data.num_workers", d.num_workers, zero=True)
+    if d.path is not None and not str(d.path).strip():
+        raise ConfigError("data.path (--data) is empty")
+
+    positive("optim.blr", o.blr)
+    positive("optim.lr", o.lr, allow_none=True)
+    positive("optim.min_lr", o.min_lr, zero=True)
+    positive("optim.weight_decay", o.weight_decay, zero=True)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    positive("optim.warmup_epochs", o.warmup_epochs, zero=True)
+    positive("optim.clip_grad", o.clip_grad, allow_none=True)
+
+    positive("train.epochs (--epochs)", t.epochs)
+    positive("train.max_steps (--max-steps)", t.max_steps, allow_none=True)
+    positive("train.batch_size (--batch-size)", t.batch_size)
+    positive("train.accum_steps (--accum-steps)", t.accum_steps)
+    positive("train.seed (--seed)", t.seed, zero=True)
+    positive("train.log_every", t.log_every)
+    positive("train.vis_images", t.vis_images, zero=True)
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"train.device (--device) must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   sets: list[str] | None = None, flags: dict[str, Any] | None = None) -> PretrainConfig:
+    """Build and validate a configuration from its layers (see the module docstring).
+
+    Args:
+        preset: preset name; None = the file's `preset:` key, else `demo`.
+        config_file: YAML file of sections (a saved `config.yaml` works).
+        sets: `--set SECTION.KEY=VALUE` items.
+        flags: dotted keys from named command-line flags (None values are ignored).
+    """
+    from .presets import get_preset
+
+    file_values = load_yaml(config_file) if config_file else {}
+    name = preset or file_values.get("preset") or "demo"
+    cfg = get_preset(str(name))
+    cfg.preset = str(name)
+    if file_values:
+        apply_overrides(cfg, file_values, f"config file '{config_file}'")
+    for item in sets or []:
+        key, value = parse_set_option(item)
+        apply_overrides(cfg, {key: value}, f"--set {item}")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            apply_overrides(cfg, {key: value}, f"--{key.split('.')[-1].replace('_', '-')}")
+    return validate(cfg)

@@ -1,0 +1,206 @@
+"""Which mask units are hidden from the encoder.
+
+Works on a grid of *mask units* (SPEC sec. 1; 16 px squares by default). Masks follow MAE's
+convention: `True` = masked (removed, to be reconstructed). Units are indexed in row-major
+order over the unit grid, `index = row * grid_w + col`.
+
+- `RandomMasking`: MAE's random sampling (RS): a fixed number of units, chosen uniformly.
+- `UniformMasking`: UM-MAE's Uniform Masking = Uniform Sampling (exactly one visible unit in
+  every 2x2 block, its position drawn uniformly) + Secondary Masking (a fraction of the visible
+  units gets its embedding replaced by a learnable token).
+
+Both are usable on their own, with any training loop:
+
+    masking = UniformMasking((16, 16), secondary_ratio=0.25)
+    m = masking(batch_size, generator=torch.Generator().manual_seed(0))
+    m.mask       # [B, 256] bool, True = masked (exactly 192 per row)
+    m.secondary  # [B, 256] bool, True = visible but replaced by the secondary mask token
+    m.ids_keep   # [B, 64] visible unit indices, in block row-major order
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError, UmmaeError
+
+__all__ = [
+    "MaskSample",
+    "RandomMasking",
+    "UniformMasking",
+    "check_uniform",
+    "uniform_ids_keep",
+]
+
+
+def _grid(grid_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(grid_size, int):
+        grid_size = (grid_size, grid_size)
+    h, w = (int(v) for v in grid_size)
+    if h < 1 or w < 1:
+        raise ConfigError(f"mask grid must be at least 1x1, got {h}x{w}")
+    return h, w
+
+
+def _check_ratio(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value < 1.0 or math.isnan(value):
+        raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+@dataclass
+class MaskSample:
+    """One batch of masks.
+
+    Attributes:
+        mask: `[B, L]` bool, True = masked unit (hidden, reconstructed, in the loss).
+        ids_keep: `[B, L_vis]` long, indices of the visible units. For uniform masks they are in
+            block row-major order, so `ids_keep[:, k]` is the visible unit of block `k`; that is
+            the order of the compact image (see `models.swin`).
+        grid_size: `(h, w)` of the unit grid, `L = h * w`.
+        secondary: `[B, L]` bool or None, True = a *visible* unit whose embedding the encoder
+            replaces by the secondary mask token (never overlaps `mask`).
+    """
+
+    mask: torch.Tensor
+    ids_keep: torch.Tensor
+    grid_size: tuple[int, int]
+    secondary: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "MaskSample":
+        secondary = None if self.secondary is None else self.secondary.to(device)
+        return MaskSample(self.mask.to(device), self.ids_keep.to(device), self.grid_size, secondary)
+
+
+class RandomMasking:
+    """MAE's random sampling: `round(L * mask_ratio)` units masked, chosen uniformly per sample.
+
+    Args:
+        grid_size: unit grid `(h, w)` or one int for a square grid.
+        mask_ratio: fraction of units masked, in [0, 1).
+    """
+
+    def __init__(self, grid_size: int | tuple[int, int], mask_ratio: float = 0.75):
+        self.grid_size = _grid(grid_size)
+        self.mask_ratio = _check_ratio("mask_ratio", mask_ratio)
+        num_units = self.grid_size[0] * self.grid_size[1]
+        self.num_visible = num_units - int(round(num_units * self.mask_ratio))
+        if self.num_visible < 1:
+            raise ConfigError(f"mask_ratio {mask_ratio} leaves no visible unit on a {self.grid_size} grid")
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> MaskSample:
+        """Draw `batch_size` independent masks (on the generator's device, then moved)."""
+        B, L = int(batch_size), self.grid_size[0] * self.grid_size[1]
+        gen_device = generator.device if generator is not None else "cpu"
+        noise = torch.rand(B, L, generator=generator, device=gen_device)
+        # The num_visible smallest noise values are kept; sort them so the visible tokens
+        # keep the image's raster order (order does not matter for global attention).
+        ids_keep = noise.argsort(dim=1)[:, : self.num_visible].sort(dim=1).values
+        mask = torch.ones(B, L, dtype=torch.bool, device=gen_device)
+        mask.scatter_(1, ids_keep, False)
+        sample = MaskSample(mask, ids_keep, self.grid_size)
+        return sample.to(device) if device is not None else sample
+
+
+class UniformMasking:
+    """UM-MAE's Uniform Masking: uniform sampling + secondary masking (SPEC sec. 2).
+
+    Uniform sampling keeps exactly one unit of each 2x2 block, its position in the block drawn
+    uniformly and independently per block and per sample, so exactly 75% of units are masked and
+    the visible units tile a regular half-size grid. Secondary masking then picks
+    `round(secondary_ratio * L/4)` of the visible units per sample, uniformly.
+
+    Args:
+        grid_size: unit grid `(h, w)`, both even, or one even int.
+        secondary_ratio: fraction of visible units replaced by the secondary mask token, [0, 1).
+    """
+
+    mask_ratio = 0.75
+
+    def __init__(self, grid_size: int | tuple[int, int], secondary_ratio: float = 0.25):
+        self.grid_size = _grid(grid_size)
+        h, w = self.grid_size
+        if h % 2 or w % 2:
+            raise ConfigError(
+                f"uniform masking needs an even unit grid (whole 2x2 blocks), got {h}x{w}; "
+                "choose an image size that is a multiple of 2 x mask unit"
+            )
+        self.secondary_ratio = _check_ratio("secondary_ratio", secondary_ratio)
+        self.num_visible = (h // 2) * (w // 2)
+        self.num_secondary = int(round(self.num_visible * self.secondary_ratio))
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> MaskSample:
+        """Draw `batch_size` independent uniform masks (on the generator's device, then moved)."""
+        B = int(batch_size)
+        h, w = self.grid_size
+        hb, wb = h // 2, w // 2
+        gen_device = generator.device if generator is not None else "cpu"
+
+        # Position of the kept unit inside each block: 0..3 = (dr, dc) in row-major order.
+        pos = torch.randint(0, 4, (B, hb, wb), generator=generator, device=gen_device)
+        block_r = torch.arange(hb, device=gen_device).view(1, hb, 1)
+        block_c = torch.arange(wb, device=gen_device).view(1, 1, wb)
+        rows = 2 * block_r + pos // 2
+        cols = 2 * block_c + pos % 2
+        ids_keep = (rows * w + cols).reshape(B, hb * wb)  # block row-major order
+
+        mask = torch.ones(B, h * w, dtype=torch.bool, device=gen_device)
+        mask.scatter_(1, ids_keep, False)
+
+        secondary = torch.zeros(B, h * w, dtype=torch.bool, device=gen_device)
+        if self.num_secondary:
+            noise = torch.rand(B, self.num_visible, generator=generator, device=gen_device)
+            chosen = noise.argsort(dim=1)[:, : self.num_secondary]
+            secondary.scatter_(1, ids_keep.gather(1, chosen), True)
+
+        sample = MaskSample(mask, ids_keep, self.grid_size, secondary)
+        return sample.to(device) if device is not None else sample
+
+
+def check_uniform(mask: torch.Tensor, grid_size: tuple[int, int]) -> None:
+    """Raise `UmmaeError` unless every 2x2 block of every sample has exactly one visible unit.
+
+    The compacted encoders rely on this: with any other mask the visible units do not tile a
+    half-size grid, and packing them anyway would silently compute nonsense.
+
+    Args:
+        mask: `[B, L]` bool, True = masked.
+        grid_size: `(h, w)`, both even.
+    """
+    h, w = grid_size
+    if h % 2 or w % 2 or mask.shape[-1] != h * w:
+        raise UmmaeError(f"a uniform mask needs an even unit grid matching the mask; got grid {h}x{w} "
+                         f"for a mask of {mask.shape[-1]} units")
+    visible = (~mask).reshape(-1, h // 2, 2, w // 2, 2).sum(dim=(2, 4))  # [B, h/2, w/2]
+    if not bool((visible == 1).all()):
+        raise UmmaeError(
+            "this encoder needs a uniform mask (exactly one visible unit in every 2x2 block, "
+            "as drawn by UniformMasking); got a mask that is not"
+        )
+
+
+def uniform_ids_keep(mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Visible unit indices of a uniform mask, in block row-major order.
+
+    Args:
+        mask: `[B, L]` bool uniform mask (checked).
+        grid_size: `(h, w)` unit grid.
+
+    Returns:
+        `[B, L/4]` long; entry `k` is the visible unit of block `k`.
+    """
+    check_uniform(mask, grid_size)
+    h, w = grid_size
+    B = mask.shape[0]
+    visible = (~mask).reshape(B, h // 2, 2, w // 2, 2).permute(0, 1, 3, 2, 4)  # [B, hb, wb, 2, 2]
+    pos = visible.reshape(B, h // 2, w // 2, 4).float().argmax(dim=-1)  # 0..3 in block
+    block_r = torch.arange(h // 2, device=mask.device).view(1, -1, 1)
+    block_c = torch.arange(w // 2, device=mask.device).view(1, 1, -1)
+    ids = (2 * block_r + pos // 2) * w + (2 * block_c + pos % 2)
+    return ids.reshape(B, -1)

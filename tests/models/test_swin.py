@@ -1,0 +1,138 @@
+"""Swin encoder: true-coordinate position bias, compact and full paths, mask checks."""
+
+import pytest
+import torch
+
+from ummae.compaction import full_coordinates
+from ummae.errors import UmmaeError
+from ummae.masking import MaskSample, RandomMasking, UniformMasking
+from ummae.models.swin import CoordinatePositionBias, SwinTransformer, log_spaced, merge_coordinates
+
+UNIT = 8  # 2x2 patches of 4 px: keeps the test models tiny
+
+
+def tiny_swin(**kw) -> SwinTransformer:
+    torch.manual_seed(0)
+    args = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    args.update(kw)
+    return SwinTransformer(**args).eval()
+
+
+def masks_with_position(pos: torch.Tensor, grid: tuple[int, int]) -> MaskSample:
+    """Uniform masks whose kept unit in each block is `pos` ([B, h/2, w/2], 0..3 row-major)."""
+    B, hb, wb = pos.shape
+    h, w = grid
+    rows = 2 * torch.arange(hb).view(1, -1, 1) + pos // 2
+    cols = 2 * torch.arange(wb).view(1, 1, -1) + pos % 2
+    ids_keep = (rows * w + cols).reshape(B, -1)
+    mask = torch.ones(B, h * w, dtype=torch.bool).scatter(1, ids_keep, False)
+    return MaskSample(mask, ids_keep, grid, torch.zeros_like(mask))
+
+
+def images_with_compact_content(compact: torch.Tensor, masks: MaskSample) -> torch.Tensor:
+    """Full images whose compact image (under `masks`) is `compact`; hidden units are noise."""
+    B, C, Hc, Wc = compact.shape
+    h, w = masks.grid_size
+    imgs = torch.randn(B, C, Hc * 2, Wc * 2)
+    for b in range(B):
+        for k, unit in enumerate(masks.ids_keep[b].tolist()):
+            (ur, uc), (cr, cc) = divmod(unit, w), divmod(k, w // 2)
+            imgs[b, :, ur * UNIT:(ur + 1) * UNIT, uc * UNIT:(uc + 1) * UNIT] = \
+                compact[b, :, cr * UNIT:(cr + 1) * UNIT, cc * UNIT:(cc + 1) * UNIT]
+    return imgs
+
+
+def test_position_bias_table_equals_direct_mlp_evaluation():
+    """The distinct-offset table + gather gives exactly the per-pair MLP values."""
+    torch.manual_seed(0)
+    bias = CoordinatePositionBias(num_heads=3, hidden_dim=8)
+    coords = torch.randint(0, 20, (2, 5, 16, 2)).float() + 0.5  # [B, nW, N, 2]
+    out = bias(coords)
+    offsets = coords.unsqueeze(-2) - coords.unsqueeze(-3)
+    direct = bias.mlp(log_spaced(offsets)).movedim(-1, -3)
+    assert out.shape == (2, 5, 3, 16, 16)
+    torch.testing.assert_close(out, direct)
+
+
+def test_merge_coordinates_maps_full_grid_onto_next_grid():
+    coords = full_coordinates(8, 12)
+    torch.testing.assert_close(merge_coordinates(coords), full_coordinates(4, 6))
+
+
+def test_compact_path_uses_true_coordinates_not_compact_offsets():
+    """Same compact pixels, different true positions -> different features; a pure translation of
+    every visible unit by one unit (top-left vs bottom-right of each block) -> same features.
+    A bias computed from compact-grid offsets would give equal features in all three cases."""
+    model = tiny_swin()
+    with torch.no_grad():  # trained-size biases: at init the MLP's output is ~1e-3
+        for m in model.modules():
+            if isinstance(m, CoordinatePositionBias):
+                for p in m.parameters():
+                    p.normal_(0, 1.0)
+    grid = (8, 8)
+    B = 2
+    compact = torch.randn(B, 3, 32, 32)
+    top_left = masks_with_position(torch.zeros(B, 4, 4, dtype=torch.long), grid)
+    bottom_right = masks_with_position(torch.full((B, 4, 4), 3, dtype=torch.long), grid)
+    scattered = masks_with_position(torch.randint(0, 4, (B, 4, 4), generator=torch.Generator().manual_seed(1)), grid)
+
+    with torch.no_grad():
+        f_tl = model.forward_compact(images_with_compact_content(compact, top_left), top_left, UNIT)
+        f_br = model.forward_compact(images_with_compact_content(compact, bottom_right), bottom_right, UNIT)
+        f_sc = model.forward_compact(images_with_compact_content(compact, scattered), scattered, UNIT)
+
+    torch.testing.assert_close(f_tl, f_br, atol=1e-5, rtol=1e-5)
+    assert (f_tl - f_sc).abs().max() > 1e-3
+
+
+def test_compact_and_full_paths_share_weights_and_shapes():
+    model = tiny_swin()
+    imgs = torch.randn(2, 3, 64, 64)
+    masks = UniformMasking((8, 8), 0.25)(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compact = model.forward_compact(imgs, masks, UNIT)
+        model.set_window_size(8)  # fine-tuning window: the coordinate MLP needs no resizing
+        full = model.forward_features(imgs)
+    assert compact.shape == (2, 4, 4, 32)
+    assert full.shape == (2, 8, 8, 32)
+    assert torch.isfinite(full).all() and torch.isfinite(compact).all()
+
+
+def test_full_path_is_translation_equivariant_inside_windows():
+    """Relative (not absolute) positions: shifting the image by one window shifts the output."""
+    model = tiny_swin(depths=(1,), num_heads=(2,))
+    model.set_window_size(4)
+    imgs = torch.randn(1, 3, 64, 64)
+    shifted = torch.roll(imgs, shifts=(16, 16), dims=(2, 3))  # 4 tokens = one window
+    with torch.no_grad():
+        a = model.forward_features(imgs)
+        b = model.forward_features(shifted)
+    torch.testing.assert_close(torch.roll(a, (4, 4), dims=(1, 2)), b, atol=1e-5, rtol=1e-5)
+
+
+def test_secondary_units_get_the_mask_token_before_the_norm():
+    model = tiny_swin()
+    imgs = torch.randn(1, 3, 32, 32)
+    replace = torch.zeros(1, 8, 8, dtype=torch.bool)
+    replace[0, 2, 3] = True
+    with torch.no_grad():
+        out = model.embed(imgs, replace)
+        expected = model.patch_norm(model.mask_token)[0, 0, 0]
+        plain = model.embed(imgs)
+    torch.testing.assert_close(out[0, 2, 3], expected)
+    replace_flat = replace.view(-1)
+    torch.testing.assert_close(out.view(-1, 16)[~replace_flat], plain.view(-1, 16)[~replace_flat])
+
+
+def test_compact_path_refuses_a_non_uniform_mask():
+    model = tiny_swin()
+    imgs = torch.randn(2, 3, 64, 64)
+    masks = RandomMasking((8, 8), 0.75)(2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UmmaeError, match="uniform mask"):
+        model.forward_compact(imgs, masks, UNIT)
+
+
+def test_window_that_does_not_divide_the_grid_is_a_clear_error():
+    model = tiny_swin(window_size=3)
+    with pytest.raises(UmmaeError, match="not divisible by window"):
+        model.forward_features(torch.randn(1, 3, 32, 32))
