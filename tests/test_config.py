@@ -145,11 +145,8 @@ def test_set_items_are_parsed_and_coerced(item, key, expected):
 
 @pytest.mark.parametrize("raw, expected", [("0", False), ("1", True)])
 def test_set_accepts_0_and_1_for_a_boolean_like_the_coercion_rules(raw, expected):
-    """`_coerce` accepts "0"/"1" for booleans, and `--set model.norm_pix_loss=0` should too.
-
-    The --set value is parsed as YAML first, which turns "0" into the int 0, and the boolean
-    coercion then rejects the int ("must be true or false, got 0").
-    """
+    """`--set` parses its value as YAML first, so "0"/"1" reach the coercion as ints; they must
+    still mean false/true, as the strings "0"/"1" do."""
     cfg = resolve_config(sets=[f"model.norm_pix_loss={raw}"])
     assert cfg.model.norm_pix_loss is expected
 
@@ -186,6 +183,7 @@ INVALID = {
     "list for string": (dict(sets=["train.device=[cpu]"]), ["train.device"]),
     "word for number": (dict(sets=["optim.blr=fast"]), ["optim.blr"]),
     "bool for int": (dict(sets=["train.epochs=true"]), ["train.epochs"]),
+    "int 2 for bool": (dict(sets=["model.norm_pix_loss=2"]), ["model.norm_pix_loss"]),
     "scalar for list": (dict(sets=["model.depths=3"]), ["model.depths"]),
     "set without =": (dict(sets=["train.epochs"]), ["--set", "train.epochs"]),
     "set without section": (dict(sets=["epochs=3"]), ["--set", "epochs=3"]),

@@ -184,8 +184,8 @@ def apply_overrides(cfg: PretrainConfig, values: dict[str, Any], source: str) ->
             section, _, key = top.partition(".")
             value = {key: value}
             top = section
-        if top == "preset":
-            continue  # chosen before the layers are applied
+        if top == "preset" and not isinstance(value, dict):
+            continue  # a file's `preset: NAME`, chosen before the layers are applied
         if top not in sections:
             raise ConfigError(f"unknown config section '{top}' in {source} "
                               f"(known: preset, {', '.join(sections)})")
@@ -238,7 +238,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     def positive(key: str, v: float | int | None, allow_none: bool = False, zero: bool = False):
         if v is None and allow_none:
             return
-        if v is None or (isinstance(v, float) and math.isnan(v)) or v < 0 or (v == 0 and not zero):
+        if v is None or not math.isfinite(v) or v < 0 or (v == 0 and not zero):
             raise ConfigError(f"{key} must be {'>= 0' if zero else '> 0'}, got {v}")
 
     m, k, d, o, t = cfg.model, cfg.masking, cfg.data, cfg.optim, cfg.train

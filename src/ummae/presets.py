@@ -25,7 +25,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             "masking": dict(unit_size=16, secondary_ratio=0.25),
             "data": dict(img_size=128, min_crop_scale=0.2, demo_length=256, num_workers=2),
             "optim": dict(blr=1.5e-4, lr=1e-3, warmup_epochs=1, weight_decay=0.05),
-            "train": dict(epochs=12, batch_size=32, accum_steps=1, log_every=2),
+            "train": dict(epochs=30, batch_size=32, accum_steps=1, log_every=2),
         },
     ),
     "ummae_swin_tiny_256": (

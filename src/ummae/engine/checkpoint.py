@@ -24,6 +24,11 @@ __all__ = ["save_checkpoint", "load_checkpoint"]
 FORMAT_VERSION = 1
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write `state` (plus a format version) to `path`."""
     path = Path(path)
@@ -35,9 +40,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch's writer reports a failed write (a full disk) as a RuntimeError.
         Path(tmp).unlink(missing_ok=True)
-        raise UmmaeError(f"could not write checkpoint '{path}': {e.strerror or e}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+        raise UmmaeError(f"could not write checkpoint '{path}' (disk full or not writable?): {reason}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -53,9 +60,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UmmaeError(f"refusing to load '{path}': it holds more than weights and plain values "
-                         f"({str(e).splitlines()[0][:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UmmaeError(f"'{path}' is not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+                         f"({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - junk files fail in the unpickler in many ways
+        raise UmmaeError(f"'{path}' is not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UmmaeError(f"'{path}' is not an ummae checkpoint (no 'model' entry)")
     return state
