@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ummae.config import (PretrainConfig, apply_overrides, config_to_dict, parse_set_option,
+from ummae.config import (PretrainConfig, TrainConfig, apply_overrides, config_to_dict, parse_set_option,
                           resolve_config)
 from ummae.errors import ConfigError, UmmaeError
 
@@ -41,7 +41,11 @@ def test_each_layer_overrides_the_one_below(tmp_path):
 
 
 def test_preset_alone_and_later_set_items_win():
-    assert resolve_config().train.epochs == 12  # default preset is demo
+    from ummae.presets import PRESETS
+
+    default = resolve_config()
+    assert default.preset == "demo"
+    assert default.train.epochs == PRESETS["demo"][1]["train"]["epochs"] != TrainConfig().epochs
     cfg = resolve_config(sets=["train.epochs=3", "train.epochs=4"])
     assert cfg.train.epochs == 4
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["patchify", "unpatchify", "normalize_targets", "masked_mse_loss"]
+__all__ = ["patchify", "unpatchify", "normalize_targets", "masked_mse_loss", "masked_l1_loss"]
 
 
 def patchify(imgs: torch.Tensor, unit: int) -> torch.Tensor:
@@ -78,5 +78,20 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
         scalar loss.
     """
     per_unit = (pred - target).pow(2).mean(dim=-1)  # [B, L]
+    weight = mask.to(per_unit.dtype)
+    return (per_unit * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the pixels of the masked units (SimMIM's loss).
+
+    Args:
+        pred, target: `[B, L, D]` unit pixels.
+        mask: `[B, L]` bool, True = masked.
+
+    Returns:
+        scalar loss.
+    """
+    per_unit = (pred - target).abs().mean(dim=-1)  # [B, L]
     weight = mask.to(per_unit.dtype)
     return (per_unit * weight).sum() / weight.sum().clamp_min(1.0)

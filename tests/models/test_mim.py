@@ -5,14 +5,14 @@ import torch
 
 from ummae.errors import ConfigError, UmmaeError
 from ummae.masking import RandomMasking
-from ummae.models import UMMAE, SwinTransformer
+from ummae.models import MaskedAutoencoder, SwinTransformer
 
 
-def tiny_ummae(secondary_ratio=0.25, img_size=64) -> UMMAE:
+def tiny_ummae(secondary_ratio=0.25, img_size=64) -> MaskedAutoencoder:
     torch.manual_seed(0)
     encoder = SwinTransformer(embed_dim=16, depths=(1, 1, 1), num_heads=(2, 2, 4), window_size=4)
     # stride 16 on the compact image, unit 8 -> each final token spans 2x2 units
-    return UMMAE(encoder, img_size=img_size, unit=8, secondary_ratio=secondary_ratio,
+    return MaskedAutoencoder(encoder, img_size=img_size, unit=8, secondary_ratio=secondary_ratio,
                  decoder_dim=32, decoder_depth=1, decoder_heads=4)
 
 

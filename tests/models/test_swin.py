@@ -77,9 +77,9 @@ def test_compact_path_uses_true_coordinates_not_compact_offsets():
     scattered = masks_with_position(torch.randint(0, 4, (B, 4, 4), generator=torch.Generator().manual_seed(1)), grid)
 
     with torch.no_grad():
-        f_tl = model.forward_compact(images_with_compact_content(compact, top_left), top_left, UNIT)
-        f_br = model.forward_compact(images_with_compact_content(compact, bottom_right), bottom_right, UNIT)
-        f_sc = model.forward_compact(images_with_compact_content(compact, scattered), scattered, UNIT)
+        f_tl = model.forward_masked(images_with_compact_content(compact, top_left), top_left, UNIT)
+        f_br = model.forward_masked(images_with_compact_content(compact, bottom_right), bottom_right, UNIT)
+        f_sc = model.forward_masked(images_with_compact_content(compact, scattered), scattered, UNIT)
 
     torch.testing.assert_close(f_tl, f_br, atol=1e-5, rtol=1e-5)
     assert (f_tl - f_sc).abs().max() > 1e-3
@@ -90,7 +90,7 @@ def test_compact_and_full_paths_share_weights_and_shapes():
     imgs = torch.randn(2, 3, 64, 64)
     masks = UniformMasking((8, 8), 0.25)(2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        compact = model.forward_compact(imgs, masks, UNIT)
+        compact = model.forward_masked(imgs, masks, UNIT)
         model.set_window_size(8)  # fine-tuning window: the coordinate MLP needs no resizing
         full = model.forward_features(imgs)
     assert compact.shape == (2, 4, 4, 32)
@@ -129,7 +129,7 @@ def test_compact_path_refuses_a_non_uniform_mask():
     imgs = torch.randn(2, 3, 64, 64)
     masks = RandomMasking((8, 8), 0.75)(2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(UmmaeError, match="uniform mask"):
-        model.forward_compact(imgs, masks, UNIT)
+        model.forward_masked(imgs, masks, UNIT)
 
 
 def test_window_that_does_not_divide_the_grid_is_a_clear_error():

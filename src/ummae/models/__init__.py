@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from .decoder import MAEDecoder
-from .mim import UMMAE
+from .mim import MaskedAutoencoder
 from .swin import SwinTransformer
 
-__all__ = ["MAEDecoder", "SwinTransformer", "UMMAE", "build_pretrain_model"]
+__all__ = ["MAEDecoder", "SwinTransformer", "MaskedAutoencoder", "build_pretrain_model"]
 
 
 def _swin_encoder(model_cfg) -> SwinTransformer:
@@ -22,10 +22,10 @@ def _swin_encoder(model_cfg) -> SwinTransformer:
 ENCODERS = {"swin": _swin_encoder}
 
 
-def build_pretrain_model(cfg) -> UMMAE:
+def build_pretrain_model(cfg) -> MaskedAutoencoder:
     """The pre-training model described by a `PretrainConfig` (see `ummae.config`)."""
     encoder = ENCODERS[cfg.model.arch](cfg.model)
-    return UMMAE(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
+    return MaskedAutoencoder(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
                  secondary_ratio=cfg.masking.secondary_ratio, norm_pix_loss=cfg.model.norm_pix_loss,
                  decoder_dim=cfg.model.decoder_dim, decoder_depth=cfg.model.decoder_depth,
                  decoder_heads=cfg.model.decoder_heads)

@@ -1,11 +1,14 @@
-"""UM-MAE: the masked autoencoder around a pyramid encoder (SPEC sec. 2-4).
+"""MAE and UM-MAE: the masked autoencoder around any encoder (SPEC sec. 2-4).
 
 The whole method in five verbs, as in MAE:
-    sample_masks     uniform masks (+ secondary masking) for a batch
-    forward_encoder  encoder on the compact image of the visible units
+    sample_masks     uniform masks (+ secondary masking) or random masks for a batch
+    forward_encoder  encoder on the visible units only (pyramids: the compact image)
     forward_decoder  one token per visible unit -> pixels of every unit
     forward_loss     normalised-pixel MSE on the masked units only
     forward          all of the above: returns (loss, pred, masks)
+
+UM-MAE = this model with uniform masking; plain MAE = random masking (ViT only: a windowed or
+spatially reduced encoder needs the regular compact grid that only uniform masks give).
 """
 
 from __future__ import annotations
@@ -14,51 +17,65 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..masking import MaskSample, UniformMasking
+from ..masking import MaskSample, RandomMasking, UniformMasking
 from ..objectives import masked_mse_loss, normalize_targets, patchify
 from .decoder import MAEDecoder
 
-__all__ = ["UMMAE"]
+__all__ = ["MaskedAutoencoder"]
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-class UMMAE(nn.Module):
-    """Uniform-Masking MAE for an encoder with `forward_compact` (Swin; PVT later).
+class MaskedAutoencoder(nn.Module):
+    """MAE with uniform (UM-MAE) or random (MAE) masking.
 
     Args:
-        encoder: pyramid encoder with `forward_compact(imgs, masks, unit)`, `stride`,
-            `num_features`, `patch_size`.
+        encoder: an encoder with `forward_masked(imgs, masks, unit)`, `stride`, `num_features`,
+            `patch_size`; `needs_uniform_mask = True` for encoders that compact (Swin, PVT).
         img_size: pre-training input size (int or `(H, W)`).
         unit: mask unit in pixels (16).
-        secondary_ratio: fraction of visible units given the secondary mask token (0.25).
+        masking: "uniform" (UM: 75% masked, one visible unit per 2x2 block) or "random".
+        mask_ratio: fraction masked by random masking (uniform masking is always 0.75).
+        secondary_ratio: uniform masking's fraction of visible units given the secondary token.
         norm_pix_loss: normalise each target unit (mean 0, unit variance) before the MSE.
         decoder_dim, decoder_depth, decoder_heads: the decoder ViT.
     """
 
     def __init__(self, encoder: nn.Module, img_size: int | tuple[int, int] = 256, unit: int = 16,
-                 secondary_ratio: float = 0.25, norm_pix_loss: bool = True, decoder_dim: int = 512,
-                 decoder_depth: int = 2, decoder_heads: int = 16):
+                 masking: str = "uniform", mask_ratio: float = 0.75, secondary_ratio: float = 0.25,
+                 norm_pix_loss: bool = True, decoder_dim: int = 512, decoder_depth: int = 2,
+                 decoder_heads: int = 16):
         super().__init__()
         H, W = _pair(img_size)
         if H % unit or W % unit:
             raise ConfigError(f"image size {H}x{W} is not divisible by the mask unit {unit}")
         if unit % encoder.patch_size:
             raise ConfigError(f"mask unit {unit} is not a multiple of the patch size {encoder.patch_size}")
-        # The compact image is H/2 x W/2; the encoder must reduce it to whole tokens, and one final
-        # token must span a whole number of units so the pixel shuffle lands on unit boundaries.
-        if (H // 2) % encoder.stride or (W // 2) % encoder.stride or encoder.stride % unit:
+        compacts = getattr(encoder, "needs_uniform_mask", False)
+        # A compacting encoder runs on the H/2 x W/2 compact image and must reduce it to whole
+        # tokens; one final token must span a whole number of units so that the decoder's pixel
+        # shuffle lands on unit boundaries.
+        size = (H // 2, W // 2) if compacts else (H, W)
+        if size[0] % encoder.stride or size[1] % encoder.stride or encoder.stride % unit:
             raise ConfigError(
                 f"image size {H}x{W} with mask unit {unit} does not fit an encoder of stride "
-                f"{encoder.stride}: need H/2 and W/2 divisible by {encoder.stride} and the stride "
-                f"a multiple of the unit")
+                f"{encoder.stride}: need {'H/2 and W/2' if compacts else 'H and W'} divisible by "
+                f"{encoder.stride} and the stride a multiple of the unit")
         self.img_size = (H, W)
         self.unit = unit
         self.grid_size = (H // unit, W // unit)
         self.norm_pix_loss = norm_pix_loss
-        self.masking = UniformMasking(self.grid_size, secondary_ratio)
+        if masking == "uniform":
+            self.masking = UniformMasking(self.grid_size, secondary_ratio)
+        elif masking == "random":
+            if compacts:
+                raise ConfigError(f"{type(encoder).__name__} packs visible units into a compact image "
+                                  "and needs uniform masking, not random")
+            self.masking = RandomMasking(self.grid_size, mask_ratio)
+        else:
+            raise ConfigError(f"masking must be 'uniform' or 'random', got {masking!r}")
         self.encoder = encoder
         self.decoder = MAEDecoder(self.grid_size, unit, encoder.num_features,
                                   upsample=encoder.stride // unit, decoder_dim=decoder_dim,
@@ -71,12 +88,17 @@ class UMMAE(nn.Module):
 
     def sample_masks(self, batch_size: int, generator: torch.Generator | None = None,
                      device: torch.device | str | None = None) -> MaskSample:
-        """Uniform masks with secondary masking for `batch_size` images."""
+        """Masks for `batch_size` images (uniform with secondary masking, or random)."""
         return self.masking(batch_size, generator=generator, device=device)
 
     def forward_encoder(self, imgs: torch.Tensor, masks: MaskSample) -> torch.Tensor:
-        """`[B, 3, H, W]` -> `[B, H/2/stride, W/2/stride, C]` features of the visible units."""
-        return self.encoder.forward_compact(imgs, masks, self.unit)
+        """Features of the visible units only.
+
+        Returns:
+            compacting encoders: `[B, H/2/stride, W/2/stride, C]` map of the compact image;
+            ViT: `[B, N_vis, C]` visible tokens in the order of `masks.ids_keep`.
+        """
+        return self.encoder.forward_masked(imgs, masks, self.unit)
 
     def forward_decoder(self, features: torch.Tensor, masks: MaskSample) -> torch.Tensor:
         """Features -> `[B, L, unit*unit*3]` predicted pixels of every unit."""
@@ -94,7 +116,7 @@ class UMMAE(nn.Module):
         """
         Args:
             imgs: `[B, 3, H, W]` normalised images of the pre-training size.
-            masks: uniform masks to use, or None to draw them (with `generator`).
+            masks: masks to use, or None to draw them (with `generator`).
 
         Returns:
             `(loss, pred [B, L, unit*unit*3], masks)`.

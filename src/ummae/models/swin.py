@@ -254,6 +254,9 @@ class SwinTransformer(nn.Module):
         num_classes: >0 adds a global-average-pool + linear head (fine-tuning).
     """
 
+    # Its masked path packs visible units into the compact image: only uniform masks fit.
+    needs_uniform_mask = True
+
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 16, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -356,7 +359,7 @@ class SwinTransformer(nn.Module):
         coords = full_coordinates(tokens.shape[1], tokens.shape[2], tokens.device)
         return self.forward_tokens(tokens, coords)
 
-    def forward_compact(self, imgs: torch.Tensor, masks: MaskSample, unit: int) -> torch.Tensor:
+    def forward_masked(self, imgs: torch.Tensor, masks: MaskSample, unit: int) -> torch.Tensor:
         """UM-MAE encoder: only the visible units of a uniform mask, packed into the compact image.
 
         Args:
