@@ -59,7 +59,7 @@ def test_swin_tiny_preset_is_the_paper_recipe():
     cfg = resolve_config(preset="ummae_swin_tiny_256")
     m, k, d, o, t = cfg.model, cfg.masking, cfg.data, cfg.optim, cfg.train
     assert d.img_size == 256
-    assert (k.method, k.unit_size, k.secondary_ratio) == ("uniform", 16, 0.25)
+    assert (cfg.method, k.unit_size, k.secondary_ratio) == ("ummae", 16, 0.25)
     assert o.blr == 1.5e-4 and o.lr is None
     assert list(o.betas) == [0.9, 0.95]
     assert o.weight_decay == 0.05

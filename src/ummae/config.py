@@ -29,14 +29,17 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    arch: str = "swin"  # backbone family
-    embed_dim: int = 96
-    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    arch: str = "swin"  # backbone family: swin | pvt | vit
+    embed_dim: int = 96  # Swin: stage-1 width (doubled per stage); ViT: the width
+    embed_dims: list[int] | None = None  # PVT: width of every stage
+    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])  # ViT: one entry
     num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
-    window_size: int = 8  # on the compact grid; the full image uses 16 at 256 px
+    window_size: int = 8  # Swin: 8 on the compact grid (UM-MAE), 16 on the full image (SimMIM)
     patch_size: int = 4
     mlp_ratio: float = 4.0
-    pos_hidden_dim: int = 32  # coordinate-MLP width of the position bias (Swin-L: 64)
+    mlp_ratios: list[float] | None = None  # PVT: per stage
+    sr_ratios: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # PVT, full image; halved when compact
+    pos_hidden_dim: int = 32  # Swin: coordinate-MLP width of the position bias (Swin-L: 64)
     drop_path_rate: float = 0.0
     decoder_dim: int = 512
     decoder_depth: int = 2
@@ -46,9 +49,9 @@ class ModelConfig:
 
 @dataclass
 class MaskingConfig:
-    method: str = "uniform"
     unit_size: int = 16  # pixels
-    secondary_ratio: float = 0.25
+    mask_ratio: float = 0.75  # random masking (mae, simmim); uniform masking is always 0.75
+    secondary_ratio: float = 0.25  # ummae: visible units given the secondary mask token
 
 
 @dataclass
@@ -85,9 +88,15 @@ class TrainConfig:
     vis_images: int = 8  # images in the reconstruction picture
 
 
+METHODS = ("ummae", "mae", "simmim")
+
+
 @dataclass
 class PretrainConfig:
     preset: str = "demo"
+    # ummae: MAE with uniform masking (Swin, PVT, ViT); mae: random masking (ViT);
+    # simmim: full image with mask tokens, linear head, L1 (Swin, PVT)
+    method: str = "ummae"
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,9 +195,12 @@ def apply_overrides(cfg: PretrainConfig, values: dict[str, Any], source: str) ->
             top = section
         if top == "preset" and not isinstance(value, dict):
             continue  # a file's `preset: NAME`, chosen before the layers are applied
+        if top == "method" and not isinstance(value, dict):
+            cfg.method = _coerce(value, str, "method")
+            continue
         if top not in sections:
             raise ConfigError(f"unknown config section '{top}' in {source} "
-                              f"(known: preset, {', '.join(sections)})")
+                              f"(known: preset, method, {', '.join(sections)})")
         if not isinstance(value, dict):
             raise ConfigError(f"config section '{top}' in {source} must be a mapping of keys")
         section_obj = getattr(cfg, top)
@@ -204,8 +216,8 @@ def apply_overrides(cfg: PretrainConfig, values: dict[str, Any], source: str) ->
 def parse_set_option(item: str) -> tuple[str, Any]:
     """`"optim.blr=1e-4"` -> `("optim.blr", 1e-4)`; the value is parsed as YAML."""
     key, sep, raw = item.partition("=")
-    if not sep or "." not in key:
-        raise ConfigError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+    if not sep or ("." not in key and key.strip() != "method"):
+        raise ConfigError(f"--set expects SECTION.KEY=VALUE (or method=NAME), got {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -231,6 +243,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # validation
 
+def stage_widths(m: ModelConfig) -> list[int]:
+    """Channels of every stage of the configured encoder."""
+    if m.arch == "pvt" and m.embed_dims is not None:
+        return list(m.embed_dims)
+    if m.arch == "vit":
+        return [m.embed_dim]
+    return [m.embed_dim * 2 ** i for i in range(len(m.depths))]
+
+
 def validate(cfg: PretrainConfig) -> PretrainConfig:
     """Check every value; raise `ConfigError` naming the first bad key."""
     from .models import ENCODERS
@@ -242,33 +263,49 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
             raise ConfigError(f"{key} must be {'>= 0' if zero else '> 0'}, got {v}")
 
     m, k, d, o, t = cfg.model, cfg.masking, cfg.data, cfg.optim, cfg.train
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     if m.arch not in ENCODERS:
-        raise ConfigError(f"model.arch must be one of {sorted(ENCODERS)}, got {m.arch!r}")
+        raise ConfigError(f"model.arch must be one of {', '.join(ENCODERS)}, got {m.arch!r}")
+    if cfg.method == "mae" and m.arch != "vit":
+        raise ConfigError(f"method mae (random masking) needs model.arch vit: {m.arch} windows/"
+                          "reductions need uniform masking; use method ummae")
+    if cfg.method == "simmim" and m.arch == "vit":
+        raise ConfigError("method simmim is implemented for model.arch swin and pvt, not vit")
     for key in ("embed_dim", "window_size", "patch_size", "mlp_ratio", "pos_hidden_dim",
                 "decoder_dim", "decoder_depth", "decoder_heads"):
         positive(f"model.{key}", getattr(m, key))
     if not m.depths or any(x < 1 for x in m.depths):
         raise ConfigError(f"model.depths must be a non-empty list of integers >= 1, got {m.depths}")
+    if m.arch == "vit" and len(m.depths) != 1:
+        raise ConfigError(f"model.depths for vit is one number of blocks, e.g. [12], got {m.depths}")
     if len(m.num_heads) != len(m.depths) or any(x < 1 for x in m.num_heads):
         raise ConfigError(f"model.num_heads must have one integer >= 1 per stage ({len(m.depths)}), got {m.num_heads}")
+    if m.arch == "pvt":
+        for key in ("embed_dims", "mlp_ratios", "sr_ratios"):
+            value = getattr(m, key)
+            if value is None or len(value) != len(m.depths) or any(not v > 0 for v in value):
+                raise ConfigError(f"model.{key} must have one positive number per stage ({len(m.depths)}) "
+                                  f"for pvt, got {value}")
     for i, heads in enumerate(m.num_heads):
-        if (m.embed_dim * 2 ** i) % heads:
-            raise ConfigError(f"model.num_heads[{i}]={heads} does not divide the stage width {m.embed_dim * 2 ** i}")
+        width = stage_widths(m)[i]
+        if width % heads:
+            raise ConfigError(f"model.num_heads[{i}]={heads} does not divide the stage width {width}")
     if m.decoder_dim % m.decoder_heads or m.decoder_dim % 4:
         raise ConfigError(f"model.decoder_dim {m.decoder_dim} must be divisible by 4 and by model.decoder_heads")
     if not 0 <= m.drop_path_rate < 1:
         raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
 
-    if k.method != "uniform":
-        raise ConfigError(f"masking.method must be 'uniform' for this model, got {k.method!r}")
     positive("masking.unit_size", k.unit_size)
+    if not 0 <= k.mask_ratio < 1:
+        raise ConfigError(f"masking.mask_ratio must be in [0, 1), got {k.mask_ratio}")
     if not 0 <= k.secondary_ratio < 1:
         raise ConfigError(f"masking.secondary_ratio must be in [0, 1), got {k.secondary_ratio}")
 
     positive("data.img_size", d.img_size)
     if d.img_size % k.unit_size:
         raise ConfigError(f"data.img_size {d.img_size} is not divisible by masking.unit_size {k.unit_size}")
-    if (d.img_size // k.unit_size) % 2:
+    if cfg.method == "ummae" and (d.img_size // k.unit_size) % 2:
         raise ConfigError(f"data.img_size {d.img_size} / masking.unit_size {k.unit_size} gives an odd "
                           f"unit grid ({d.img_size // k.unit_size}); uniform masking needs it even")
     if not 0 < d.min_crop_scale <= 1:

@@ -1,8 +1,13 @@
 """Named, ready-to-run configurations (`ummae presets` lists them).
 
-Each preset is a set of overrides on the defaults of `ummae.config`. Paper recipes follow
-SPEC sec. 6 (UM-MAE's ImageNet-1K scripts); `demo` is a tiny Swin that learns something
-visible from the built-in photographs in about two minutes on a laptop CPU.
+Each preset is a set of overrides on the defaults of `ummae.config`, composed from a backbone,
+a method and a recipe, and named `<method>_<backbone>_<size>`:
+
+- the paper's comparison grid (SPEC sec. 6, ImageNet-1K recipes): `ummae_swin_tiny_256` vs
+  `simmim_swin_tiny_256`, `ummae_pvt_small_256` vs `simmim_pvt_small_256`, `mae_vit_base_224`
+  vs `ummae_vit_base_224`, and Swin-L (`ummae_swin_large_256`, `simmim_swin_large_256`);
+- a tiny variant of each, `<method>_<backbone>_demo`, that trains on the built-in photographs in
+  a couple of minutes on a CPU (tests, demos, quick checks); `demo` is `ummae_swin_demo`.
 """
 
 from __future__ import annotations
@@ -15,33 +20,102 @@ from .errors import ConfigError
 
 __all__ = ["PRESETS", "get_preset", "preset_names"]
 
+# -- backbones ---------------------------------------------------------------------------------
+SWIN_T = dict(arch="swin", patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+              pos_hidden_dim=32)
+SWIN_L = dict(arch="swin", patch_size=4, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48],
+              pos_hidden_dim=64)
+PVT_S = dict(arch="pvt", patch_size=4, embed_dims=[64, 128, 320, 512], depths=[3, 4, 6, 3],
+             num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4], sr_ratios=[8, 4, 2, 1])
+VIT_B = dict(arch="vit", patch_size=16, embed_dim=768, depths=[12], num_heads=[12], mlp_ratio=4.0)
+
+SWIN_DEMO = dict(arch="swin", patch_size=4, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
+PVT_DEMO = dict(arch="pvt", patch_size=4, embed_dims=[32, 64, 96, 128], depths=[1, 1, 2, 1],
+                num_heads=[1, 2, 3, 4], mlp_ratios=[4, 4, 4, 4], sr_ratios=[8, 4, 2, 1])
+VIT_DEMO = dict(arch="vit", patch_size=16, embed_dim=96, depths=[4], num_heads=[3], mlp_ratio=4.0)
+
+# -- recipes -----------------------------------------------------------------------------------
+# SPEC sec. 6: 200 epochs, blr 1.5e-4, warm-up 10, AdamW (0.9, 0.95), wd 0.05, crops 0.2-1.
+# 256 images x 16 accumulation steps = the paper's effective batch of 4096 on one device.
+PAPER = {
+    "masking": dict(unit_size=16, mask_ratio=0.75, secondary_ratio=0.25),
+    "data": dict(img_size=256, min_crop_scale=0.2),
+    "optim": dict(blr=1.5e-4, lr=None, weight_decay=0.05, betas=[0.9, 0.95], warmup_epochs=10),
+    "train": dict(epochs=200, batch_size=256, accum_steps=16),
+}
+# A couple of minutes on a 2-core CPU: 240 steps of 32 random 128 px crops of the demo photos.
+DEMO = {
+    "masking": dict(unit_size=16, mask_ratio=0.75, secondary_ratio=0.25),
+    "data": dict(img_size=128, min_crop_scale=0.2, demo_length=256, num_workers=2),
+    "optim": dict(blr=1.5e-4, lr=1e-3, warmup_epochs=1, weight_decay=0.05),
+    "train": dict(epochs=30, batch_size=32, accum_steps=1, log_every=2),
+}
+PAPER_DECODER = dict(decoder_dim=512, decoder_depth=2, decoder_heads=16)
+DEMO_DECODER = dict(decoder_dim=128, decoder_depth=1, decoder_heads=4)
+
+
+def _preset(method: str, backbone: dict, recipe: dict, model: dict | None = None,
+            **sections: dict) -> dict[str, Any]:
+    """Compose overrides: recipe sections, then the backbone (+ method-specific model keys)."""
+    out = copy.deepcopy(recipe)
+    out["method"] = method
+    out["model"] = {**backbone, **(model or {})}
+    for name, values in sections.items():
+        out[name] = {**out.get(name, {}), **values}
+    return out
+
+
 # name -> (one-line description, overrides)
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": (
-        "tiny Swin, UM-MAE on the built-in demo photographs, 128 px; about 2 min on a 2-core CPU",
-        {
-            "model": dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4,
-                          decoder_dim=128, decoder_depth=1, decoder_heads=4),
-            "masking": dict(unit_size=16, secondary_ratio=0.25),
-            "data": dict(img_size=128, min_crop_scale=0.2, demo_length=256, num_workers=2),
-            "optim": dict(blr=1.5e-4, lr=1e-3, warmup_epochs=1, weight_decay=0.05),
-            "train": dict(epochs=30, batch_size=32, accum_steps=1, log_every=2),
-        },
-    ),
+    # ---- the paper's grid -------------------------------------------------------------------
     "ummae_swin_tiny_256": (
-        "the paper's Swin-T UM-MAE recipe: 256 px, unit 16, SM 0.25, 200 epochs, effective batch 4096",
-        {
-            "model": dict(arch="swin", embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-                          window_size=8, pos_hidden_dim=32, decoder_dim=512, decoder_depth=2,
-                          decoder_heads=16, norm_pix_loss=True),
-            "masking": dict(unit_size=16, secondary_ratio=0.25),
-            "data": dict(img_size=256, min_crop_scale=0.2),
-            "optim": dict(blr=1.5e-4, lr=None, weight_decay=0.05, betas=[0.9, 0.95], warmup_epochs=10),
-            # 256 images x 16 accumulation steps = the paper's effective batch of 4096 on one device.
-            "train": dict(epochs=200, batch_size=256, accum_steps=16),
-        },
-    ),
+        "Swin-T, UM-MAE: 256 px, unit 16, SM 0.25, window 8 on the compact grid, 200 ep x 4096",
+        _preset("ummae", SWIN_T, PAPER, dict(window_size=8, **PAPER_DECODER))),
+    "simmim_swin_tiny_256": (
+        "Swin-T, SimMIM baseline: full image, window 16, random 75% of 16 px units, L1; same schedule",
+        _preset("simmim", SWIN_T, PAPER, dict(window_size=16))),
+    "ummae_swin_large_256": (
+        "Swin-L, UM-MAE: position MLP 64 wide, 8-block decoder, 800 ep x 4096",
+        _preset("ummae", SWIN_L, PAPER, dict(window_size=8, decoder_dim=512, decoder_depth=8,
+                                              decoder_heads=16), train=dict(epochs=800))),
+    "simmim_swin_large_256": (
+        "Swin-L, SimMIM baseline: full image, window 16, 800 ep x 4096",
+        _preset("simmim", SWIN_L, PAPER, dict(window_size=16), train=dict(epochs=800))),
+    "ummae_pvt_small_256": (
+        "PVT-S, UM-MAE: sin-cos positions before compaction, SR ratios 4-2-1-1 on the compact grid",
+        _preset("ummae", PVT_S, PAPER, PAPER_DECODER)),
+    "simmim_pvt_small_256": (
+        "PVT-S, SimMIM baseline: full image, SR ratios 8-4-2-1, random 75% of 16 px units, L1",
+        _preset("simmim", PVT_S, PAPER)),
+    "mae_vit_base_224": (
+        "ViT-B/16, plain MAE: random 75% masking, 224 px, MAE's 8-block decoder, 200 ep x 4096",
+        _preset("mae", VIT_B, PAPER, dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
+                data=dict(img_size=224))),
+    "ummae_vit_base_224": (
+        "ViT-B/16 with uniform masking + SM 0.25 (UM costs ViT nothing), 224 px, 200 ep x 4096",
+        _preset("ummae", VIT_B, PAPER, dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
+                data=dict(img_size=224))),
+    # ---- tiny variants: CPU demos and tests ----------------------------------------------------
+    "ummae_swin_demo": (
+        "tiny Swin, UM-MAE on the built-in demo photographs, 128 px; about a minute on a 2-core CPU",
+        _preset("ummae", SWIN_DEMO, DEMO, dict(window_size=4, **DEMO_DECODER))),
+    "simmim_swin_demo": (
+        "tiny Swin, SimMIM on the demo photographs, 128 px, window 8 on the full image",
+        _preset("simmim", SWIN_DEMO, DEMO, dict(window_size=8))),
+    "ummae_pvt_demo": (
+        "tiny PVT, UM-MAE on the demo photographs, 128 px",
+        _preset("ummae", PVT_DEMO, DEMO, DEMO_DECODER)),
+    "simmim_pvt_demo": (
+        "tiny PVT, SimMIM on the demo photographs, 128 px",
+        _preset("simmim", PVT_DEMO, DEMO)),
+    "mae_vit_demo": (
+        "tiny ViT/16, MAE with random masking on the demo photographs, 128 px",
+        _preset("mae", VIT_DEMO, DEMO, DEMO_DECODER)),
+    "ummae_vit_demo": (
+        "tiny ViT/16, MAE with uniform masking on the demo photographs, 128 px",
+        _preset("ummae", VIT_DEMO, DEMO, DEMO_DECODER)),
 }
+PRESETS["demo"] = ("the default: " + PRESETS["ummae_swin_demo"][0], PRESETS["ummae_swin_demo"][1])
 
 
 def preset_names() -> list[str]:

@@ -166,7 +166,7 @@ def test_presets_lists_every_preset_with_size_input_and_masking(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["preset", "encoder", "params"]
+    assert lines[0].split()[:4] == ["preset", "method", "encoder", "params"]
     for name in PRESETS:
         cfg = resolve_config(preset=name)
         with torch.device("meta"):
@@ -176,7 +176,12 @@ def test_presets_lists_every_preset_with_size_input_and_masking(capsys):
         row = rows[0]
         assert f"{params / 1e6:.1f}M" in row
         assert f"{cfg.data.img_size}px" in row
-        assert f"unit {cfg.masking.unit_size}px" in row and f"SM {cfg.masking.secondary_ratio:g}" in row
+        assert row.split()[1] == cfg.method
+        assert f"{cfg.masking.unit_size}px units" in row
+        if cfg.method == "ummae":
+            assert f"uniform 75% + SM {cfg.masking.secondary_ratio:g}" in row
+        else:
+            assert f"random {cfg.masking.mask_ratio:.0%}" in row
         assert str(cfg.effective_batch) in row
         assert PRESETS[name][0] in out  # the description
     assert "27.5M" in out  # Swin-T

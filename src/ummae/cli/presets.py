@@ -20,10 +20,19 @@ def _count_params(cfg) -> int:
 
     with torch.device("meta"):  # sizes only: no memory, no initialisation time
         model = build_pretrain_model(cfg)
-    return sum(p.numel() for p in model.encoder.parameters())
+    return sum(p.numel() for p in model.encoder.parameters())  # encoder only: what is kept
+
+
+def _masking(cfg) -> str:
+    k = cfg.masking
+    if cfg.method == "ummae":
+        return f"uniform 75% + SM {k.secondary_ratio:g}, {k.unit_size}px units"
+    tokens = " -> mask tokens" if cfg.method == "simmim" else ""
+    return f"random {k.mask_ratio:.0%}{tokens}, {k.unit_size}px units"
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import stage_widths
     from ..presets import PRESETS, get_preset
 
     rows = []
@@ -32,14 +41,15 @@ def run(args: argparse.Namespace) -> int:
         m, k = cfg.model, cfg.masking
         rows.append((
             name,
-            f"{m.arch} {m.embed_dim}d {'-'.join(map(str, m.depths))}",
+            cfg.method,
+            f"{m.arch} {'-'.join(map(str, stage_widths(m)))}d {'-'.join(map(str, m.depths))}",
             f"{_count_params(cfg) / 1e6:.1f}M",
             f"{cfg.data.img_size}px",
-            f"{k.method} unit {k.unit_size}px, 75% + SM {k.secondary_ratio:g}",
+            _masking(cfg),
             f"{cfg.train.epochs} ep x {cfg.effective_batch}",
             description,
         ))
-    header = ("preset", "encoder", "params", "input", "masking", "schedule", "")
+    header = ("preset", "method", "encoder", "params", "input", "masking", "schedule", "")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
     for row in [header] + rows:
         cells = [c.ljust(w) for c, w in zip(row, widths)]

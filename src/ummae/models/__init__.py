@@ -1,31 +1,60 @@
-"""Models: one file per backbone (`swin.py`; PVT and ViT later), the shared MAE decoder
-(`decoder.py`) and the masked-image-modeling wrappers (`mim.py`)."""
+"""Models: one file per backbone (`swin.py`, `pvt.py`, `vit.py`), the shared MAE decoder
+(`decoder.py`) and the two pre-training methods around them: `mim.py` (MAE / UM-MAE) and
+`simmim.py` (the SimMIM baseline). Every backbone serves every method it supports, so the
+encoder weights of a UM-MAE run and of a SimMIM run of the same backbone are interchangeable."""
 
 from __future__ import annotations
 
 from .decoder import MAEDecoder
 from .mim import MaskedAutoencoder
+from .simmim import SimMIM
 from .swin import SwinTransformer
 
-__all__ = ["MAEDecoder", "SwinTransformer", "MaskedAutoencoder", "build_pretrain_model"]
+__all__ = ["MAEDecoder", "MaskedAutoencoder", "SimMIM", "SwinTransformer", "ENCODERS",
+           "build_encoder", "build_pretrain_model"]
 
 
-def _swin_encoder(model_cfg) -> SwinTransformer:
+def _swin(m, img_size: int):
     return SwinTransformer(
-        patch_size=model_cfg.patch_size, embed_dim=model_cfg.embed_dim, depths=model_cfg.depths,
-        num_heads=model_cfg.num_heads, window_size=model_cfg.window_size,
-        mlp_ratio=model_cfg.mlp_ratio, pos_hidden_dim=model_cfg.pos_hidden_dim,
-        drop_path_rate=model_cfg.drop_path_rate)
+        patch_size=m.patch_size, embed_dim=m.embed_dim, depths=m.depths, num_heads=m.num_heads,
+        window_size=m.window_size, mlp_ratio=m.mlp_ratio, pos_hidden_dim=m.pos_hidden_dim,
+        drop_path_rate=m.drop_path_rate)
 
 
-# Backbone family -> encoder builder. New backbones (PVT, ViT) register here.
-ENCODERS = {"swin": _swin_encoder}
+def _pvt(m, img_size: int):
+    from .pvt import PyramidVisionTransformer
+
+    return PyramidVisionTransformer(
+        patch_size=m.patch_size, embed_dims=m.embed_dims, depths=m.depths, num_heads=m.num_heads,
+        mlp_ratios=m.mlp_ratios, sr_ratios=m.sr_ratios, drop_path_rate=m.drop_path_rate)
 
 
-def build_pretrain_model(cfg) -> MaskedAutoencoder:
-    """The pre-training model described by a `PretrainConfig` (see `ummae.config`)."""
-    encoder = ENCODERS[cfg.model.arch](cfg.model)
-    return MaskedAutoencoder(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
-                 secondary_ratio=cfg.masking.secondary_ratio, norm_pix_loss=cfg.model.norm_pix_loss,
-                 decoder_dim=cfg.model.decoder_dim, decoder_depth=cfg.model.decoder_depth,
-                 decoder_heads=cfg.model.decoder_heads)
+def _vit(m, img_size: int):
+    from .vit import VisionTransformer
+
+    return VisionTransformer(
+        img_size=img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depths[0],
+        num_heads=m.num_heads[0], mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate)
+
+
+# Backbone family -> encoder builder (explicit: no lookup of arbitrary names).
+ENCODERS = {"swin": _swin, "pvt": _pvt, "vit": _vit}
+
+
+def build_encoder(cfg):
+    """The encoder described by a `PretrainConfig`'s model section."""
+    return ENCODERS[cfg.model.arch](cfg.model, cfg.data.img_size)
+
+
+def build_pretrain_model(cfg):
+    """The pre-training model of a `PretrainConfig`: UM-MAE, MAE or SimMIM around its encoder."""
+    encoder = build_encoder(cfg)
+    if cfg.method == "simmim":
+        return SimMIM(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
+                      mask_ratio=cfg.masking.mask_ratio)
+    return MaskedAutoencoder(
+        encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
+        masking="uniform" if cfg.method == "ummae" else "random",
+        mask_ratio=cfg.masking.mask_ratio, secondary_ratio=cfg.masking.secondary_ratio,
+        norm_pix_loss=cfg.model.norm_pix_loss, decoder_dim=cfg.model.decoder_dim,
+        decoder_depth=cfg.model.decoder_depth, decoder_heads=cfg.model.decoder_heads)
