@@ -1,0 +1,234 @@
+"""Plain ViT encoder for MAE and UM-MAE pre-training, as a subclass of timm's VisionTransformer.
+
+An Image is Worth 16x16 Words (ViT), Dosovitskiy et al., ICLR 2021.
+Masked Autoencoders Are Scalable Vision Learners (MAE), He et al., CVPR 2022.
+UM-MAE: Uniform Masking, Li et al., arXiv 2205.10063 (SPEC sec. 3, ViT paragraph).
+
+Why a subclass and not a new model: the parameters keep timm's names (`patch_embed.proj.*`,
+`cls_token`, `pos_embed`, `blocks.N.*`, `norm.*`), so the pre-trained encoder loads into
+`timm.create_model("vit_base_patch16_224", ...)` (and every tool built on timm) without key
+surgery; only `mask_token` is extra.
+
+What MAE / UM-MAE add on top of timm's ViT:
+- The position embedding is a fixed 2-D sin-cos table of the patch grid (the class token's row
+  is zeros), kept as a non-trainable parameter, as in MAE: the table is in the checkpoint
+  under timm's key, but the optimiser never sees it.
+- `forward_masked` runs only the visible units. Attention is global, so unlike the pyramid
+  encoders (`swin.py`) nothing is compacted: the visible tokens are gathered, each keeping its
+  own position embedding, in the order of `ids_keep`. That works the same for MAE's random
+  masks and for UM-MAE's uniform masks.
+- Secondary masking (UM): visible units chosen by it get `mask_token` instead of their patch
+  embedding, plus their true position embedding.
+
+Shapes: `B` batch, `N = (H/p) * (W/p)` patches, `N_vis` visible units, `C` = `embed_dim`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models import vision_transformer as timm_vit
+from timm.models._manipulate import checkpoint_seq
+
+from ..errors import ConfigError
+from ..masking import MaskSample
+
+__all__ = ["VisionTransformer"]
+
+# timm options that the masked path relies on: exactly one prefix token (the class token) that
+# has its own row in the position table, and a patch grid fixed at construction.
+_FIXED_OPTIONS = {"class_token": True, "no_embed_class": False, "reg_tokens": 0, "pos_embed": "learn",
+                  "dynamic_img_size": False, "dynamic_img_pad": False}
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class VisionTransformer(timm_vit.VisionTransformer):
+    """ViT encoder for MAE: full images, or only the visible units of a mask (random or uniform).
+
+    Args:
+        img_size: input size (int or `(H, W)`); fixes the patch grid and its position table.
+        patch_size: square patch side in pixels (16 for ViT-B/16). One mask unit = one patch.
+        embed_dim, depth, num_heads, mlp_ratio: the transformer (ViT-B: 768, 12, 12, 4).
+        drop_path_rate: stochastic depth at the last block (linear from 0).
+        num_classes: >0 adds a linear head on the average-pooled patch tokens (fine-tuning).
+        weight_init: "mae" (xavier-uniform linears and patch projection, tokens trunc-normal .02, as
+            MAE) or one of timm's modes ("", "jax", "moco", ...).
+        **kwargs: other timm `VisionTransformer` options (e.g. `qkv_bias`, `fc_norm`,
+            `global_pool`). Options that change the token layout are refused.
+
+    The final norm stays timm's `norm` (applied to every token, before pooling) rather than
+    timm's default `fc_norm` for average pooling: pre-training needs normalised tokens for the
+    decoder, and the key then matches MAE checkpoints in timm. Pass `fc_norm=True` to build a
+    MAE-style fine-tuning model (norm after pooling); its masked path then has no final norm.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 num_classes: int = 0, weight_init: str = "mae", **kwargs):
+        for name, value in _FIXED_OPTIONS.items():
+            if name in kwargs and kwargs[name] != value:
+                raise ConfigError(f"ViT option {name}={kwargs[name]!r} is not supported by the MAE encoder "
+                                  f"(it needs {name}={value!r})")
+            kwargs.pop(name, None)
+        if not isinstance(patch_size, int):
+            raise ConfigError(f"ViT patch_size must be one int (square patches), got {patch_size!r}")
+        if embed_dim % 4:
+            raise ConfigError(f"ViT embed_dim must be divisible by 4 for the 2-D sin-cos position table, "
+                              f"got {embed_dim}")
+        H, W = _pair(img_size)
+        if H % patch_size or W % patch_size:
+            raise ConfigError(f"image size {H}x{W} is not divisible by the patch size {patch_size}")
+        kwargs.setdefault("global_pool", "avg")
+        kwargs.setdefault("fc_norm", False)
+        super().__init__(img_size=(H, W), patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
+                         num_classes=num_classes, class_token=True,
+                         weight_init="skip" if weight_init == "mae" else weight_init, **kwargs)
+        self.patch_size = patch_size
+        self.stride = patch_size  # one token per patch: the decoder needs no upsampling
+        # Replaces the patch embedding of secondary-masked units (UM) or SimMIM-hidden patches.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+
+        if weight_init == "mae":
+            self._init_mae()
+        trunc_normal_(self.mask_token, std=0.02)
+        self._init_pos_embed()
+
+    # -- initialisation ----------------------------------------------------------------------
+    def _init_pos_embed(self) -> None:
+        """Fixed 2-D sin-cos table of the patch grid; the class token's row is zeros."""
+        gh, gw = self.patch_embed.grid_size
+        # Same table (layout included) as the decoder's, so encoder and decoder agree on positions.
+        table = build_sincos2d_pos_embed([gh, gw], self.embed_dim, device=self.pos_embed.device)  # [N, C]
+        table = torch.cat([table.new_zeros(1, self.embed_dim), table], dim=0)  # [1+N, C]
+        with torch.no_grad():
+            self.pos_embed.copy_(table.unsqueeze(0).to(self.pos_embed.dtype))
+        # Fixed, as in MAE: not trained (and so skipped by the optimiser), but saved under timm's key.
+        self.pos_embed.requires_grad_(False)
+
+    def _init_mae(self) -> None:
+        """MAE's initialisation: the patch projection as a linear layer, xavier-uniform linears."""
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set(super().no_weight_decay()) | {"mask_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        # The mask token belongs with the embeddings (layer-wise lr decay puts it in the stem).
+        groups = super().group_matcher(coarse)
+        groups["stem"] = r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre|mask_token"
+        return groups
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _check_image(self, x: torch.Tensor) -> None:
+        expected = tuple(self.patch_embed.img_size)
+        if tuple(x.shape[-2:]) != expected:
+            gh, gw = self.patch_embed.grid_size
+            raise ConfigError(
+                f"ViT was built for {expected[0]}x{expected[1]} images (its position table covers a "
+                f"{gh}x{gw} patch grid), got {x.shape[-2]}x{x.shape[-1]}; build it with img_size equal "
+                f"to the input size")
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm, blocks (with gradient checkpointing if enabled), final norm: `[B, T, C]`."""
+        x = self.norm_pre(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    # -- encoders ----------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, replace: torch.Tensor | None = None,
+                         attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """Full image (fine-tuning, SimMIM-style masking).
+
+        Args:
+            x: `[B, 3, H, W]`, the constructed `img_size`.
+            replace: `[B, H/p, W/p]` bool, True = patch embedding replaced by `mask_token` (before
+                the position embedding is added), or None.
+            attn_mask, is_causal: passed to the blocks as in timm.
+
+        Returns:
+            `[B, 1+N, C]`: class token first, then patches in raster order.
+        """
+        self._check_image(x)
+        if replace is None:
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        grid = tuple(self.patch_embed.grid_size)
+        if tuple(replace.shape) != (x.shape[0], *grid):
+            raise ConfigError(f"replace must have shape [B, {grid[0]}, {grid[1]}] (one flag per patch), "
+                              f"got {list(replace.shape)}")
+        tokens = self.patch_embed(x)  # [B, N, C]
+        hidden = replace.reshape(x.shape[0], -1, 1).to(torch.bool)  # [B, N, 1]
+        tokens = torch.where(hidden, self.mask_token.to(tokens.dtype), tokens)
+        tokens = self.patch_drop(self._pos_embed(tokens))  # [B, 1+N, C]
+        if attn_mask is not None or is_causal:
+            tokens = self.norm_pre(tokens)
+            for blk in self.blocks:
+                tokens = blk(tokens, attn_mask=attn_mask, is_causal=is_causal)
+            return self.norm(tokens)
+        return self._trunk(tokens)
+
+    def forward_masked(self, imgs: torch.Tensor, masks: MaskSample, unit: int) -> torch.Tensor:
+        """MAE encoder: only the visible units, in the order of `masks.ids_keep`.
+
+        Args:
+            imgs: `[B, 3, H, W]` full images of the constructed `img_size`.
+            masks: a `MaskSample` over the `(H/p, W/p)` grid, random (MAE) or uniform (UM-MAE);
+                `secondary` units get `mask_token` in place of their patch embedding.
+            unit: mask unit in pixels; must equal `patch_size` (one unit = one token).
+
+        Returns:
+            `[B, N_vis, C]` visible tokens, token `k` for unit `ids_keep[:, k]`, class token
+            dropped.
+        """
+        if unit != self.patch_size:
+            raise ConfigError(
+                f"ViT masks whole tokens: the mask unit ({unit} px) must equal the patch size "
+                f"({self.patch_size} px); set the mask unit to {self.patch_size} or build the ViT "
+                f"with patch_size={unit}")
+        self._check_image(imgs)
+        grid = tuple(self.patch_embed.grid_size)
+        if tuple(masks.grid_size) != grid:
+            raise ConfigError(f"mask grid {tuple(masks.grid_size)} does not match the ViT patch grid {grid}")
+
+        tokens = self.patch_embed(imgs)  # [B, N, C]
+        B, _, C = tokens.shape
+        ids_keep = masks.ids_keep
+        index = ids_keep.unsqueeze(-1).expand(-1, -1, C)  # [B, N_vis, C]
+        x = tokens.gather(1, index)  # [B, N_vis, C]: visible units only, in ids_keep order
+        if masks.secondary is not None:
+            # Secondary-masked units keep their slot and position but not their content, so the
+            # pretext task stays hard (UM-MAE); they are not in the loss (they count as visible).
+            hidden = masks.secondary.gather(1, ids_keep).unsqueeze(-1)  # [B, N_vis, 1]
+            x = torch.where(hidden, self.mask_token.to(x.dtype), x)
+        # Each token takes the position of its own unit, whatever its place in the sequence.
+        pos = self.pos_embed[:, 1:].expand(B, -1, -1).gather(1, index)  # [B, N_vis, C]
+        x = x + pos
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # [B, 1, C]
+        x = self.pos_drop(torch.cat([cls, x], dim=1))  # [B, 1+N_vis, C]
+        x = self._trunk(x)
+        # The class token is dropped: the shared decoder has one slot per unit and scatters the
+        # tokens to `ids_keep`, so a token without a unit has nowhere to go. (MAE's own decoder
+        # carries the class token through and drops it at the end, which predicts nothing.)
+        return x[:, self.num_prefix_tokens:]
