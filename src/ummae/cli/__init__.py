@@ -10,12 +10,13 @@ import argparse
 import sys
 
 from ..errors import UmmaeError
+from . import bench as bench_cmd
 from . import presets as presets_cmd
 from . import pretrain as pretrain_cmd
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (pretrain_cmd, presets_cmd)
+COMMANDS = (pretrain_cmd, presets_cmd, bench_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

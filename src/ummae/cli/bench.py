@@ -1,0 +1,60 @@
+"""`ummae bench`: time training steps of presets side by side (see `ummae.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+EPILOG = """\
+Each step is a full training step (forward, loss, backward, AdamW) on a fixed batch of random
+images, under the autocast training uses (bf16 on CUDA). All presets are built in one process
+and their steps interleaved after warm-up, so machine noise hits them alike. Reported per preset:
+median step time, images/s, peak memory (CUDA allocator peak, or a child process's RSS growth on
+CPU), encoder forward FLOPs per image, achieved FLOP/s and its share of this machine's matmul rate.
+
+examples:
+  ummae bench demo
+  ummae bench ummae_swin_tiny_256 simmim_swin_tiny_256 --batch-size 8 --json b.json
+  ummae bench demo --set model.embed_dim=64 --steps 20 --device cpu
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="time training steps of presets side by side",
+        description="Benchmark full training steps of one or more presets in one process, "
+                    "interleaved, with FLOPs, memory and the machine's matmul rate.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("presets", nargs="+", metavar="PRESET", help="preset names (see `ummae presets`)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="images per step, for every preset (default 8)")
+    p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps per preset (default 10)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N",
+                   help="untimed steps per preset first (default 2)")
+    p.add_argument("--device", metavar="DEV", help="auto (default: CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="sets",
+                   help="override a config key of every preset, e.g. model.drop_path_rate=0.1 (repeatable)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import format_table, run_benchmark, write_json
+    from ..config import resolve_config
+    from ..errors import ConfigError
+
+    flags = {"train.batch_size": args.batch_size, "train.device": args.device}
+    configs = [resolve_config(name, None, args.sets, flags) for name in args.presets]
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ConfigError(f"--json: directory '{Path(args.json).parent}' does not exist")
+
+    report = run_benchmark(configs, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                           device=configs[0].train.device,
+                           log=lambda message: print(f"ummae bench: {message}", file=sys.stderr))
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    return 0

@@ -1,0 +1,194 @@
+"""`ummae bench`: the report of real tiny models, FLOPs checked by hand, interleaving, JSON, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ummae.bench as bench
+from ummae.bench import count_flops, format_table, run_benchmark
+from ummae.cli import main
+from ummae.config import PretrainConfig, resolve_config
+
+RESULT_KEYS = ("preset", "batch_size", "img_size", "params", "step_time_s", "step_time_min_s",
+               "step_time_max_s", "step_time_iqr_s", "images_per_s", "peak_memory_bytes",
+               "peak_memory_method", "flops_per_image", "flops_per_image_scope",
+               "model_forward_flops_per_image", "train_flops_per_step", "achieved_flops_per_s",
+               "fraction_of_matmul")
+REPORT_KEYS = ("matmul_flops_per_s", "device", "torch", "threads", "results")
+
+
+def one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- a model whose FLOPs are known
+
+IN, HIDDEN, OUT = 3 * 8 * 8, 10, 5  # 8 px images, flattened
+
+
+class LinearMIM(nn.Module):
+    """Linear "encoder" and linear "decoder" with the pre-training models' interface."""
+
+    def __init__(self, calls: list | None = None, name: str = ""):
+        super().__init__()
+        self.enc = nn.Linear(IN, HIDDEN)
+        self.dec = nn.Linear(HIDDEN, OUT)
+        self.calls, self.name = calls, name
+
+    def _encode(self, imgs):
+        return self.enc(imgs.flatten(1))
+
+    def forward(self, imgs, masks=None, generator=None):
+        if self.calls is not None:
+            self.calls.append(self.name)
+        masks = torch.rand(imgs.shape[0], generator=generator) if masks is None else masks
+        pred = self.dec(self._encode(imgs))
+        return pred.pow(2).mean(), pred, masks
+
+
+class LinearMIMWithEncoder(LinearMIM):
+    def forward_encoder(self, imgs, masks):
+        return self._encode(imgs)
+
+
+def fake_config(name: str) -> PretrainConfig:
+    cfg = PretrainConfig(preset=name)
+    cfg.data.img_size = 8
+    return cfg
+
+
+def test_flops_of_linear_layers_match_the_hand_count():
+    B = 4
+    flops = count_flops(LinearMIMWithEncoder(), torch.randn(B, 3, 8, 8))
+    enc, dec = 2 * B * IN * HIDDEN, 2 * B * HIDDEN * OUT
+    assert flops["encoder_forward"] == enc
+    assert flops["encoder_scope"] == "encoder_forward"
+    assert flops["model_forward"] == enc + dec
+    # backward: decoder weight + decoder input gradients, encoder weight gradient only (the
+    # images need no gradient)
+    assert flops["train_step"] == enc + dec + 2 * dec + enc
+
+
+def test_report_of_known_flops_and_fallback_without_forward_encoder():
+    B = 2
+    report = run_benchmark([fake_config("enc"), fake_config("noenc")], batch_size=B, steps=3,
+                           warmup=1, device="cpu", measure_memory=False, matmul_n=64,
+                           build_model=lambda cfg: (LinearMIMWithEncoder() if cfg.preset == "enc"
+                                                    else LinearMIM()))
+    with_enc, without = report["results"]
+    assert with_enc["flops_per_image"] == 2 * IN * HIDDEN
+    assert with_enc["flops_per_image_scope"] == "encoder_forward"
+    assert without["flops_per_image"] == 2 * IN * HIDDEN + 2 * HIDDEN * OUT  # whole forward
+    assert without["flops_per_image_scope"] == "model_forward"
+    for r in (with_enc, without):
+        assert r["train_flops_per_step"] == B * (4 * IN * HIDDEN + 6 * HIDDEN * OUT)
+        assert r["achieved_flops_per_s"] == pytest.approx(r["train_flops_per_step"] / r["step_time_s"])
+        assert r["peak_memory_bytes"] is None and r["peak_memory_method"] == "not_measured"
+    assert "no forward_encoder" in format_table(report)
+    with pytest.raises(ValueError, match="measure_memory=False"):  # the CPU probe can't build these
+        run_benchmark([fake_config("enc")], device="cpu", build_model=lambda cfg: LinearMIM())
+
+
+def test_steps_are_interleaved_between_configurations():
+    calls: list[str] = []
+    run_benchmark([fake_config("a"), fake_config("b"), fake_config("c")], batch_size=2, steps=4,
+                  warmup=2, device="cpu", measure_memory=False, matmul_n=64,
+                  build_model=lambda cfg: LinearMIMWithEncoder(calls, cfg.preset))
+    # one FLOP-counting forward, then 2 warm-up and 4 timed rounds: a, b, c, a, b, c, ...
+    assert calls == ["a", "b", "c"] * (1 + 2 + 4)
+
+
+# ---------------------------------------------------------------- real tiny models
+
+
+def test_two_real_configurations(tiny_sets):
+    small = resolve_config("demo", sets=tiny_sets)
+    wide = resolve_config("demo", sets=tiny_sets + ["model.embed_dim=16", "model.decoder_dim=32"])
+    small.preset, wide.preset = "tiny", "tiny-wide"
+    report = run_benchmark([small, wide], batch_size=2, steps=2, warmup=1, device="cpu", matmul_n=128)
+
+    assert all(k in report for k in REPORT_KEYS)
+    assert report["device"] == "cpu" and report["threads"] == torch.get_num_threads()
+    assert report["matmul_flops_per_s"] > 0 and math.isfinite(report["matmul_flops_per_s"])
+    assert [r["preset"] for r in report["results"]] == ["tiny", "tiny-wide"]
+    for r in report["results"]:
+        assert all(k in r for k in RESULT_KEYS)
+        for k in ("step_time_s", "images_per_s", "peak_memory_bytes", "flops_per_image",
+                  "train_flops_per_step", "achieved_flops_per_s", "fraction_of_matmul", "params"):
+            assert math.isfinite(r[k]) and r[k] > 0, (k, r[k])
+        assert r["batch_size"] == 2 and len(r["step_times_s"]) == 2
+        assert r["peak_memory_method"] == "cpu_child_rss_delta"
+        assert r["flops_per_image_scope"] == "encoder_forward"
+        assert r["flops_per_image"] < r["model_forward_flops_per_image"]  # the decoder is extra
+        assert r["model_forward_flops_per_image"] * 2 < r["train_flops_per_step"]  # + backward
+        assert r["images_per_s"] == pytest.approx(2 / r["step_time_s"])
+        assert r["achieved_flops_per_s"] == pytest.approx(r["train_flops_per_step"] / r["step_time_s"])
+        assert r["fraction_of_matmul"] == pytest.approx(r["achieved_flops_per_s"] / report["matmul_flops_per_s"])
+    small_r, wide_r = report["results"]
+    assert wide_r["flops_per_image"] > small_r["flops_per_image"]
+    assert wide_r["params"] > small_r["params"]
+
+    table = format_table(report)
+    assert "tiny-wide / tiny: step time " in table and "peak memory " in table
+    assert "peak memory n/a" not in table
+    json.dumps(report, allow_nan=False)  # plain, finite JSON
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def fast_bench(monkeypatch):
+    """A small reference matmul, and no child processes (the real probe is tested above)."""
+    monkeypatch.setattr(bench, "MATMUL_N", {"cpu": 128, "cuda": 128})
+    monkeypatch.setattr(bench, "_cpu_memory_probe", lambda configs, threads: [123 * 2**20] * len(configs))
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, tiny_sets, fast_bench, capsys):
+    out = tmp_path / "b.json"
+    args = ["bench", "demo", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu",
+            "--json", str(out)]
+    for item in tiny_sets:
+        args += ["--set", item]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "step time (s, median)" in captured.out and "% of matmul" in captured.out
+    row = [line for line in captured.out.splitlines() if line.startswith("demo ")]
+    assert len(row) == 1 and "123.0" in row[0]
+    assert str(out) in captured.out
+
+    report = json.loads(out.read_text())
+    assert all(k in report for k in REPORT_KEYS)
+    (r,) = report["results"]
+    assert all(k in r for k in RESULT_KEYS)
+    assert r["preset"] == "demo" and r["batch_size"] == 2 and r["img_size"] == 64
+    assert r["peak_memory_bytes"] == 123 * 2**20
+    assert report["matmul_n"] == 128
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--device", "tpu"], "--device"),
+    (["--json", "/no/such/dir/b.json"], "--json: directory"),
+])
+def test_bad_values_are_one_line_errors(extra, message, capsys):
+    code = main(["bench", "demo", *extra])
+    assert code == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith("ummae bench: error:") and message in line
+
+
+def test_unknown_preset_is_a_one_line_error(capsys):
+    assert main(["bench", "demo", "no_such_preset"]) == 2
+    assert "unknown preset 'no_such_preset'" in one_line_error(capsys.readouterr().err)
