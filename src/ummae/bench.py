@@ -63,7 +63,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import PretrainConfig, apply_overrides, config_to_dict
 from .engine.optim import build_optimizer
-from .engine.pretrain import _autocast, resolve_device
+from .engine.pretrain import training_autocast, resolve_device
 from .errors import ConfigError, UmmaeError
 from .models import build_pretrain_model
 
@@ -208,7 +208,7 @@ class _Run:
         self.times: list[float] = []
 
     def autocast(self):
-        return _autocast(self.device, self.cfg.train.precision)
+        return training_autocast(self.device, self.cfg.train.precision)
 
     def step(self) -> None:
         _train_step(self.model, self.optimizer, self.imgs, self.mask_gen, self.autocast(),
@@ -277,8 +277,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _compute_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The dtype matmuls run in under training's autocast rule (`_autocast`)."""
-    ctx = _autocast(device, precision)
+    """The dtype matmuls run in under training's autocast rule (`training_autocast`)."""
+    ctx = training_autocast(device, precision)
     return ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32
 
 
@@ -370,7 +370,7 @@ def _peak_memory_cuda(cfg: PretrainConfig, device: torch.device, build_model: Ca
     model, optimizer, imgs = _build(cfg, device, build_model)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     for _ in range(MEMORY_STEPS):
-        _train_step(model, optimizer, imgs, gen, _autocast(device, cfg.train.precision),
+        _train_step(model, optimizer, imgs, gen, training_autocast(device, cfg.train.precision),
                     cfg.optim.clip_grad)
     _sync(device)
     peak = torch.cuda.max_memory_allocated(device) - baseline
@@ -478,7 +478,7 @@ def _measured_training(cfg: PretrainConfig, device: torch.device, steps: int) ->
     model, optimizer, imgs = _build(cfg, device, build_pretrain_model)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     for _ in range(steps):
-        _train_step(model, optimizer, imgs, gen, _autocast(device, cfg.train.precision),
+        _train_step(model, optimizer, imgs, gen, training_autocast(device, cfg.train.precision),
                     cfg.optim.clip_grad)
 
 

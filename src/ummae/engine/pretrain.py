@@ -34,7 +34,7 @@ from .checkpoint import save_checkpoint
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler, schedule_lengths
 
-__all__ = ["pretrain", "RunResult", "resolve_device"]
+__all__ = ["pretrain", "RunResult", "resolve_device", "training_autocast"]
 
 
 class NonFiniteLossError(UmmaeError):
@@ -89,7 +89,8 @@ def _run_dir(cfg: PretrainConfig) -> Path:
     return path
 
 
-def _autocast(device: torch.device, precision: str):
+def training_autocast(device: torch.device, precision: str):
+    """The autocast context of training: bf16 on CUDA for precision `auto`, else fp32 (none)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -153,7 +154,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> RunResult:
             for imgs in loader:
                 imgs = imgs.to(device, non_blocking=True)
                 masks = model.sample_masks(imgs.shape[0], generator=mask_gen, device=device)
-                with _autocast(device, cfg.train.precision):
+                with training_autocast(device, cfg.train.precision):
                     loss, _, _ = model(imgs, masks)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
@@ -227,7 +228,7 @@ def _save_reconstructions(model, dataset, cfg: PretrainConfig, device: torch.dev
     imgs = torch.stack([dataset[i] for i in range(n)]).to(device)
     model.eval()
     masks = model.sample_masks(n, generator=torch.Generator().manual_seed(cfg.train.seed), device=device)
-    with _autocast(device, cfg.train.precision):
+    with training_autocast(device, cfg.train.precision):
         _, pred, _ = model(imgs, masks)
     return save_reconstruction_grid(path, imgs, pred, masks.mask, model.unit,
                                     secondary=masks.secondary, norm_pix_loss=model.norm_pix_loss)
