@@ -16,12 +16,16 @@ Input: the encoder's visible tokens plus `ids_keep`, the unit each of them stand
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
+
+from .weight_init import init_linear_and_norm
 
 __all__ = ["MAEDecoder"]
 
@@ -56,17 +60,7 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(decoder_dim, unit * unit * in_chans)
 
         trunc_normal_(self.mask_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(functools.partial(init_linear_and_norm, linear="xavier"))  # as MAE's decoder
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -48,6 +48,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags
 from ..errors import ConfigError
 from ..masking import MaskSample, check_uniform
+from .weight_init import init_linear_and_norm
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "masked_sr_ratio"]
 
@@ -237,14 +238,8 @@ class PyramidVisionTransformer(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):  # fan-out normal, as PVT
+        init_linear_and_norm(m)
+        if isinstance(m, nn.Conv2d):  # fan-out normal, as PVT
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:

@@ -34,6 +34,7 @@ from timm.models.swin_transformer import PatchMerging, window_partition, window_
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags, full_coordinates
 from ..errors import ConfigError
 from ..masking import MaskSample, check_uniform
+from .weight_init import init_linear_and_norm
 
 __all__ = ["SwinTransformer", "CoordinatePositionBias", "merge_coordinates"]
 
@@ -291,17 +292,7 @@ class SwinTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         trunc_normal_(self.mask_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -25,6 +25,8 @@ Shapes: `B` batch, `N = (H/p) * (W/p)` patches, `N_vis` visible units, `C` = `em
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
@@ -34,6 +36,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from ..errors import ConfigError
 from ..masking import MaskSample
+from .weight_init import init_linear_and_norm
 
 __all__ = ["VisionTransformer"]
 
@@ -118,14 +121,7 @@ class VisionTransformer(timm_vit.VisionTransformer):
         if self.patch_embed.proj.bias is not None:
             nn.init.zeros_(self.patch_embed.proj.bias)
         trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(functools.partial(init_linear_and_norm, linear="xavier"))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
