@@ -82,9 +82,14 @@ class TrainConfig:
     accum_steps: int = 1  # micro-steps per optimizer step
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA, grad scaler)
+    compile: bool = False  # torch.compile the model
     out: str | None = None  # run directory; None = runs/<preset>-<timestamp>
     log_every: int = 10  # optimizer steps between metric lines
+    save_every: int = 1000  # optimizer steps between checkpoints (also one at the end); 0 = end only
+    keep_last: int = 3  # periodic checkpoints kept; 0 = all
+    on_nonfinite: str = "stop"  # a NaN/inf loss: stop (default) or skip that optimizer step
+    init_weights: str | None = None  # start from these weights (a checkpoint), fresh optimizer
     vis_images: int = 8  # images in the reconstruction picture
 
 
@@ -109,10 +114,14 @@ class PretrainConfig:
 
     @property
     def lr(self) -> float:
-        """Peak learning rate: absolute `optim.lr`, else scaled from `optim.blr`."""
+        """Peak learning rate of a one-process run (see `peak_lr`)."""
+        return self.peak_lr(1)
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """Absolute `optim.lr`, else `blr x batch x accum x world_size / 256` (MAE's rule)."""
         if self.optim.lr is not None:
             return self.optim.lr
-        return self.optim.blr * self.effective_batch / 256
+        return self.optim.blr * self.effective_batch * world_size / 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +342,16 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     positive("train.vis_images", t.vis_images, zero=True)
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device (--device) must be auto, cpu, cuda or cuda:N, got {t.device!r}")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}")
+    if t.precision == "fp16" and not t.device.startswith("cuda"):
+        raise ConfigError("train.precision fp16 needs --device cuda (use bf16 or fp32 on a CPU)")
+    positive("train.save_every (--save-every)", t.save_every, zero=True)
+    positive("train.keep_last (--keep-last)", t.keep_last, zero=True)
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
+    if t.init_weights is not None and not Path(t.init_weights).is_file():
+        raise ConfigError(f"train.init_weights (--init-weights): '{t.init_weights}' does not exist")
     return cfg
 
 
@@ -342,7 +359,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
 # resolution
 
 def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
-                   sets: list[str] | None = None, flags: dict[str, Any] | None = None) -> PretrainConfig:
+                   sets: list[str] | None = None, flags: dict[str, Any] | None = None,
+                   base: dict[str, Any] | None = None) -> PretrainConfig:
     """Build and validate a configuration from its layers (see the module docstring).
 
     Args:
@@ -350,13 +368,19 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         config_file: YAML file of sections (a saved `config.yaml` works).
         sets: `--set SECTION.KEY=VALUE` items.
         flags: dotted keys from named command-line flags (None values are ignored).
+        base: a whole configuration dict (e.g. from a checkpoint being resumed) used instead
+            of a preset as the bottom layer.
     """
     from .presets import get_preset
 
     file_values = load_yaml(config_file) if config_file else {}
-    name = preset or file_values.get("preset") or "demo"
-    cfg = get_preset(str(name))
-    cfg.preset = str(name)
+    if base is not None:
+        cfg = apply_overrides(PretrainConfig(), base, "the checkpoint's configuration")
+        cfg.preset = str(base.get("preset", "resumed"))
+    else:
+        name = preset or file_values.get("preset") or "demo"
+        cfg = get_preset(str(name))
+        cfg.preset = str(name)
     if file_values:
         apply_overrides(cfg, file_values, f"config file '{config_file}'")
     for item in sets or []:

@@ -71,6 +71,15 @@ class MaskSample:
     grid_size: tuple[int, int]
     secondary: torch.Tensor | None = None
 
+    @staticmethod
+    def cat(samples: list["MaskSample"]) -> "MaskSample":
+        """Concatenate masks of the same grid along the batch."""
+        secondary = None
+        if samples[0].secondary is not None:
+            secondary = torch.cat([s.secondary for s in samples])
+        return MaskSample(torch.cat([s.mask for s in samples]), torch.cat([s.ids_keep for s in samples]),
+                          samples[0].grid_size, secondary)
+
     def to(self, device: torch.device | str) -> "MaskSample":
         secondary = None if self.secondary is None else self.secondary.to(device)
         return MaskSample(self.mask.to(device), self.ids_keep.to(device), self.grid_size, secondary)

@@ -42,6 +42,18 @@ def add_parser(sub) -> None:
                         "accum-steps, and the lr scales with it (lr = blr x effective batch / 256)")
     p.add_argument("--seed", type=int, metavar="N", help="seed for initialisation, data order, crops and masks")
     p.add_argument("--device", metavar="DEV", help="auto (default: CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU; fp16 uses a grad scaler (CUDA)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="continue a run from a checkpoint, exactly where it stopped (configuration taken "
+                        "from the checkpoint; --set and flags may still change e.g. the device); `auto`: "
+                        "the newest checkpoint in --out, or a fresh start if there is none")
+    p.add_argument("--init-weights", metavar="PATH",
+                   help="start a new run from a checkpoint's weights only (fresh optimizer and schedule)")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="write a checkpoint every N optimizer steps (default 1000; 0: only at the end)")
+    p.add_argument("--keep-last", type=int, metavar="K", help="keep the newest K periodic checkpoints (default 3; 0: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -56,6 +68,11 @@ def _flags(args: argparse.Namespace) -> dict:
         "train.accum_steps": args.accum_steps,
         "train.seed": args.seed,
         "train.device": args.device,
+        "train.precision": args.precision,
+        "train.compile": args.compile,
+        "train.init_weights": args.init_weights,
+        "train.save_every": args.save_every,
+        "train.keep_last": args.keep_last,
     }
 
 
@@ -77,14 +94,43 @@ def _summary(result, cfg) -> str:
         f"  reconstructions  {rel(result.reconstructions)}",
         f"  loss curve       {rel(result.loss_curve)}",
     ]
+    if result.resumed_from:
+        lines.insert(2, f"  resumed from     {result.resumed_from}")
+    if result.world_size > 1:
+        lines.insert(2, f"  processes        {result.world_size} (DDP)")
+    if result.skipped_images:
+        lines.append(f"  skipped          {len(result.skipped_images)} unreadable image(s), listed in "
+                     f"{result.run_dir / 'skipped_images.txt'}")
+    if result.skipped_steps:
+        lines.append(f"  skipped steps    {result.skipped_steps} with a non-finite loss (train.on_nonfinite=skip)")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import resolve_config
+    from ..engine.checkpoint import find_resume_checkpoint, load_checkpoint, run_dir_of
     from ..engine.pretrain import pretrain
+    from ..errors import ConfigError
 
-    cfg = resolve_config(args.preset, args.config, args.sets, _flags(args))
-    result = pretrain(cfg, progress=not args.no_progress)
-    print(_summary(result, cfg))
+    base = checkpoint = None
+    if args.resume:
+        if args.preset or args.config:
+            raise ConfigError("--resume continues with the checkpoint's configuration; drop --preset/--config")
+        checkpoint = find_resume_checkpoint(args.resume, args.out)
+        if checkpoint is not None:
+            base = load_checkpoint(checkpoint).get("config")
+            if not isinstance(base, dict):
+                raise ConfigError(f"--resume: '{checkpoint}' holds no configuration to continue with")
+            if args.out is None:
+                args.out = str(run_dir_of(checkpoint))
+    cfg = resolve_config(args.preset, args.config, args.sets, _flags(args), base=base)
+    result = pretrain(cfg, progress=not args.no_progress, resume=checkpoint)
+    if result.run_dir is not None and _is_main():
+        print(_summary(result, cfg))
     return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

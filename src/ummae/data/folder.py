@@ -143,18 +143,26 @@ class ImageFolderUnlabeled(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor | Image.Image:
+        return self.load(index)[0]
+
+    def load(self, index: int) -> tuple[torch.Tensor | Image.Image, list[Path]]:
+        """`(dataset[index], files skipped to get it)`: the training loop counts the skipped
+        files across DataLoader workers and ranks, which `self.skipped` (per process) cannot."""
         n = len(self.paths)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
+        passed_over: list[Path] = []
         for offset in range(n):
             path = self.paths[(index + offset) % n]
             if path in self.skipped:
+                passed_over.append(path)
                 continue
             try:
                 img = load_rgb(path)
             except UmmaeError as err:
                 self.skipped.add(path)
+                passed_over.append(path)
                 warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
                 continue
-            return self.transform(img) if self.transform is not None else img
+            return (self.transform(img) if self.transform is not None else img), passed_over
         raise UmmaeError(f"none of the {n} images under '{self.root}' could be read")

@@ -66,3 +66,66 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise UmmaeError(f"'{path}' is not an ummae checkpoint (no 'model' entry)")
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# a run's checkpoint folder: run_dir/checkpoints/step-00001000.pt, the last K kept
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def step_checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+
+
+def list_step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's periodic checkpoints, oldest first (temporary files of a crashed write ignored)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*.pt") if p.stem[5:].isdigit())
+
+
+def prune_step_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` periodic checkpoints (0 = keep all)."""
+    if keep_last <= 0:
+        return
+    for old in list_step_checkpoints(run_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> Path:
+    """Make `dst` the same file as `src` (hard link, else copy), replacing `dst` atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def find_resume_checkpoint(resume: str, out: str | None) -> Path | None:
+    """The checkpoint `--resume` means: a path, or with `auto` the newest one in `--out`.
+
+    `auto` with no checkpoint yet returns None (start from scratch), so one job script can both
+    start and continue a run.
+    """
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise UmmaeError(f"--resume: checkpoint '{path}' does not exist")
+        return path
+    if not out:
+        raise UmmaeError("--resume auto needs --out DIR: the run directory to continue")
+    found = list_step_checkpoints(out)
+    return found[-1] if found else None
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint file belongs to."""
+    parent = checkpoint.resolve().parent
+    return parent.parent if parent.name == CHECKPOINT_DIR else parent

@@ -1,40 +1,58 @@
-"""The pre-training loop: data -> masks -> UM-MAE loss -> AdamW, with a readable run directory.
+"""The pre-training loop: data -> masks -> loss -> AdamW, resumable, on one or many processes.
 
 A run directory holds:
     config.yaml          the resolved configuration (`--config` it to reproduce the run)
     metrics.jsonl        one JSON object per logged step: step, epoch, loss, lr, images_per_sec
     tb/                  TensorBoard events of the same scalars
-    checkpoint.pt        encoder + decoder + optimizer + scheduler + step (weights_only-safe)
+    checkpoints/         step-00001000.pt ... every `save_every` steps, the last `keep_last` kept
+    checkpoint.pt        the final checkpoint: encoder + decoder + optimizer + scheduler + step
     reconstructions.png  original | masked input | reconstruction | prediction, at the end
     loss.png             the loss curve, at the end
+    skipped_images.txt   unreadable images that were passed over, if any
+
+Exactness: the data order, every crop and every mask are seeded by (seed, epoch, sample index)
+(`ummae.data.sampling`) and the global generator (drop path) is re-seeded by (seed, rank, step)
+at every optimizer step, so the run is a pure function of its configuration and step count. A
+checkpoint therefore only needs the model, optimizer, scheduler, grad scaler and step to resume
+exactly, and a multi-process run sees the same samples as a one-process run with the same
+effective batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import PretrainConfig, config_to_dict
 from ..data import build_pretrain_dataset
+from ..data.sampling import EpochSampler, SeededSamples, seed_for
 from ..errors import ConfigError, UmmaeError
+from ..masking import MaskSample
 from ..models import build_pretrain_model
 from ..visualize import save_loss_curve, save_reconstruction_grid
-from .checkpoint import save_checkpoint
+from .checkpoint import (link_or_copy, load_checkpoint, prune_step_checkpoints, save_checkpoint,
+                         step_checkpoint_path)
+from .distributed import (DistEnv, all_reduce_mean, all_reduce_sum, any_rank, gather_strings,
+                          init_distributed, shutdown_distributed)
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler, schedule_lengths
 
-__all__ = ["pretrain", "RunResult", "resolve_device", "training_autocast"]
+__all__ = ["pretrain", "RunResult", "resolve_device", "training_autocast", "NonFiniteLossError"]
+
+# Sections a resumed checkpoint must agree with: they decide the parameters and the data stream.
+_ARCHITECTURE_KEYS = ("method", "model", "masking")
 
 
 class NonFiniteLossError(UmmaeError):
@@ -57,6 +75,10 @@ class RunResult:
     images_per_sec: float
     device: str
     num_params: int
+    world_size: int = 1
+    resumed_from: Path | None = None
+    skipped_images: list[str] | None = None
+    skipped_steps: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,113 +89,227 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _run_dir(cfg: PretrainConfig) -> Path:
-    if cfg.train.out:
-        path = Path(cfg.train.out)
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{cfg.preset}-{stamp}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--out: cannot write to run directory '{path}': {e.strerror or e}") from None
-    return path
-
-
 def training_autocast(device: torch.device, precision: str):
-    """The autocast context of training: bf16 on CUDA for precision `auto`, else fp32 (none)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    """The autocast context of training: bf16 on CUDA for precision `auto`, else as configured."""
+    if precision == "fp16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _make_loader(cfg: PretrainConfig, dataset, device: torch.device) -> DataLoader:
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+def _run_dir(cfg: PretrainConfig, env: DistEnv) -> Path:
+    """The run directory: `--out`, or runs/<preset>-<timestamp> chosen by rank 0 for all ranks."""
+    name = cfg.train.out or str(Path("runs") / f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    if env.enabled:
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    path = Path(name)
+    if env.is_main:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"--out: cannot write to run directory '{path}': {e.strerror or e}") from None
+    return path
+
+
+def _check_same_architecture(state: dict, cfg: PretrainConfig, source: str) -> None:
+    saved = state.get("config") or {}
+    current = config_to_dict(cfg)
+    for section in _ARCHITECTURE_KEYS:
+        if section not in saved:
+            continue
+        if saved[section] != current[section]:
+            if isinstance(saved[section], dict):
+                diff = next(k for k in current[section] if saved[section].get(k) != current[section][k])
+                raise ConfigError(
+                    f"{source} was trained with {section}.{diff}={saved[section].get(diff)!r}, this run has "
+                    f"{current[section][diff]!r}: a checkpoint of another architecture")
+            raise ConfigError(f"{source} was trained with {section}={saved[section]!r}, this run has "
+                              f"{current[section]!r}: a checkpoint of another architecture")
+
+
+def _load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Load a checkpoint's model weights, refusing (one line) those of another architecture."""
+    weights = state["model"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (f"shape of {wrong[0]} is {tuple(weights[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+                  if wrong else f"{len(missing)} missing keys (e.g. {missing[:1]}), {len(unexpected)} unexpected")
+        raise ConfigError(f"{source} is a checkpoint of another architecture: {detail}")
+    model.load_state_dict(weights)
+
+
+def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, device: torch.device) -> DataLoader:
     workers = cfg.data.num_workers
     return DataLoader(
-        dataset,
+        SeededSamples(dataset, cfg.train.seed),
         batch_size=cfg.train.batch_size,
-        shuffle=True,
-        drop_last=True,  # every step sees a full batch, so the lr scaling holds
+        sampler=sampler,
+        drop_last=True,  # every step sees full batches, so the lr scaling holds
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        # Shuffling and each worker's augmentation seeds derive from this generator.
-        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
 
 
-def pretrain(cfg: PretrainConfig, progress: bool = True) -> RunResult:
-    """Run UM-MAE pre-training as configured; returns where everything was written."""
-    device = resolve_device(cfg.train.device)
-    run_dir = _run_dir(cfg)
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    _seed_everything(cfg.train.seed)
+def sample_masks_for(model, indices: list[int], epoch: int, seed: int) -> MaskSample:
+    """One mask per sample, seeded by (seed, epoch, index): independent of batch and world size."""
+    gen = torch.Generator()
+    return MaskSample.cat([model.sample_masks(1, generator=gen.manual_seed(seed_for(seed, "mask", epoch, i)))
+                           for i in indices])
 
-    dataset = build_pretrain_dataset(cfg.data.path, cfg.data.img_size,
-                                     scale=(cfg.data.min_crop_scale, 1.0),
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run logged after the checkpoint being resumed."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+def pretrain(cfg: PretrainConfig, progress: bool = True, resume: str | Path | None = None) -> RunResult:
+    """Run pre-training as configured (continuing from checkpoint `resume` if given).
+
+    Under `torchrun` every process calls this; only rank 0 writes files and shows progress.
+    """
+    env, device = init_distributed(cfg.train.device)
+    try:
+        return _pretrain(cfg, env, device, progress and env.is_main, resume)
+    finally:
+        shutdown_distributed()
+
+
+def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress: bool,
+              resume: str | Path | None) -> RunResult:
+    seed, accum, batch = cfg.train.seed, cfg.train.accum_steps, cfg.train.batch_size
+    # Everything that can be wrong with the input is checked before anything is written.
+    dataset = build_pretrain_dataset(cfg.data.path, cfg.data.img_size, scale=(cfg.data.min_crop_scale, 1.0),
                                      demo_length=cfg.data.demo_length)
-    loader = _make_loader(cfg, dataset, device)
-    accum = cfg.train.accum_steps
-    steps_per_epoch = len(loader) // accum
+    sampler = EpochSampler(len(dataset), seed, env.world_size, env.rank)
+    steps_per_epoch = sampler.per_rank // batch // accum
     if steps_per_epoch == 0:
         raise ConfigError(
             f"the data has {len(dataset)} images, fewer than one optimizer step needs "
-            f"(--batch-size {cfg.train.batch_size} x --accum-steps {accum}); lower them")
+            f"(--batch-size {batch} x --accum-steps {accum} x {env.world_size} processes); lower them")
+    resume_state = load_checkpoint(resume) if resume else None
+    if resume_state is not None:
+        _check_same_architecture(resume_state, cfg, f"--resume '{resume}'")
+    init_state = load_checkpoint(cfg.train.init_weights) if cfg.train.init_weights and resume is None else None
 
+    run_dir = _run_dir(cfg, env)
+    config_path = run_dir / "config.yaml"
+    if env.is_main:
+        config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    loader = _make_loader(cfg, dataset, sampler, device)
+
+    torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_pretrain_model(cfg).to(device)
+    if init_state is not None:
+        _load_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
+    if resume_state is not None:
+        _load_weights(model, resume_state, f"--resume '{resume}'")
     num_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    optimizer = build_optimizer(model, cfg.peak_lr(env.world_size), cfg.optim.weight_decay, cfg.optim.betas)
     total_steps, warmup_steps = schedule_lengths(steps_per_epoch, cfg.train.epochs,
                                                  cfg.optim.warmup_epochs, cfg.train.max_steps)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.optim.min_lr)
-    # Masks come from their own generator, so they do not depend on how many random numbers
-    # the model's initialisation or the data pipeline consumed.
-    mask_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    step = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        if resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        step = int(resume_state["step"])
 
-    metrics = MetricsWriter(run_dir)
-    bar = tqdm(total=total_steps, desc=f"pretrain {cfg.preset}", unit="step", disable=not progress,
-               dynamic_ncols=True, mininterval=0.5)
-    step, micro, epoch = 0, 0, 0
+    train_model = torch.compile(model) if cfg.train.compile else model
+    if env.enabled:
+        train_model = DistributedDataParallel(train_model, device_ids=[device] if device.type == "cuda" else None)
+
+    def checkpoint_state() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                "world_size": env.world_size, "config": config_to_dict(cfg),
+                # No generator state: every draw is seeded from (seed, epoch, index) or (seed, rank, step).
+                "rng": {"scheme": "counter-v1", "seed": seed}}
+
+    metrics = MetricsWriter(run_dir) if env.is_main else None
+    if metrics is not None and step:
+        _truncate_metrics(metrics.path, step)
+    bar = tqdm(total=total_steps, initial=step, desc=f"pretrain {cfg.preset}", unit="step",
+               disable=not progress, dynamic_ncols=True, mininterval=0.5)
+    skipped_files: set[str] = set()
+    skipped_steps = 0
     window_loss, window_batches, window_images = 0.0, 0, 0
     last_loss = float("nan")
-    start = window_start = time.perf_counter()
-    model.train()
+    start_step, start = step, time.perf_counter()
+    window_start = start
+    train_model.train()
     try:
         while step < total_steps:
-            for imgs in loader:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch, start=(step % steps_per_epoch) * accum * batch)
+            micro, group_ok = 0, True
+            for imgs, indices, skipped in loader:
+                if micro == 0:
+                    torch.manual_seed(seed_for(seed, "step", env.rank, step))  # drop path etc.
+                skipped_files.update(p for s in skipped if s for p in s.split("\n"))
                 imgs = imgs.to(device, non_blocking=True)
-                masks = model.sample_masks(imgs.shape[0], generator=mask_gen, device=device)
+                masks = sample_masks_for(model, indices.tolist(), epoch, seed).to(device)
                 with training_autocast(device, cfg.train.precision):
-                    loss, _, _ = model(imgs, masks)
+                    loss, _, _ = train_model(imgs, masks)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
+                bad = any_rank(not math.isfinite(loss_value), env, device)  # all ranks agree
+                if bad and cfg.train.on_nonfinite == "stop":
                     raise NonFiniteLossError(
                         f"loss became {loss_value} at step {step + 1} (epoch {epoch}); training stopped, "
-                        f"checkpoints already in '{run_dir}' are untouched; try a lower lr or --set optim.clip_grad=1.0")
-                (loss / accum).backward()
+                        f"checkpoints in '{run_dir}' are untouched; try a lower lr, --set optim.clip_grad=1.0, "
+                        f"or --set train.on_nonfinite=skip")
                 micro += 1
-                window_loss += loss_value
-                window_batches += 1
-                window_images += imgs.shape[0]
-                if micro % accum:
+                if bad:
+                    group_ok = False
+                else:
+                    sync = micro == accum or not env.enabled
+                    with contextlib.nullcontext() if sync else train_model.no_sync():
+                        scaler.scale(loss / accum).backward()
+                    window_loss += loss_value
+                    window_batches += 1
+                    window_images += imgs.shape[0]
+                if micro < accum:
                     continue
 
-                if cfg.optim.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
+                if group_ok:
+                    if cfg.optim.clip_grad is not None:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    skipped_steps += 1  # the step is spent (data and schedule move on) but not applied
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                micro, group_ok = 0, True
                 scheduler.step_update(step)
                 bar.update(1)
 
@@ -181,53 +317,60 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> RunResult:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     now = time.perf_counter()
-                    last_loss = window_loss / window_batches
-                    record = {
-                        "step": step,
-                        "epoch": round(step / steps_per_epoch, 4),
-                        "loss": last_loss,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "images_per_sec": window_images / max(now - window_start, 1e-9),
-                    }
-                    metrics.log(record)
+                    mean_loss = window_loss / window_batches if window_batches else float("nan")
+                    last_loss = all_reduce_mean(mean_loss, env, device)
+                    images = all_reduce_sum(window_images, env, device)
+                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss,
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "images_per_sec": images / max(now - window_start, 1e-9)}
+                    if metrics is not None:
+                        metrics.log(record)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}")
                     window_loss, window_batches, window_images, window_start = 0.0, 0, 0, now
-                if step >= total_steps or micro >= (epoch + 1) * steps_per_epoch * accum:
-                    break  # partial accumulation groups at the end of an epoch are dropped
-            epoch += 1
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+                    if env.is_main:
+                        save_checkpoint(step_checkpoint_path(run_dir, step), checkpoint_state())
+                        prune_step_checkpoints(run_dir, cfg.train.keep_last)
+                if step >= total_steps or step % steps_per_epoch == 0:
+                    break  # next epoch (partial accumulation groups at an epoch's end are dropped)
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     seconds = time.perf_counter() - start
+    skipped_all = sorted(gather_strings(skipped_files, env))
 
-    checkpoint = save_checkpoint(run_dir / "checkpoint.pt", {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-        "epoch": epoch,
-        "config": config_to_dict(cfg),
-    })
-    recon = _save_reconstructions(model, dataset, cfg, device, run_dir / "reconstructions.png")
-    curve = save_loss_curve(metrics.path, run_dir / "loss.png")
+    final = run_dir / "checkpoint.pt"
+    recon = curve = None
+    if env.is_main:
+        periodic = save_checkpoint(step_checkpoint_path(run_dir, step), checkpoint_state())
+        prune_step_checkpoints(run_dir, cfg.train.keep_last)
+        link_or_copy(periodic, final)
+        recon = _save_reconstructions(model, dataset, cfg, device, run_dir / "reconstructions.png")
+        curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        if skipped_all:
+            (run_dir / "skipped_images.txt").write_text("".join(f"{p}\n" for p in skipped_all))
+    done = step - start_step
     return RunResult(
-        run_dir=run_dir, config=config_path, metrics=metrics.path, tensorboard=run_dir / "tb",
-        checkpoint=checkpoint, reconstructions=recon, loss_curve=curve, steps=step,
+        run_dir=run_dir, config=config_path, metrics=run_dir / "metrics.jsonl", tensorboard=run_dir / "tb",
+        checkpoint=final, reconstructions=recon, loss_curve=curve, steps=step,
         epochs=step / steps_per_epoch, final_loss=last_loss, seconds=seconds,
-        images_per_sec=step * cfg.effective_batch / max(seconds, 1e-9), device=str(device),
-        num_params=num_params)
+        images_per_sec=done * cfg.effective_batch * env.world_size / max(seconds, 1e-9), device=str(device),
+        num_params=num_params, world_size=env.world_size, resumed_from=Path(resume) if resume else None,
+        skipped_images=skipped_all, skipped_steps=skipped_steps)
 
 
 @torch.no_grad()
 def _save_reconstructions(model, dataset, cfg: PretrainConfig, device: torch.device,
                           path: Path) -> Path | None:
-    """Reconstructions of the first `vis_images` images under fresh masks (fixed seed)."""
+    """Reconstructions of the first `vis_images` images under fixed masks and crops."""
     n = min(cfg.train.vis_images, len(dataset))
     if n == 0:
         return None
-    imgs = torch.stack([dataset[i] for i in range(n)]).to(device)
+    samples = SeededSamples(dataset, cfg.train.seed)
+    imgs = torch.stack([samples[(0, i)][0] for i in range(n)]).to(device)
     model.eval()
-    masks = model.sample_masks(n, generator=torch.Generator().manual_seed(cfg.train.seed), device=device)
+    masks = sample_masks_for(model, list(range(n)), 0, cfg.train.seed).to(device)
     with training_autocast(device, cfg.train.precision):
         _, pred, _ = model(imgs, masks)
     return save_reconstruction_grid(path, imgs, pred, masks.mask, model.unit,

@@ -74,6 +74,11 @@ class MaskedAutoencoder(nn.Module):
                 raise ConfigError(f"{type(encoder).__name__} packs visible units into a compact image "
                                   "and needs uniform masking, not random")
             self.masking = RandomMasking(self.grid_size, mask_ratio)
+            # Random masking has no secondary masking: the encoder's mask token is never used.
+            # Frozen, it stays out of the optimiser and out of DDP's gradient reduction (which
+            # would otherwise wait for a gradient that never comes).
+            if isinstance(getattr(encoder, "mask_token", None), nn.Parameter):
+                encoder.mask_token.requires_grad_(False)
         else:
             raise ConfigError(f"masking must be 'uniform' or 'random', got {masking!r}")
         self.encoder = encoder

@@ -1,0 +1,100 @@
+"""Which sample each process sees at each step, and where its randomness comes from.
+
+Every random draw that depends on the data (the random-resized crop, the flip, the mask) is
+seeded by `(run seed, epoch, dataset index)` alone. Two things follow:
+
+- **World-size invariance**: one process with batch 2B and two processes with batch B each see
+  the same samples with the same crops and masks; only the split differs. Multi-GPU runs are
+  the same experiment as single-GPU runs with the same effective batch.
+- **Exact resume**: the data stream is a pure function of the step count, so a resumed run
+  skips to its position and continues with the very samples, crops and masks the interrupted
+  run would have drawn. No generator state has to be saved for the data.
+
+`EpochSampler` orders the dataset per epoch (a seeded permutation) and deals it to ranks like
+`torch.utils.data.DistributedSampler` does, but can start mid-epoch. `SeededSamples` wraps a
+dataset so that each item is drawn under its own seed and reports the unreadable files it had to
+skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["seed_for", "EpochSampler", "SeededSamples"]
+
+
+def seed_for(*parts: int | str) -> int:
+    """A 63-bit seed from any mix of ints and strings, identical in every process and run."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class EpochSampler(Sampler):
+    """Per-epoch seeded permutation, dealt round-robin to `world_size` ranks; yields `(epoch, index)`.
+
+    Batch b of rank r holds permutation positions `r + world_size * (b*B + j)`, so the union of
+    the ranks' batch b is the single-process batch b of size `world_size * B`. The tail that does
+    not fill a whole round of `world_size` samples is dropped, so every rank has the same length.
+
+    Call `set_epoch(epoch, start)` before iterating; `start` skips that many of this rank's
+    samples (resuming mid-epoch) without loading them.
+    """
+
+    def __init__(self, num_samples: int, seed: int, world_size: int = 1, rank: int = 0,
+                 shuffle: bool = True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.world_size = world_size
+        self.rank = rank
+        self.shuffle = shuffle
+        self.per_rank = num_samples // world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(seed_for(self.seed, "order", self.epoch))
+            order = torch.randperm(self.num_samples, generator=g)
+        else:
+            order = torch.arange(self.num_samples)
+        mine = order[: self.per_rank * self.world_size][self.rank::self.world_size]
+        for index in mine[self.start:].tolist():
+            yield self.epoch, index
+
+
+class SeededSamples(Dataset):
+    """`dataset[(epoch, index)]` -> `(image, index, skipped)`, drawn under seed `(seed, epoch, index)`.
+
+    The wrapped dataset's transform draws from torch's global generator; it is forked, seeded
+    for this one item and restored, so nothing else in the process is disturbed. `skipped` is a
+    newline-joined string of the files the dataset had to pass over to find a readable image
+    (empty when none), so that the training loop can count them across workers and ranks.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_for(self.seed, "augment", epoch, index))
+            if hasattr(self.dataset, "load"):
+                image, skipped = self.dataset.load(index)
+            else:
+                image, skipped = self.dataset[index], []
+        return image, index, "\n".join(str(p) for p in skipped)

@@ -1,0 +1,98 @@
+"""Multi-process training with PyTorch DDP, started by `torchrun` (or not at all).
+
+`torchrun --nproc_per_node=N -m ummae pretrain ...` sets RANK / WORLD_SIZE / LOCAL_RANK; this
+module turns them into a process group (NCCL on GPUs, gloo on CPU) and offers the few
+collectives the training loop needs. Without those variables everything is a one-process no-op,
+so the same loop serves one CPU, one GPU and many nodes (torchrun's usual `--nnodes`,
+`--node_rank`, `--rdzv_endpoint` flags).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+
+__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_mean",
+           "all_reduce_sum", "any_rank", "gather_strings"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> tuple[DistEnv, torch.device]:
+    """Join the process group torchrun describes (if any) and pick this process's device.
+
+    Args:
+        device_name: `train.device` (auto | cpu | cuda | cuda:N).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device_name}: CUDA is not available on this machine (use cpu or auto)")
+    if use_cuda:
+        # One GPU per process: torchrun's LOCAL_RANK picks it (cuda:N only makes sense alone).
+        index = local_rank if world_size > 1 else (int(device_name.split(":")[1]) if ":" in device_name else 0)
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    env = DistEnv(rank, world_size, local_rank)
+    if env.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if use_cuda else None)
+    return env, device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _reduce(value: float, op, env: DistEnv, device: torch.device) -> float:
+    if not env.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def all_reduce_mean(value: float, env: DistEnv, device: torch.device) -> float:
+    return _reduce(value, dist.ReduceOp.SUM, env, device) / env.world_size if env.enabled else value
+
+
+def all_reduce_sum(value: float, env: DistEnv, device: torch.device) -> float:
+    return _reduce(value, dist.ReduceOp.SUM, env, device)
+
+
+def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any: keeps collective decisions in lock-step."""
+    return _reduce(float(flag), dist.ReduceOp.MAX, env, device) > 0 if env.enabled else flag
+
+
+def gather_strings(items: set[str], env: DistEnv) -> set[str]:
+    """Union of every rank's set of strings (e.g. the unreadable files each rank met)."""
+    if not env.enabled:
+        return set(items)
+    gathered: list[set[str] | None] = [None] * env.world_size
+    dist.all_gather_object(gathered, set(items))
+    return set().union(*[g for g in gathered if g])
