@@ -12,3 +12,17 @@ class UmmaeError(Exception):
 
 class ConfigError(UmmaeError):
     """An invalid configuration value; the message names the option."""
+
+
+def one_line(error: BaseException) -> str:
+    """The user-facing line of an error.
+
+    An error raised in a DataLoader worker reaches the main process re-raised as the same type,
+    but with the worker's whole traceback as its message ("Caught UmmaeError in DataLoader
+    worker process 0. Original Traceback ... UmmaeError: <message>"); keep only the message.
+    """
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(error).__name__

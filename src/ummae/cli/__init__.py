@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import UmmaeError
+from ..errors import UmmaeError, one_line
 from . import bench as bench_cmd
 from . import presets as presets_cmd
 from . import pretrain as pretrain_cmd
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except UmmaeError as e:
-        print(f"ummae {args.command}: error: {e}", file=sys.stderr)
+        print(f"ummae {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ummae {args.command}: interrupted", file=sys.stderr)

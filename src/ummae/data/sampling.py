@@ -24,13 +24,29 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["seed_for", "EpochSampler", "SeededSamples"]
+__all__ = ["seed_for", "draw_masks", "EpochSampler", "SeededSamples"]
 
 
 def seed_for(*parts: int | str) -> int:
     """A 63-bit seed from any mix of ints and strings, identical in every process and run."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def draw_masks(masking, seed: int, epoch: int, indices: list[int]):
+    """One mask per sample, seeded by (seed, epoch, index): independent of batch and world size.
+
+    Args:
+        masking: a `UniformMasking` / `RandomMasking` (or anything called as `masking(1, generator)`).
+
+    Returns:
+        a `MaskSample` of `len(indices)` masks.
+    """
+    from ..masking import MaskSample
+
+    gen = torch.Generator()
+    return MaskSample.cat([masking(1, generator=gen.manual_seed(seed_for(seed, "mask", epoch, i)))
+                           for i in indices])
 
 
 class EpochSampler(Sampler):
@@ -74,17 +90,23 @@ class EpochSampler(Sampler):
 
 
 class SeededSamples(Dataset):
-    """`dataset[(epoch, index)]` -> `(image, index, skipped)`, drawn under seed `(seed, epoch, index)`.
+    """`dataset[(epoch, index)]` -> one training sample, drawn under seed `(seed, epoch, index)`.
+
+    Returns a dict: `image` (the transformed image), `index`, `skipped` (newline-joined files the
+    dataset had to pass over to find a readable image, "" when none: the training loop counts
+    them across workers and ranks) and, when a `masking` is given, the sample's mask as
+    `mask` `[L]`, `ids_keep` `[L_vis]` and `secondary` `[L]` (all False without secondary
+    masking). Drawing masks here puts that CPU work in the DataLoader workers, overlapped with
+    the model, instead of between steps.
 
     The wrapped dataset's transform draws from torch's global generator; it is forked, seeded
-    for this one item and restored, so nothing else in the process is disturbed. `skipped` is a
-    newline-joined string of the files the dataset had to pass over to find a readable image
-    (empty when none), so that the training loop can count them across workers and ranks.
+    for this one item and restored, so nothing else in the process is disturbed.
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: Dataset, seed: int, masking=None):
         self.dataset = dataset
         self.seed = seed
+        self.masking = masking
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -97,4 +119,9 @@ class SeededSamples(Dataset):
                 image, skipped = self.dataset.load(index)
             else:
                 image, skipped = self.dataset[index], []
-        return image, index, "\n".join(str(p) for p in skipped)
+        sample = {"image": image, "index": index, "skipped": "\n".join(str(p) for p in skipped)}
+        if self.masking is not None:
+            m = draw_masks(self.masking, self.seed, epoch, [index])
+            secondary = m.secondary if m.secondary is not None else torch.zeros_like(m.mask)
+            sample.update(mask=m.mask[0], ids_keep=m.ids_keep[0], secondary=secondary[0])
+        return sample

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..config import PretrainConfig, config_to_dict
 from ..data import build_pretrain_dataset
-from ..data.sampling import EpochSampler, SeededSamples, seed_for
+from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
 from ..errors import ConfigError, UmmaeError
 from ..masking import MaskSample
 from ..models import build_pretrain_model
@@ -150,10 +150,11 @@ def _load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(weights)
 
 
-def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, device: torch.device) -> DataLoader:
+def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
+                 device: torch.device) -> DataLoader:
     workers = cfg.data.num_workers
     return DataLoader(
-        SeededSamples(dataset, cfg.train.seed),
+        SeededSamples(dataset, cfg.train.seed, masking),
         batch_size=cfg.train.batch_size,
         sampler=sampler,
         drop_last=True,  # every step sees full batches, so the lr scaling holds
@@ -163,11 +164,8 @@ def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, device: to
     )
 
 
-def sample_masks_for(model, indices: list[int], epoch: int, seed: int) -> MaskSample:
-    """One mask per sample, seeded by (seed, epoch, index): independent of batch and world size."""
-    gen = torch.Generator()
-    return MaskSample.cat([model.sample_masks(1, generator=gen.manual_seed(seed_for(seed, "mask", epoch, i)))
-                           for i in indices])
+def _batch_masks(batch: dict, grid_size: tuple[int, int], has_secondary: bool) -> MaskSample:
+    return MaskSample(batch["mask"], batch["ids_keep"], grid_size, batch["secondary"] if has_secondary else None)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -220,10 +218,10 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     config_path = run_dir / "config.yaml"
     if env.is_main:
         config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    loader = _make_loader(cfg, dataset, sampler, device)
-
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_pretrain_model(cfg).to(device)
+    loader = _make_loader(cfg, dataset, sampler, model.masking, device)
+    has_secondary = cfg.method == "ummae"
     if init_state is not None:
         _load_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
     if resume_state is not None:
@@ -271,12 +269,12 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch, start=(step % steps_per_epoch) * accum * batch)
             micro, group_ok = 0, True
-            for imgs, indices, skipped in loader:
+            for batch_data in loader:
                 if micro == 0:
                     torch.manual_seed(seed_for(seed, "step", env.rank, step))  # drop path etc.
-                skipped_files.update(p for s in skipped if s for p in s.split("\n"))
-                imgs = imgs.to(device, non_blocking=True)
-                masks = sample_masks_for(model, indices.tolist(), epoch, seed).to(device)
+                skipped_files.update(p for s in batch_data["skipped"] if s for p in s.split("\n"))
+                imgs = batch_data["image"].to(device, non_blocking=True)
+                masks = _batch_masks(batch_data, model.grid_size, has_secondary).to(device)
                 with training_autocast(device, cfg.train.precision):
                     loss, _, _ = train_model(imgs, masks)
                 loss_value = loss.item()
@@ -368,9 +366,9 @@ def _save_reconstructions(model, dataset, cfg: PretrainConfig, device: torch.dev
     if n == 0:
         return None
     samples = SeededSamples(dataset, cfg.train.seed)
-    imgs = torch.stack([samples[(0, i)][0] for i in range(n)]).to(device)
+    imgs = torch.stack([samples[(0, i)]["image"] for i in range(n)]).to(device)
     model.eval()
-    masks = sample_masks_for(model, list(range(n)), 0, cfg.train.seed).to(device)
+    masks = draw_masks(model.masking, cfg.train.seed, 0, list(range(n))).to(device)
     with training_autocast(device, cfg.train.precision):
         _, pred, _ = model(imgs, masks)
     return save_reconstruction_grid(path, imgs, pred, masks.mask, model.unit,
