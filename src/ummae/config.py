@@ -350,8 +350,6 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     positive("train.keep_last (--keep-last)", t.keep_last, zero=True)
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
-    if t.init_weights is not None and not Path(t.init_weights).is_file():
-        raise ConfigError(f"train.init_weights (--init-weights): '{t.init_weights}' does not exist")
     return cfg
 
 

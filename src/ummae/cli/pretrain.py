@@ -15,6 +15,8 @@ examples:
   ummae pretrain                                   tiny Swin on the built-in demo photographs
   ummae pretrain --preset ummae_swin_tiny_256 --data /data/imagenet/train --batch-size 128 --accum-steps 32
   ummae pretrain --config runs/demo-XXXX/config.yaml --epochs 50
+  ummae pretrain --out runs/swin_t --resume auto       continue the newest checkpoint of a run
+  torchrun --nproc_per_node=8 -m ummae pretrain --preset ummae_swin_tiny_256 --data DIR --batch-size 128 --accum-steps 4
 """
 
 
@@ -39,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, metavar="N", help="images per micro-step (per device)")
     p.add_argument("--accum-steps", type=int, metavar="N",
                    help="micro-steps accumulated per optimizer step; effective batch = batch-size x "
-                        "accum-steps, and the lr scales with it (lr = blr x effective batch / 256)")
+                        "accum-steps x processes, and the lr scales with it (lr = blr x effective batch / 256)")
     p.add_argument("--seed", type=int, metavar="N", help="seed for initialisation, data order, crops and masks")
     p.add_argument("--device", metavar="DEV", help="auto (default: CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),

@@ -212,7 +212,12 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     resume_state = load_checkpoint(resume) if resume else None
     if resume_state is not None:
         _check_same_architecture(resume_state, cfg, f"--resume '{resume}'")
-    init_state = load_checkpoint(cfg.train.init_weights) if cfg.train.init_weights and resume is None else None
+    # A resumed run takes its weights from the checkpoint; init_weights is then provenance only.
+    init_state = None
+    if cfg.train.init_weights and resume is None:
+        if not Path(cfg.train.init_weights).is_file():
+            raise ConfigError(f"--init-weights: '{cfg.train.init_weights}' does not exist")
+        init_state = load_checkpoint(cfg.train.init_weights)
 
     run_dir = _run_dir(cfg, env)
     config_path = run_dir / "config.yaml"
