@@ -148,6 +148,15 @@ def test_pretrain_help_mentions_every_named_option(capsys):
     out = capsys.readouterr().out
     for option in PRETRAIN_OPTIONS + ("--no-progress",):
         assert option in out, option
+    # ... and every option the parser has, so a new flag cannot ship undocumented.
+    from ummae.cli import build_parser
+
+    pretrain_parser = build_parser()._subparsers._group_actions[0].choices["pretrain"]
+    for action in pretrain_parser._actions:
+        for flag in action.option_strings:
+            assert flag in out, flag
+        if action.option_strings and action.help is not None:
+            assert action.help.strip(), action.option_strings
 
 
 def test_version(capsys):

@@ -328,6 +328,8 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
                               "images_per_sec": images / max(now - window_start, 1e-9)}
                     if metrics is not None:
                         metrics.log(record)
+                        if skipped_files:  # kept on disk as we go, so a killed run keeps its list
+                            _record_skipped(run_dir, skipped_files)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}")
                     window_loss, window_batches, window_images, window_start = 0.0, 0, 0, now
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
@@ -340,6 +342,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
         bar.close()
         if metrics is not None:
             metrics.close()
+        _shutdown_workers(loader)
     seconds = time.perf_counter() - start
     skipped_all = sorted(gather_strings(skipped_files, env))
 
@@ -352,7 +355,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
         recon = _save_reconstructions(model, dataset, cfg, device, run_dir / "reconstructions.png")
         curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
         if skipped_all:
-            (run_dir / "skipped_images.txt").write_text("".join(f"{p}\n" for p in skipped_all))
+            skipped_all = _record_skipped(run_dir, set(skipped_all))
     done = step - start_step
     return RunResult(
         run_dir=run_dir, config=config_path, metrics=run_dir / "metrics.jsonl", tensorboard=run_dir / "tb",
@@ -361,6 +364,25 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
         images_per_sec=done * cfg.effective_batch * env.world_size / max(seconds, 1e-9), device=str(device),
         num_params=num_params, world_size=env.world_size, resumed_from=Path(resume) if resume else None,
         skipped_images=skipped_all, skipped_steps=skipped_steps)
+
+
+def _record_skipped(run_dir: Path, paths: set[str]) -> list[str]:
+    """Merge `paths` into run_dir/skipped_images.txt (with what earlier sessions listed there)."""
+    listing = run_dir / "skipped_images.txt"
+    known = set(listing.read_text().splitlines()) if listing.exists() else set()
+    merged = sorted((known | paths) - {""})
+    if set(merged) != known:
+        listing.write_text("".join(f"{p}\n" for p in merged))
+    return merged
+
+
+def _shutdown_workers(loader: DataLoader) -> None:
+    """Stop persistent DataLoader workers now. After an error the live iterator is held by the
+    traceback, and its workers would linger until a garbage collection (which then blocks ~10 s);
+    torch has no public call for this, hence the private one, guarded."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 @torch.no_grad()
