@@ -1,0 +1,94 @@
+"""From a pre-training checkpoint to a backbone that runs full images (fine-tuning, probing, export).
+
+A pre-training checkpoint carries its whole configuration, so the backbone can be rebuilt
+exactly; what changes for full images is only the attention geometry, which no weight depends
+on: Swin's window doubles from the compact grid's (8) to the full image's (16 at 256 px), PVT
+uses its full-image reduction ratios (its masked path halves them on the fly), ViT is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from ..config import PretrainConfig, apply_overrides
+from ..errors import ConfigError, UmmaeError
+
+__all__ = ["full_image_window", "load_pretrain_checkpoint", "build_backbone", "load_backbone",
+           "encoder_state_dict"]
+
+
+def full_image_window(cfg: PretrainConfig) -> int:
+    """Swin window for full images: UM-MAE pre-trains on the half-size compact grid, so 2x."""
+    return cfg.model.window_size * 2 if cfg.method == "ummae" else cfg.model.window_size
+
+
+def load_pretrain_checkpoint(path: str | Path) -> tuple[PretrainConfig, dict]:
+    """`(configuration, checkpoint dict)` of an `ummae pretrain` checkpoint (weights_only load)."""
+    from ..engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise UmmaeError(f"'{path}' holds no ummae configuration: not a pre-training checkpoint")
+    cfg = apply_overrides(PretrainConfig(), copy.deepcopy(saved), f"checkpoint '{path}'")
+    cfg.preset = str(saved.get("preset", cfg.preset))
+    return cfg, state
+
+
+def encoder_state_dict(state: dict) -> dict[str, torch.Tensor]:
+    """The encoder's weights out of a pre-training model's state dict (`encoder.` prefix removed)."""
+    weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    if not weights:
+        raise UmmaeError("the checkpoint holds no encoder weights")
+    return weights
+
+
+def build_backbone(cfg: PretrainConfig, num_classes: int = 0, drop_path_rate: float | None = None,
+                   img_size: int | None = None):
+    """A freshly initialised full-image backbone of the configured architecture.
+
+    Args:
+        cfg: the pre-training configuration (architecture, sizes).
+        num_classes: > 0 adds the backbone's own linear head (0: features only).
+        drop_path_rate: stochastic depth for fine-tuning (default: the pre-training value).
+        img_size: input size (ViT's position table depends on it; default: the pre-training size).
+    """
+    from . import build_encoder
+
+    cfg = copy.deepcopy(cfg)
+    if drop_path_rate is not None:
+        cfg.model.drop_path_rate = drop_path_rate
+    if img_size is not None:
+        cfg.data.img_size = img_size
+    cfg.model.window_size = full_image_window(cfg)
+    encoder = build_encoder(cfg)
+    if num_classes > 0:
+        if not hasattr(encoder, "reset_classifier") and not hasattr(encoder, "head"):
+            raise ConfigError(f"{type(encoder).__name__} has no classification head")
+        if hasattr(encoder, "reset_classifier"):
+            encoder.reset_classifier(num_classes)
+        else:
+            encoder.head = torch.nn.Linear(encoder.num_features, num_classes)
+    return encoder
+
+
+def load_backbone(path: str | Path, num_classes: int = 0, drop_path_rate: float | None = None,
+                  img_size: int | None = None):
+    """Rebuild the encoder of a pre-training checkpoint for full images and load its weights.
+
+    Returns:
+        `(backbone, cfg)`. Every encoder weight is loaded; only a new classification head (and
+        buffers that depend on the input size) may be missing. Anything else is an error.
+    """
+    cfg, state = load_pretrain_checkpoint(path)
+    backbone = build_backbone(cfg, num_classes, drop_path_rate, img_size)
+    weights = encoder_state_dict(state)
+    result = backbone.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("head")]
+    if missing or result.unexpected_keys:
+        raise UmmaeError(f"'{path}': encoder weights do not fit the rebuilt backbone "
+                         f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+    return backbone, cfg
