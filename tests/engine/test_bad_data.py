@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import ummae.engine.pretrain as pretrain_module
-from conftest import TINY_BATCH, run_cli_captured, tiny_pretrain_args
+from tiny import TINY_BATCH, run_cli_captured, tiny_pretrain_args
 from ummae.data.sampling import EpochSampler
 from ummae.engine.checkpoint import load_checkpoint, step_checkpoint_path
 

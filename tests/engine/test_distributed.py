@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_SETS
+from tiny import TINY_SETS
 
 STEPS = 4
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import TINY_SETS, run_cli_captured
+from tiny import TINY_SETS, run_cli_captured
 from ummae.engine.finetune import FinetuneConfig, recipe_defaults
 from ummae.models.classifier import encoder_source, load_finetuned
 from ummae.models.loading import load_backbone

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY_SETS, run_cli_captured
+from tiny import TINY_SETS, run_cli_captured
 
 STEPS = 8
 

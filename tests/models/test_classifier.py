@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_SETS, run_cli_captured
+from tiny import TINY_SETS, run_cli_captured
 from ummae.compaction import full_coordinates
 from ummae.config import resolve_config
 from ummae.engine.finetune import build_finetune_optimizer

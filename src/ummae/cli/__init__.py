@@ -11,6 +11,7 @@ import sys
 
 from ..errors import UmmaeError, one_line
 from . import bench as bench_cmd
+from . import export as export_cmd
 from . import finetune as finetune_cmd
 from . import knn as knn_cmd
 from . import linprobe as linprobe_cmd
@@ -20,7 +21,8 @@ from . import visualize as visualize_cmd
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (pretrain_cmd, finetune_cmd, linprobe_cmd, knn_cmd, visualize_cmd, presets_cmd, bench_cmd)
+COMMANDS = (pretrain_cmd, finetune_cmd, linprobe_cmd, knn_cmd, visualize_cmd, export_cmd, presets_cmd,
+            bench_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags, full_coordinates
@@ -290,6 +291,9 @@ class SwinTransformer(nn.Module):
                 pos_hidden_dim=pos_hidden_dim, drop_path=rates[start:start + depths[i]]))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # timm's feature metadata (features_only, detection necks): one map per stage.
+        self.feature_info = [dict(num_chs=c, reduction=patch_size * 2 ** i, module=f"stages.{i}")
+                             for i, c in enumerate(self.embed_dims)]
 
         trunc_normal_(self.mask_token, std=0.02)
         self.apply(init_linear_and_norm)
@@ -297,6 +301,16 @@ class SwinTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise tools (stem, then stage by stage, final norm last)."""
+        return dict(stem=r"^patch_embed|^patch_norm|^mask_token",
+                    blocks=r"^stages\.(\d+)" if coarse else [
+                        (r"^stages\.(\d+)\.downsample", (0,)),
+                        (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                        (r"^norm", (99999,)),
+                    ])
 
     def set_window_size(self, window_size: int) -> None:
         self.window_size = int(window_size)
@@ -372,6 +386,62 @@ class SwinTransformer(nn.Module):
         tokens = self.embed(compact, replace)  # [B, H/2p, W/2p, C]
         coords = compact_coordinates(masks.ids_keep, masks.grid_size, per_unit)
         return self.forward_tokens(tokens, coords)
+
+    # -- per-stage maps (timm's feature API) ---------------------------------------------------
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Full image -> the output map of chosen stages, with timm's contract (its `features_only`
+        wrapper calls this).
+
+        Args:
+            x: `[B, 3, H, W]`.
+            indices: stages to return: None = all, an int n = the last n, a sequence = those
+                (negative counts from the end).
+            norm: apply the final norm to the last stage's map (the only stage it is sized for).
+            stop_early: do not run the stages after the last one asked for.
+            output_fmt: "NCHW" (what detection necks take) or "NHWC" (the native layout).
+            intermediates_only: return only the maps.
+
+        Returns:
+            the maps, stage order, stage i `[B, C_i, H/(p*2^i), W/(p*2^i)]` (NCHW); unless
+            `intermediates_only`, as `(final, maps)` with `final` what `forward_features` returns.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ConfigError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+
+        x = self.embed(x)  # [B, H/p, W/p, C]
+        coords = full_coordinates(x.shape[1], x.shape[2], x.device)
+        maps = []
+        for i, stage in enumerate(stages):
+            x, coords = stage(x, coords, self.window_size)
+            if i in take:
+                y = self.norm(x) if norm and i == last else x
+                maps.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return maps
+        if i == last:
+            x = self.norm(x)
+        return x, maps
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop what the chosen stage maps do not need (timm's contract; its `features_only`
+        wrapper calls this): later stages, the final norm, the head. Returns the absolute indices."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # sized for the last stage only
+        if prune_head or prune_end:
+            self.head = nn.Identity()
+        if prune_end:
+            self.num_features = self.embed_dims[max_index]
+            self.stride = self.patch_size * 2 ** max_index
+        return take
 
     # -- classification ---------------------------------------------------------------------
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""UM-MAE backbones in timm's model registry: `ummae_swin`, `ummae_pvt`, `ummae_vit`.
+
+Each name is a generic constructor: the architecture comes from keyword arguments (defaults:
+Swin-T with the full-image window 16, PVT-S, ViT-B/16 at 224 px), so one name serves every size.
+`ummae export` writes the arguments of a checkpoint's backbone next to its weights, and then
+
+    import ummae, timm
+    model = timm.create_model("ummae_swin", pretrained=True,
+                              pretrained_cfg_overlay=dict(file="swin.safetensors"), **model_args)
+
+rebuilds it with strict key matching (`ummae.export.create_exported` reads the JSON for you).
+`features_only=True` gives the per-stage maps, NCHW: strides 4, 8, 16, 32 for Swin and PVT, the
+last three blocks for ViT (timm's ViT default); `out_indices` picks others.
+
+There are no hosted weights: `pretrained=True` without a `file` (or `state_dict`) overlay is an
+error, never a download.
+
+`import ummae` registers these names (when timm is imported, not before: see `ummae/__init__.py`).
+The model classes are imported when a model is built, so registering costs nothing more than timm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+__all__ = ["ummae_swin", "ummae_pvt", "ummae_vit", "checkpoint_filter_fn", "TIMM_NAMES"]
+
+# Backbone family (`model.arch` of a configuration) -> registered timm name.
+TIMM_NAMES = {"swin": "ummae_swin", "pvt": "ummae_pvt", "vit": "ummae_vit"}
+
+
+def _cfg(**kwargs) -> dict:
+    # No url / hf_hub_id: weights only ever come from a local file or an in-memory state dict.
+    # num_classes 0: an exported encoder has no head, so the default build loads it strictly.
+    cfg = dict(num_classes=0, input_size=(3, 256, 256), pool_size=None, crop_pct=1.0,
+               interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
+               std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head",
+               paper_ids="arXiv:2205.10063")
+    cfg.update(kwargs)
+    return cfg
+
+
+default_cfgs = generate_default_cfgs({
+    "ummae_swin": _cfg(),
+    "ummae_pvt": _cfg(),
+    "ummae_vit": _cfg(input_size=(3, 224, 224), fixed_input_size=True),  # its position table fixes the size
+})
+
+
+def _is_vit_sincos_table(pos: torch.Tensor) -> bool:
+    """Whether `[1, 1+N, C]` is MAE's fixed table: zero class row + 2-D sin-cos of a square grid."""
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    side = math.isqrt(pos.shape[1] - 1)
+    if pos.ndim != 3 or side * side != pos.shape[1] - 1 or pos.shape[2] % 4:
+        return False
+    table = build_sincos2d_pos_embed([side, side], pos.shape[2])
+    return bool(pos[0, 0].abs().max() == 0) and torch.allclose(pos[0, 1:].float(), table, atol=1e-5)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fit a weight file to `model` before the (strict) load.
+
+    - An `ummae pretrain` checkpoint's model dict: keep its encoder (`encoder.` prefix removed).
+    - ViT at another input size: MAE's position table is a fixed sin-cos function of the patch
+      grid, so the model's own table (built for its `img_size`) is the exact answer; a learned
+      table is resampled as timm does.
+    Swin and PVT have no weight that depends on the input size.
+    """
+    if any(k.startswith("encoder.") for k in state_dict):
+        state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    pos, target = state_dict.get("pos_embed"), getattr(model, "pos_embed", None)
+    if isinstance(pos, torch.Tensor) and isinstance(target, torch.Tensor) and pos.shape != target.shape:
+        if _is_vit_sincos_table(pos):
+            pos = target.detach().clone()
+        else:
+            from timm.layers import resample_abs_pos_embed
+
+            pos = resample_abs_pos_embed(pos, new_size=model.patch_embed.grid_size,
+                                         num_prefix_tokens=model.num_prefix_tokens)
+        state_dict = dict(state_dict, pos_embed=pos)
+    return state_dict
+
+
+def _create(model_cls, variant: str, pretrained: bool, default_out_indices, **kwargs) -> nn.Module:
+    out_indices = kwargs.pop("out_indices", default_out_indices)
+    features_only = kwargs.get("features_only", False)
+    model = build_model_with_cfg(
+        model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+    inner = getattr(model, "model", None)
+    if features_only and isinstance(getattr(inner, "mask_token", None), nn.Parameter):
+        # A feature extractor never masks. Left in, the token would be a parameter without a
+        # gradient, which DistributedDataParallel rejects (detection / segmentation training).
+        inner.mask_token = None
+    return model
+
+
+@register_model
+def ummae_swin(pretrained: bool = False, **kwargs) -> nn.Module:
+    """Swin with UM-MAE's coordinate-MLP position bias (`ummae.models.swin`); Swin-T sizes and the
+    full-image window 16 by default. The window can be set freely: no weight depends on it."""
+    from .swin import SwinTransformer
+
+    model_args = dict(patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      window_size=16, mlp_ratio=4.0, pos_hidden_dim=32)
+    model_args.update(kwargs)
+    return _create(SwinTransformer, "ummae_swin", pretrained,
+                   tuple(range(len(model_args["depths"]))), **model_args)
+
+
+@register_model
+def ummae_pvt(pretrained: bool = False, **kwargs) -> nn.Module:
+    """PVT v1 with sin-cos positions and pooling spatial reduction (`ummae.models.pvt`); PVT-S
+    sizes and full-image reduction ratios 8-4-2-1 by default."""
+    from .pvt import PyramidVisionTransformer
+
+    model_args = dict(patch_size=4, embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3),
+                      num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1))
+    model_args.update(kwargs)
+    return _create(PyramidVisionTransformer, "ummae_pvt", pretrained,
+                   tuple(range(len(model_args["depths"]))), **model_args)
+
+
+@register_model
+def ummae_vit(pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's ViT with MAE's fixed sin-cos positions and a mask token (`ummae.models.vit`); ViT-B/16
+    at 224 px by default. Its keys are timm's plus `mask_token`."""
+    from .vit import VisionTransformer
+
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
+    model_args.update(kwargs)
+    # timm's ViT default: the last 3 blocks (fewer in a shallower model).
+    return _create(VisionTransformer, "ummae_vit", pretrained, min(3, model_args["depth"]), **model_args)

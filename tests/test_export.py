@@ -1,0 +1,299 @@
+"""`ummae export` + the timm registry: exported encoders reload through timm exactly.
+
+One tiny pre-training run per backbone family (4-stage Swin and PVT at 64 px, so the feature
+maps have strides 4-8-16-32; a 4-block ViT), exported once and shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import ummae.cli
+from ummae.export import create_exported, read_card
+from ummae.models.loading import load_backbone, load_pretrain_checkpoint
+
+IMG = 64
+COMMON = ["--no-progress", "--max-steps", "1", "--batch-size", "2",
+          "--set", f"data.img_size={IMG}", "--set", "data.num_workers=0", "--set", "data.demo_length=2",
+          "--set", "train.vis_images=1", "--set", "model.decoder_dim=16", "--set", "model.decoder_depth=1",
+          "--set", "model.decoder_heads=2"]
+FOUR_STAGES = ["--set", "model.depths=[1,1,1,1]", "--set", "model.num_heads=[1,1,1,1]"]
+RUNS = {
+    # UM-MAE Swin: window 2 on the compact grid -> 4 on the full image (grids 16, 8, 4, 2).
+    "swin": ["--preset", "ummae_swin_demo", "--set", "model.embed_dim=8", "--set", "model.window_size=2",
+             *FOUR_STAGES],
+    "pvt": ["--preset", "ummae_pvt_demo", "--set", "model.embed_dims=[8,8,16,16]", *FOUR_STAGES],
+    "vit": ["--preset", "ummae_vit_demo", "--set", "model.embed_dim=16", "--set", "model.depths=[4]",
+            "--set", "model.num_heads=[2]"],
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, run_cli):
+    """`exported(arch)` -> (checkpoint, weights, card, CLI stdout), made on first use."""
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            root = tmp_path_factory.mktemp(f"export_{arch}")
+            run = run_cli(["pretrain", "--out", str(root / "run"), *COMMON, *RUNS[arch]], root)
+            assert run.code == 0, run.err
+            ckpt, weights = root / "run" / "checkpoint.pt", root / "out" / f"{arch}.safetensors"
+            res = run_cli(["export", "--checkpoint", str(ckpt), "--out", str(weights)], root)
+            assert res.code == 0, res.err
+            made[arch] = (ckpt, weights, json.loads(weights.with_suffix(".json").read_text()), res.out)
+        return made[arch]
+
+    return get
+
+
+def image(B: int = 2, size: int = IMG) -> torch.Tensor:
+    return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(3))
+
+
+def reference(ckpt: Path) -> nn.Module:
+    return load_backbone(ckpt)[0].eval()
+
+
+# -- the export round trip ---------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["swin", "pvt", "vit"])
+def test_export_reloads_through_timm_with_identical_features(exported, arch):
+    from safetensors import safe_open
+
+    ckpt, weights, card, out = exported(arch)
+    assert f"wrote {weights}" in out and "wrote" in out.splitlines()[1]
+    assert card["model"] == f"ummae_{arch}" and isinstance(card["model_args"], dict)
+    assert card["img_size"] == IMG and card["method"] == "ummae" and card["ummae_version"]
+
+    ref = reference(ckpt)
+    with safe_open(str(weights), "pt") as f:
+        keys = set(f.keys())
+        assert all(f.get_tensor(k).is_contiguous() for k in keys)
+    assert keys == set(ref.state_dict())  # the encoder, all of it, nothing else
+    assert not any(k.startswith(("decoder", "encoder.")) for k in keys)
+    _, state = load_pretrain_checkpoint(ckpt)
+    assert any(k.startswith("decoder.") for k in state["model"])  # ... while the checkpoint has one
+
+    # The documented call, as a user would make it (after `import ummae`).
+    model = timm.create_model(card["model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                              **card["model_args"]).eval()
+    assert set(model.state_dict()) == keys  # strict load: every key matched both ways
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(image()), ref.forward_features(image()))
+
+
+@pytest.mark.parametrize("arch", ["swin", "pvt", "vit"])
+def test_features_only_gives_the_backbone_intermediates(exported, arch):
+    ckpt, weights, card, _ = exported(arch)
+    body = create_exported(weights, features_only=True).eval()
+    info = body.feature_info
+    if arch == "vit":  # timm's ViT default: the last 3 blocks, stride 16
+        assert list(body.out_indices) == [1, 2, 3] and info.reduction() == [16, 16, 16]
+    else:
+        assert info.reduction() == [4, 8, 16, 32]
+        assert info.channels() == [f["num_chs"] for f in card["feature_info"]]
+    with torch.no_grad():
+        maps = body(image())
+        expected = reference(ckpt).forward_intermediates(image(), indices=list(body.out_indices),
+                                                         intermediates_only=True)
+    assert len(maps) == len(info.out_indices)
+    for m, c, r, e in zip(maps, info.channels(), info.reduction(), expected):
+        assert m.shape == (2, c, IMG // r, IMG // r)  # NCHW
+        assert torch.equal(m, e)
+
+    # Every parameter left in the extractor is used, as DistributedDataParallel requires.
+    body.train()
+    sum(m.pow(2).mean() for m in body(image())).backward()
+    assert [n for n, p in body.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_swin_export_is_the_full_image_backbone_with_the_doubled_window(exported):
+    ckpt, weights, card, _ = exported("swin")
+    cfg, _ = load_pretrain_checkpoint(ckpt)
+    assert cfg.method == "ummae" and cfg.model.window_size == 2
+    model = create_exported(weights).eval()
+    assert card["model_args"]["window_size"] == model.window_size == 4
+    ref = reference(ckpt)
+    with torch.no_grad():
+        full = model.forward_features(image())
+        assert torch.equal(full, ref.forward_features(image()))
+        model.set_window_size(2)  # the pre-training window: other features, so the window matters here
+        assert not torch.allclose(model.forward_features(image()), full)
+
+
+def test_vit_position_table_follows_img_size(exported):
+    from ummae.models.vit import VisionTransformer
+
+    _, weights, card, _ = exported("vit")
+    args = dict(card["model_args"], img_size=96)
+    model = create_exported(weights, img_size=96).eval()
+    fresh = VisionTransformer(**args)  # its table: the sin-cos of the 6x6 grid
+    assert model.pos_embed.shape == (1, 1 + 36, 16)
+    assert torch.equal(model.pos_embed, fresh.pos_embed)
+    assert model.forward_features(image(1, 96)).shape == (1, 37, 16)
+
+
+def test_checkpoint_filter_resamples_a_learned_vit_table():
+    from ummae.models.registry import checkpoint_filter_fn
+    from ummae.models.vit import VisionTransformer
+
+    model = VisionTransformer(img_size=48, patch_size=16, embed_dim=16, depth=1, num_heads=2)  # 3x3 grid
+    learned = torch.randn(1, 1 + 4, 16)  # a 2x2 grid that is not sin-cos
+    out = checkpoint_filter_fn({"pos_embed": learned}, model)["pos_embed"]
+    assert out.shape == (1, 10, 16) and torch.equal(out[:, :1], learned[:, :1])
+    assert not torch.equal(out, model.pos_embed)
+
+
+def test_vit_export_also_loads_into_timms_own_vit(exported):
+    ckpt, weights, card, _ = exported("vit")
+    a = card["model_args"]
+    # timm's ViT filter drops the one extra key (`mask_token`); the rest are timm's own names.
+    model = timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                              num_classes=0, img_size=a["img_size"], patch_size=a["patch_size"],
+                              embed_dim=a["embed_dim"], depth=a["depth"], num_heads=a["num_heads"]).eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(image()), reference(ckpt).forward_features(image()))
+
+
+def test_timm_takes_a_pretraining_checkpoint_directly(exported):
+    ckpt, weights, card, _ = exported("pvt")
+    model = timm.create_model(card["model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(ckpt)),
+                              **card["model_args"]).eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(image()), reference(ckpt).forward_features(image()))
+
+
+def test_pretrained_without_a_file_is_an_error_not_a_download():
+    with pytest.raises(RuntimeError, match="No pretrained weights"):
+        timm.create_model("ummae_swin", pretrained=True)
+
+
+@pytest.mark.parametrize("arch", ["swin", "pvt"])
+def test_group_matcher_serves_timm_layer_decay(exported, arch):
+    from timm.optim import param_groups_layer_decay
+
+    model = create_exported(exported(arch)[1])
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert len({g["lr_scale"] for g in groups}) > 2  # stem, stages, norm at different scales
+
+
+# -- forward_intermediates / prune_intermediate_layers contract (timm's semantics) -----------------
+@pytest.mark.parametrize("arch", ["swin", "pvt"])
+def test_forward_intermediates_follows_timms_contract(arch):
+    torch.manual_seed(0)
+    args = dict(depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    if arch == "swin":
+        from ummae.models.swin import SwinTransformer
+        model = SwinTransformer(embed_dim=8, window_size=4, **args).eval()
+    else:
+        from ummae.models.pvt import PyramidVisionTransformer
+        model = PyramidVisionTransformer(embed_dims=(8, 8, 16, 16), **args).eval()
+    x = image()
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        assert [m.shape[1] for m in maps] == [f["num_chs"] for f in model.feature_info]
+        last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        picked = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+        nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", intermediates_only=True)
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+        _, early = model.forward_intermediates(x, indices=[1], stop_early=True)
+    assert [torch.equal(a, b) for a, b in zip(last2, maps[2:])] == [True, True]
+    assert torch.equal(picked[0], maps[0]) and torch.equal(picked[1], maps[3])
+    assert torch.equal(nhwc[0], maps[1].permute(0, 2, 3, 1))
+    assert torch.equal(normed[3], final.permute(0, 3, 1, 2))  # the final norm: last stage only
+    assert all(torch.equal(a, b) for a, b in zip(normed[:3], maps[:3]))
+    assert torch.equal(early[0], maps[1])
+
+    kept = model.prune_intermediate_layers([0, 1], prune_norm=True)
+    assert kept == [0, 1] and len(model.stages) == 2 and isinstance(model.norm, nn.Identity)
+    with torch.no_grad():
+        after = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(after, maps[:2]))
+
+
+# -- detection neck (the snippet of docs/export.md) ----------------------------------------------
+class TimmBackboneWithFPN(nn.Module):
+    """A timm features_only body + torchvision's FPN, shaped like torchvision's BackboneWithFPN."""
+
+    def __init__(self, body: nn.Module, out_channels: int = 256):
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels  # read by torchvision's detectors
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        maps = self.body(x)  # NCHW maps, strides 4, 8, 16, 32
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+
+
+def test_exported_swin_drives_a_torchvision_detector(exported):
+    from torchvision.models.detection import FasterRCNN
+
+    torch.manual_seed(0)
+    backbone = TimmBackboneWithFPN(create_exported(exported("swin")[1], features_only=True), out_channels=32)
+    pyramid = backbone(image())
+    assert [(k, v.shape[-1]) for k, v in pyramid.items()] == [("0", 16), ("1", 8), ("2", 4), ("3", 2), ("pool", 1)]
+    # size_divisible: every stage's grid must split into whole windows (see docs/export.md).
+    detector = FasterRCNN(backbone, num_classes=3, min_size=IMG, max_size=IMG, size_divisible=IMG)
+    losses = detector([torch.rand(3, IMG, IMG), torch.rand(3, 60, 50)],
+                      [dict(boxes=torch.tensor([[4.0, 4.0, 40.0, 40.0]]), labels=torch.tensor([1]))] * 2)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert [n for n, p in backbone.named_parameters() if p.grad is None] == []
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def _junk(tmp_path: Path) -> Path:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a checkpoint")
+    return path
+
+
+def _no_config(tmp_path: Path) -> Path:
+    path = tmp_path / "weights.pt"
+    torch.save({"model": {"encoder.w": torch.zeros(1)}}, path)
+    return path
+
+
+@pytest.mark.parametrize("make_ckpt, out, message", [
+    (lambda tmp, good: tmp / "missing.pt", "a.safetensors", "does not exist"),
+    (lambda tmp, good: _junk(tmp), "a.safetensors", "junk.pt"),  # worded by the checkpoint reader
+    (lambda tmp, good: _no_config(tmp), "a.safetensors", "not a pre-training checkpoint"),
+    (lambda tmp, good: good, "a.pt", "must name a .safetensors file"),
+    (lambda tmp, good: good, "a.safetensors/", "is a directory"),
+    (lambda tmp, good: good, "file.txt/a.safetensors", "cannot write"),
+], ids=["missing", "junk", "not-pretraining", "suffix", "out-is-dir", "unwritable"])
+def test_bad_input_is_one_line_and_exit_2(exported, run_cli, tmp_path, make_ckpt, out, message):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    (tmp_path / "a.safetensors").mkdir() if out.endswith("/") else None
+    ckpt = make_ckpt(tmp_path, exported("pvt")[0])
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    res = run_cli(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / out)], tmp_path)
+    assert res.code == 2
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ummae export: error:") and message in lines[0], res.err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, no temporary left
+
+
+def test_import_ummae_is_light_and_registers_when_timm_arrives():
+    code = ("import sys, ummae; assert 'timm' not in sys.modules and 'torch' not in sys.modules; "
+            "import timm; print(timm.list_models('ummae_*'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(["ummae_pvt", "ummae_swin", "ummae_vit"])
