@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .config import config_to_dict
 from .errors import UmmaeError
 
 __all__ = ["export_backbone", "timm_model_args", "create_exported", "read_card", "ExportResult",
@@ -188,6 +189,9 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
         "method": cfg.method,
         "ummae_version": __version__,
         "timm_version": _timm_version(),
+        # The pre-training configuration (plain values): lets ummae itself (finetune, knn,
+        # linprobe) rebuild the backbone from the export alone.
+        "ummae_config": config_to_dict(cfg),
     }
     metadata = {"format": "pt", "ummae_model": name, "ummae_model_args": json.dumps(model_args)}
 

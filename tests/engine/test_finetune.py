@@ -178,7 +178,7 @@ def test_recipe_defaults_follow_the_architecture(checkpoints):
 
 @pytest.mark.parametrize("case, expected", [
     ("missing_checkpoint", "does not exist"),
-    ("safetensors", "safetensors"),
+    ("missing_safetensors", "does not exist"),
     ("junk_checkpoint", "junk.pt"),
     ("no_class_folders", "class folders"),
     ("val_classes_differ", "differ from training classes"),
@@ -193,7 +193,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoints, labeled, case, 
     junk.write_bytes(b"not a checkpoint")
     args = {
         "missing_checkpoint": ["--checkpoint", str(tmp_path / "nope.pt"), "--data", data],
-        "safetensors": ["--checkpoint", str(tmp_path / "encoder.safetensors"), "--data", data],
+        "missing_safetensors": ["--checkpoint", str(tmp_path / "encoder.safetensors"), "--data", data],
         "junk_checkpoint": ["--checkpoint", str(junk), "--data", data],
         "no_class_folders": ["--checkpoint", ckpt, "--data", str(labeled["flat"])],
         "val_classes_differ": ["--checkpoint", ckpt, "--data", data, "--val-data", str(labeled["other_val"])],

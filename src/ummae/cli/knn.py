@@ -33,7 +33,8 @@ examples:
 
 def add_feature_arguments(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
     """Checkpoint, labeled data and feature-pass options (`ummae knn` and `ummae linprobe`)."""
-    p.add_argument("--checkpoint", metavar="CKPT", required=True, help="an `ummae pretrain` checkpoint")
+    p.add_argument("--checkpoint", metavar="CKPT", required=True,
+                   help="an `ummae pretrain` checkpoint (.pt) or an `ummae export` .safetensors file")
     p.add_argument("--data", metavar="DIR", required=True,
                    help="labeled training images: DIR/<class>/*.jpg (class = folder name)")
     p.add_argument("--val-data", metavar="DIR",

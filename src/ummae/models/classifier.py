@@ -164,21 +164,15 @@ class Classifier(nn.Module):
 # from a checkpoint
 
 def encoder_source(path: str | Path) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
-    """`(configuration, encoder weights without prefix)` of an encoder checkpoint.
-
-    Accepts what `ummae pretrain` writes and what `ummae finetune` writes (both keep the encoder
-    under `encoder.`). Exported `.safetensors` encoders are not accepted yet.
-    """
-    from .loading import encoder_state_dict, load_pretrain_checkpoint
+    """`(configuration, encoder weights without prefix)` of an encoder checkpoint: what `ummae
+    pretrain` or `ummae finetune` writes (the encoder under `encoder.`), or an `ummae export`
+    `.safetensors` file with its card (see `loading.encoder_source`)."""
+    from .loading import encoder_source as load_source
 
     path = Path(path)
-    if path.suffix == ".safetensors":
-        raise UmmaeError(f"--checkpoint '{path}': exported .safetensors encoders are not supported yet; "
-                         "pass the .pt checkpoint of an `ummae pretrain` run")
     if not path.is_file():
         raise UmmaeError(f"--checkpoint '{path}' does not exist")
-    cfg, state = load_pretrain_checkpoint(path)
-    return cfg, encoder_state_dict(state)
+    return load_source(path)
 
 
 def build_classifier(cfg: PretrainConfig, weights: dict[str, torch.Tensor] | None, num_classes: int,

@@ -17,7 +17,7 @@ from ..config import PretrainConfig, apply_overrides
 from ..errors import ConfigError, UmmaeError
 
 __all__ = ["full_image_window", "load_pretrain_checkpoint", "build_backbone", "load_backbone",
-           "encoder_state_dict"]
+           "encoder_state_dict", "encoder_source"]
 
 
 def full_image_window(cfg: PretrainConfig) -> int:
@@ -44,6 +44,36 @@ def encoder_state_dict(state: dict) -> dict[str, torch.Tensor]:
     if not weights:
         raise UmmaeError("the checkpoint holds no encoder weights")
     return weights
+
+
+def encoder_source(path: str | Path) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
+    """`(pre-training configuration, encoder weights without prefix)` of a checkpoint or export.
+
+    Accepts an `ummae pretrain` / `ummae finetune` checkpoint (.pt; the encoder under
+    `encoder.`) or an `ummae export` file (`NAME.safetensors` + its `NAME.json` card, which
+    records the pre-training configuration).
+    """
+    path = Path(path)
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        from ..export import read_card
+
+        if not path.is_file():
+            raise UmmaeError(f"exported encoder '{path}' does not exist")
+        card = read_card(path)
+        saved = card.get("ummae_config")
+        if not isinstance(saved, dict):
+            raise UmmaeError(f"'{path}': its card has no ummae_config (exported by an older ummae); "
+                             "use the .pt checkpoint")
+        cfg = apply_overrides(PretrainConfig(), copy.deepcopy(saved), f"export card of '{path}'")
+        cfg.preset = str(saved.get("preset", cfg.preset))
+        try:
+            return cfg, load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+            raise UmmaeError(f"'{path}' is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    cfg, state = load_pretrain_checkpoint(path)
+    return cfg, encoder_state_dict(state)
 
 
 def build_backbone(cfg: PretrainConfig, num_classes: int = 0, drop_path_rate: float | None = None,
@@ -77,15 +107,15 @@ def build_backbone(cfg: PretrainConfig, num_classes: int = 0, drop_path_rate: fl
 
 def load_backbone(path: str | Path, num_classes: int = 0, drop_path_rate: float | None = None,
                   img_size: int | None = None):
-    """Rebuild the encoder of a pre-training checkpoint for full images and load its weights.
+    """Rebuild the encoder of a checkpoint (or export, see `encoder_source`) for full images and
+    load its weights.
 
     Returns:
         `(backbone, cfg)`. Every encoder weight is loaded; only a new classification head (and
         buffers that depend on the input size) may be missing. Anything else is an error.
     """
-    cfg, state = load_pretrain_checkpoint(path)
+    cfg, weights = encoder_source(path)
     backbone = build_backbone(cfg, num_classes, drop_path_rate, img_size)
-    weights = encoder_state_dict(state)
     result = backbone.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head")]
     if missing or result.unexpected_keys:
