@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from tiny import TINY_BATCH, TINY_SETS, TINY_STEPS, CliResult, run_cli_captured, tiny_pretrain_args  # noqa: F401
+from tiny import (TINY_BATCH, TINY_MODELS, TINY_SETS, TINY_STEPS, CliResult,  # noqa: F401
+                  run_cli_captured, tiny_checkpoint, tiny_pretrain_args)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,3 +53,11 @@ def tiny_run(tmp_path_factory) -> CliResult:
 def run_cli():
     """`run_cli(args, run_dir)` -> `CliResult` (code, out, err, run_dir) of an in-process CLI call."""
     return run_cli_captured
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One-step pre-training checkpoints of tiny Swin, PVT and ViT backbones: {arch: path}."""
+    root = tmp_path_factory.getbasetemp() / "finetune-checkpoints"
+    root.mkdir(exist_ok=True)
+    return {arch: tiny_checkpoint(root, arch) for arch in TINY_MODELS}

@@ -17,8 +17,7 @@ import timm
 import torch
 from torch import nn
 
-import ummae.cli
-from ummae.export import create_exported, read_card
+from ummae.export import create_exported
 from ummae.models.loading import load_backbone, load_pretrain_checkpoint
 
 IMG = 64

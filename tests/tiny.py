@@ -61,3 +61,31 @@ def run_cli_captured(args: list[str], run_dir: str | Path) -> CliResult:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(args)
     return CliResult(code, out.getvalue(), err.getvalue(), Path(run_dir))
+
+
+# Data/training keys of the shared tiny runs; the model keys are per backbone.
+_COMMON = [s for s in TINY_SETS if not s.startswith("model.")]
+TINY_MODELS = {
+    "swin": ("ummae_swin_demo", [s for s in TINY_SETS if s.startswith("model.")]),
+    "pvt": ("ummae_pvt_demo", ["model.embed_dims=[8,16]", "model.depths=[1,1]", "model.num_heads=[1,2]",
+                               "model.mlp_ratios=[2,2]", "model.sr_ratios=[2,1]", "model.decoder_dim=16",
+                               "model.decoder_depth=1", "model.decoder_heads=2"]),
+    "vit": ("mae_vit_demo", ["model.embed_dim=16", "model.depths=[2]", "model.num_heads=[2]",
+                             "model.patch_size=8", "model.decoder_dim=16", "model.decoder_depth=1",
+                             "model.decoder_heads=2"]),
+}
+
+
+def tiny_checkpoint(root: Path, arch: str) -> Path:
+    """A one-step `ummae pretrain` checkpoint of a tiny backbone (64 px, 8 px units), made once."""
+    out = root / f"pretrain-{arch}"
+    ckpt = out / "checkpoint.pt"
+    if not ckpt.exists():
+        preset, model_sets = TINY_MODELS[arch]
+        args = ["pretrain", "--no-progress", "--out", str(out), "--preset", preset,
+                "--batch-size", "4", "--max-steps", "1"]
+        for item in [*_COMMON, *model_sets]:
+            args += ["--set", item]
+        result = run_cli_captured(args, out)
+        assert result.code == 0, result.err
+    return ckpt

@@ -11,47 +11,13 @@ import torch
 import yaml
 from PIL import Image
 
-from tiny import TINY_SETS, run_cli_captured
+from tiny import run_cli_captured
 from ummae.engine.finetune import FinetuneConfig, recipe_defaults
 from ummae.models.classifier import encoder_source, load_finetuned
 from ummae.models.loading import load_backbone
 
 METRIC_KEYS = {"epoch", "step", "loss", "lr", "val_loss", "val_top1", "val_top5"}
 COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
-
-# The same tiny backbones (and cache folder) as tests/models/test_classifier.py.
-_COMMON = [s for s in TINY_SETS if not s.startswith("model.")]
-TINY_MODELS = {
-    "swin": ("ummae_swin_demo", [s for s in TINY_SETS if s.startswith("model.")]),
-    "pvt": ("ummae_pvt_demo", ["model.embed_dims=[8,16]", "model.depths=[1,1]", "model.num_heads=[1,2]",
-                               "model.mlp_ratios=[2,2]", "model.sr_ratios=[2,1]", "model.decoder_dim=16",
-                               "model.decoder_depth=1", "model.decoder_heads=2"]),
-    "vit": ("mae_vit_demo", ["model.embed_dim=16", "model.depths=[2]", "model.num_heads=[2]",
-                             "model.patch_size=8", "model.decoder_dim=16", "model.decoder_depth=1",
-                             "model.decoder_heads=2"]),
-}
-
-
-def tiny_checkpoint(root: Path, arch: str) -> Path:
-    out = root / f"pretrain-{arch}"
-    ckpt = out / "checkpoint.pt"
-    if not ckpt.exists():
-        preset, model_sets = TINY_MODELS[arch]
-        args = ["pretrain", "--no-progress", "--out", str(out), "--preset", preset,
-                "--batch-size", "4", "--max-steps", "1"]
-        for item in [*_COMMON, *model_sets]:
-            args += ["--set", item]
-        result = run_cli_captured(args, out)
-        assert result.code == 0, result.err
-    return ckpt
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.getbasetemp() / "finetune-checkpoints"
-    root.mkdir(exist_ok=True)
-    return {arch: tiny_checkpoint(root, arch) for arch in TINY_MODELS}
-
 
 def _colour_images(folder: Path, per_class: int, rng, classes=COLOURS) -> Path:
     for name, rgb in classes.items():

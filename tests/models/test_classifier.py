@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-from tiny import TINY_SETS, run_cli_captured
 from ummae.compaction import full_coordinates
 from ummae.config import resolve_config
 from ummae.engine.finetune import build_finetune_optimizer
@@ -17,41 +15,6 @@ from ummae.models import build_encoder
 from ummae.models.classifier import Classifier, build_classifier, encoder_source, roi_align_map
 
 HEAD = ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
-# Data/training keys of the shared tiny runs; the model keys are per backbone.
-_COMMON = [s for s in TINY_SETS if not s.startswith("model.")]
-TINY_MODELS = {
-    "swin": ("ummae_swin_demo", [s for s in TINY_SETS if s.startswith("model.")]),
-    "pvt": ("ummae_pvt_demo", ["model.embed_dims=[8,16]", "model.depths=[1,1]", "model.num_heads=[1,2]",
-                               "model.mlp_ratios=[2,2]", "model.sr_ratios=[2,1]", "model.decoder_dim=16",
-                               "model.decoder_depth=1", "model.decoder_heads=2"]),
-    "vit": ("mae_vit_demo", ["model.embed_dim=16", "model.depths=[2]", "model.num_heads=[2]",
-                             "model.patch_size=8", "model.decoder_dim=16", "model.decoder_depth=1",
-                             "model.decoder_heads=2"]),
-}
-
-
-def tiny_checkpoint(root: Path, arch: str) -> Path:
-    """A one-step `ummae pretrain` checkpoint of a tiny backbone (64 px, 8 px units), made once."""
-    out = root / f"pretrain-{arch}"
-    ckpt = out / "checkpoint.pt"
-    if not ckpt.exists():
-        preset, model_sets = TINY_MODELS[arch]
-        args = ["pretrain", "--no-progress", "--out", str(out), "--preset", preset,
-                "--batch-size", "4", "--max-steps", "1"]
-        for item in [*_COMMON, *model_sets]:
-            args += ["--set", item]
-        result = run_cli_captured(args, out)
-        assert result.code == 0, result.err
-    return ckpt
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.getbasetemp() / "finetune-checkpoints"
-    root.mkdir(exist_ok=True)
-    return {arch: tiny_checkpoint(root, arch) for arch in TINY_MODELS}
-
-
 def demo_classifier(arch: str, num_classes: int = 3) -> Classifier:
     """An untrained classifier of a `*_demo` backbone (4 Swin/PVT stages, 4 ViT blocks)."""
     preset = {"swin": "ummae_swin_demo", "pvt": "ummae_pvt_demo", "vit": "mae_vit_demo"}[arch]

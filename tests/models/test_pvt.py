@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ummae.compaction import compact_coordinates, compact_image, compact_unit_flags
 from ummae.errors import ConfigError, UmmaeError

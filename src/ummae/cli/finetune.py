@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
                     "global-average-pool + LayerNorm + linear head; top-1/top-5 on validation every epoch.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="CKPT", required=True,
-                   help="the encoder: an `ummae pretrain` checkpoint (.pt; a fine-tuned best.pt works too) or an `ummae export` .safetensors file (with its .json card)")
+                   help="the encoder: an `ummae pretrain` checkpoint (.pt; a fine-tuned best.pt works "
+                        "too) or an `ummae export` .safetensors file (with its .json card)")
     p.add_argument("--data", metavar="DIR", required=True,
                    help="training images, one folder per class: DIR/<class>/*.jpg")
     p.add_argument("--val-data", metavar="DIR", help="validation images with the same class folders")

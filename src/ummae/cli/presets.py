@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for name, (description, _) in PRESETS.items():
         cfg = get_preset(name)
-        m, k = cfg.model, cfg.masking
+        m = cfg.model
         rows.append((
             name,
             cfg.method,

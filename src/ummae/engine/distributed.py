@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,7 +20,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 
 __all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_mean",
-           "all_reduce_sum", "any_rank", "gather_strings"]
+           "all_reduce_sum", "any_rank", "gather_strings", "shared_run_dir"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +98,27 @@ def gather_strings(items: set[str], env: DistEnv) -> set[str]:
     gathered: list[set[str] | None] = [None] * env.world_size
     dist.all_gather_object(gathered, set(items))
     return set().union(*[g for g in gathered if g])
+
+
+def shared_run_dir(out: str | None, default_stem: str, env: DistEnv) -> Path:
+    """The run directory every rank writes to (rank 0 only, in practice), checked for writing.
+
+    Args:
+        out: `--out`, or None for `runs/<default_stem>-<timestamp>`; the timestamp is rank 0's,
+            broadcast so that all ranks agree.
+    """
+    name = out or str(Path("runs") / f"{default_stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    if env.enabled:
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    path = Path(name)
+    if env.is_main:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"--out: cannot write to run directory '{path}': {e.strerror or e}") from None
+    return path

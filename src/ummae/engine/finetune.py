@@ -31,12 +31,10 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -45,7 +43,8 @@ from tqdm import tqdm
 from ..config import PretrainConfig, config_to_dict
 from ..errors import ConfigError, UmmaeError
 from .checkpoint import save_checkpoint
-from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank, init_distributed, shutdown_distributed
+from .distributed import (DistEnv, all_reduce_mean, all_reduce_sum, any_rank, init_distributed,
+                          shared_run_dir, shutdown_distributed)
 from .metrics import MetricsWriter
 from .optim import build_scheduler, schedule_lengths
 from .pretrain import training_autocast
@@ -247,25 +246,6 @@ def evaluate_classifier(model, loader, env: DistEnv, device: torch.device, preci
 # ---------------------------------------------------------------------------------------------
 # set-up
 
-def _run_dir(cfg: FinetuneConfig, env: DistEnv) -> Path:
-    name = cfg.out or str(Path("runs") / f"finetune-{Path(cfg.checkpoint).stem}-"
-                                         f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    if env.enabled:
-        box = [name]
-        dist.broadcast_object_list(box, src=0)
-        name = box[0]
-    path = Path(name)
-    if env.is_main:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"--out: cannot write to run directory '{path}': {e.strerror or e}") from None
-    return path
-
-
 def _encoder_config(encoder_cfg: PretrainConfig, img_size: int, drop_path: float) -> dict:
     """The encoder's configuration as the fine-tuned checkpoint stores it (this run's size)."""
     cfg = copy.deepcopy(encoder_cfg)
@@ -333,7 +313,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
     _check_runs(model, img_size, device)
     del weights
 
-    run_dir = _run_dir(cfg, env)
+    run_dir = shared_run_dir(cfg.out, f"finetune-{Path(cfg.checkpoint).stem}", env)
     effective_batch = batch * accum * env.world_size
     lr = cfg.blr * effective_batch / 256
     encoder_dict = _encoder_config(encoder_cfg, img_size, settings["drop_path"])

@@ -25,11 +25,9 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -45,7 +43,7 @@ from ..visualize import save_loss_curve, save_reconstruction_grid
 from .checkpoint import (link_or_copy, load_checkpoint, prune_step_checkpoints, save_checkpoint,
                          step_checkpoint_path)
 from .distributed import (DistEnv, all_reduce_mean, all_reduce_sum, any_rank, gather_strings,
-                          init_distributed, shutdown_distributed)
+                          init_distributed, shared_run_dir, shutdown_distributed)
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler, schedule_lengths
 
@@ -100,25 +98,6 @@ def training_autocast(device: torch.device, precision: str):
 
 # ---------------------------------------------------------------------------------------------
 # set-up
-
-def _run_dir(cfg: PretrainConfig, env: DistEnv) -> Path:
-    """The run directory: `--out`, or runs/<preset>-<timestamp> chosen by rank 0 for all ranks."""
-    name = cfg.train.out or str(Path("runs") / f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    if env.enabled:
-        box = [name]
-        dist.broadcast_object_list(box, src=0)
-        name = box[0]
-    path = Path(name)
-    if env.is_main:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"--out: cannot write to run directory '{path}': {e.strerror or e}") from None
-    return path
-
 
 def _check_same_architecture(state: dict, cfg: PretrainConfig, source: str) -> None:
     saved = state.get("config") or {}
@@ -219,7 +198,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
             raise ConfigError(f"--init-weights: '{cfg.train.init_weights}' does not exist")
         init_state = load_checkpoint(cfg.train.init_weights)
 
-    run_dir = _run_dir(cfg, env)
+    run_dir = shared_run_dir(cfg.train.out, cfg.preset, env)
     config_path = run_dir / "config.yaml"
     if env.is_main:
         config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
