@@ -22,10 +22,11 @@ examples:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "pretrain", help="pre-train an encoder with UM-MAE",
-        description="Pre-train a Swin encoder with UM-MAE (uniform masking: the encoder sees only "
-                    "the visible 25%% of every image, packed into a half-size image). With no "
-                    "arguments: the `demo` preset on built-in photographs, about two minutes on a CPU.",
+        "pretrain", help="pre-train an encoder (UM-MAE, MAE or SimMIM)",
+        description="Pre-train a Swin, PVT or ViT encoder with UM-MAE (uniform masking: the encoder "
+                    "sees only the visible 25% of every image, packed into a half-size image), plain "
+                    "MAE or the SimMIM baseline, as the preset says (`ummae presets`). With no "
+                    "arguments: the `demo` preset on built-in photographs, about a minute on a CPU.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", metavar="NAME", help="named configuration (see `ummae presets`); default: demo")
     p.add_argument("--config", metavar="FILE", help="YAML file of config sections (e.g. a run's config.yaml)")
