@@ -1,0 +1,86 @@
+"""What the two pyramid backbones (Swin, PVT) share: timm's per-stage feature API and the head.
+
+Each backbone supplies `_full_image_stages(x, stages)`, a generator of the output map
+`[B, H_i, W_i, C_i]` of each of the given stages on a full image (the stages differ in what they
+carry along: Swin its coordinates and window, PVT its reduction ratios); everything timm's
+`features_only` wrapper and classification need is written once here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from timm.models._features import feature_take_indices
+
+from ..errors import ConfigError
+
+__all__ = ["PyramidBackbone"]
+
+
+class PyramidBackbone(nn.Module):
+    """Base of `SwinTransformer` and `PyramidVisionTransformer` (attributes: `stages`, `norm`,
+    `head`, `embed_dims`, `patch_size`, `num_features`, `stride`)."""
+
+    def _full_image_stages(self, x: torch.Tensor, stages: Sequence[nn.Module]) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Full image -> the output maps of chosen stages, with timm's contract (its `features_only`
+        wrapper calls this).
+
+        Args:
+            x: `[B, 3, H, W]`.
+            indices: stages to return: None = all, an int n = the last n, a sequence = those
+                (negative counts from the end).
+            norm: apply the final norm to the last stage's map (the only stage it is sized for).
+            stop_early: do not run the stages after the last one asked for.
+            output_fmt: "NCHW" (what detection necks take) or "NHWC" (the native layout).
+            intermediates_only: return only the maps.
+
+        Returns:
+            the maps, stage order, stage i `[B, C_i, H/(p*2^i), W/(p*2^i)]` (NCHW); unless
+            `intermediates_only`, as `(final, maps)` with `final` what `forward_features` returns.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ConfigError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        maps = []
+        for i, x in enumerate(self._full_image_stages(x, stages)):
+            if i in take:
+                y = self.norm(x) if norm and i == last else x
+                maps.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return maps
+        if i == last:
+            x = self.norm(x)
+        return x, maps
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop what the chosen stage maps do not need (timm's contract; its `features_only`
+        wrapper calls this): later stages, the final norm, the head. Returns the absolute indices."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # sized for the last stage only
+        if prune_head or prune_end:
+            self.head = nn.Identity()
+        if prune_end:
+            self.num_features = self.embed_dims[max_index]
+            self.stride = self.patch_size * 2 ** max_index
+        return take
+
+    # -- classification ---------------------------------------------------------------------
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(1, 2))  # global average pool: [B, C]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
