@@ -249,24 +249,6 @@ class PyramidVisionTransformer(PyramidBackbone):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"mask_token"}  # the position embedding is a fixed buffer
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Parameter groups for timm's layer-wise tools (stem, then stage by stage, final norm last)."""
-        return dict(stem=r"^patch_embed|^patch_norm|^mask_token",
-                    blocks=r"^stages\.(\d+)" if coarse else [
-                        (r"^stages\.(\d+)\.downsample", (0,)),
-                        (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                        (r"^norm", (99999,)),
-                    ])
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
     # -- positions and embedding -------------------------------------------------------------
     def position_embedding(self, height: int, width: int) -> torch.Tensor:
         """Fixed 2-D sin-cos table of a `height x width` stage-1 patch grid: `[height, width, C1]`.
@@ -282,28 +264,6 @@ class PyramidVisionTransformer(PyramidBackbone):
                 pe = pe.reshape(height, width, -1)  # rows of the table are row-major patches
             self.pos_embed = pe
         return pe
-
-    def embed(self, x: torch.Tensor, replace: torch.Tensor | None = None) -> torch.Tensor:
-        """Stage-1 patch embedding (no positions), `replace`d patches swapped for the mask token
-        before the norm.
-
-        Args:
-            x: `[B, 3, H, W]`.
-            replace: `[B, H/p, W/p]` bool, True = use the mask token, or None.
-
-        Returns:
-            `[B, H/p, W/p, C1]`.
-        """
-        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
-            raise ConfigError(f"image size {tuple(x.shape[-2:])} is not divisible by patch size {self.patch_size}")
-        tokens = self.patch_embed(x)  # [B, H/p, W/p, C1]
-        if replace is not None:
-            if replace.shape != tokens.shape[:3]:
-                raise ConfigError(f"replace mask of shape {tuple(replace.shape)} does not match the "
-                                  f"patch grid {tuple(tokens.shape[:3])}")
-            w = replace.unsqueeze(-1).to(tokens.dtype)
-            tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
-        return self.patch_norm(tokens)
 
     def embed_full(self, x: torch.Tensor, replace: torch.Tensor | None = None) -> torch.Tensor:
         """`embed` + the position of every patch: `[B, 3, H, W]` -> `[B, H/p, W/p, C1]`."""

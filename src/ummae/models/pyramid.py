@@ -20,8 +20,49 @@ __all__ = ["PyramidBackbone"]
 
 
 class PyramidBackbone(nn.Module):
-    """Base of `SwinTransformer` and `PyramidVisionTransformer` (attributes: `stages`, `norm`,
-    `head`, `embed_dims`, `patch_size`, `num_features`, `stride`)."""
+    """Base of `SwinTransformer` and `PyramidVisionTransformer` (attributes: `patch_embed`,
+    `patch_norm`, `mask_token`, `stages`, `norm`, `head`, `embed_dims`, `patch_size`,
+    `num_features`, `stride`)."""
+
+    def embed(self, x: torch.Tensor, replace: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage-1 patch embedding, `replace`d patches swapped for the mask token before the norm
+        (UM-MAE's secondary masking, SimMIM's masking: the token is normalised like real patches).
+
+        Args:
+            x: `[B, 3, H, W]`.
+            replace: `[B, H/p, W/p]` bool, True = use the mask token, or None.
+
+        Returns:
+            `[B, H/p, W/p, C1]`.
+        """
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ConfigError(f"image size {tuple(x.shape[-2:])} is not divisible by patch size {self.patch_size}")
+        tokens = self.patch_embed(x)  # [B, H/p, W/p, C1]
+        if replace is not None:
+            if replace.shape != tokens.shape[:3]:
+                raise ConfigError(f"replace mask of shape {tuple(replace.shape)} does not match the "
+                                  f"patch grid {tuple(tokens.shape[:3])}")
+            w = replace.unsqueeze(-1).to(tokens.dtype)
+            tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
+        return self.patch_norm(tokens)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}  # positions are fixed (PVT) or computed (Swin): no parameters
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise tools (stem, then stage by stage, final norm last)."""
+        return dict(stem=r"^patch_embed|^patch_norm|^mask_token",
+                    blocks=r"^stages\.(\d+)" if coarse else [
+                        (r"^stages\.(\d+)\.downsample", (0,)),
+                        (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                        (r"^norm", (99999,)),
+                    ])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def _full_image_stages(self, x: torch.Tensor, stages: Sequence[nn.Module]) -> Iterator[torch.Tensor]:
         raise NotImplementedError

@@ -298,47 +298,10 @@ class SwinTransformer(PyramidBackbone):
         trunc_normal_(self.mask_token, std=0.02)
         self.apply(init_linear_and_norm)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"mask_token"}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Parameter groups for timm's layer-wise tools (stem, then stage by stage, final norm last)."""
-        return dict(stem=r"^patch_embed|^patch_norm|^mask_token",
-                    blocks=r"^stages\.(\d+)" if coarse else [
-                        (r"^stages\.(\d+)\.downsample", (0,)),
-                        (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                        (r"^norm", (99999,)),
-                    ])
-
     def set_window_size(self, window_size: int) -> None:
         self.window_size = int(window_size)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    # -- embedding ---------------------------------------------------------------------------
-    def embed(self, x: torch.Tensor, replace: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch embedding, with `replace`d patches swapped for the mask token before the norm.
-
-        Args:
-            x: `[B, 3, H, W]`.
-            replace: `[B, H/p, W/p]` bool, True = use the mask token, or None.
-
-        Returns:
-            `[B, H/p, W/p, C]`.
-        """
-        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
-            raise ConfigError(f"image size {tuple(x.shape[-2:])} is not divisible by patch size {self.patch_size}")
-        tokens = self.patch_embed(x)  # [B, H/p, W/p, C]
-        if replace is not None:
-            w = replace.unsqueeze(-1).to(tokens.dtype)
-            tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
-        return self.patch_norm(tokens)
-
-    # -- trunk -------------------------------------------------------------------------------
+    # -- trunk (`embed`, the feature API and the head are in PyramidBackbone) ------------------
     def forward_tokens(self, x: torch.Tensor, coords: torch.Tensor,
                        return_stages: bool = False):
         """Run the stages on embedded tokens.
