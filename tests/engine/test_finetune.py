@@ -206,3 +206,18 @@ def test_two_gloo_processes_train_like_one_with_the_same_effective_batch(tmp_pat
     w2 = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["model"]
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=5e-5)
+
+
+def test_randaugment_survives_its_strongest_magnitudes():
+    """Every RandAugment op at the highest magnitude the recipe can draw works on a real image
+    (without the cap at 9, posterize at 10 keeps 0 bits and Pillow >= 13 raises)."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    from ummae.engine.finetune import AUTO_AUGMENT
+
+    augment = rand_augment_transform(AUTO_AUGMENT, {"translate_const": 20, "img_mean": (124, 116, 104)})
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    for op in augment.ops:
+        op.prob, op.magnitude_std = 1.0, 0.0
+        op.magnitude = op.magnitude_max or 10  # the upper bound of the sampled magnitude
+        assert op(img).size == img.size, op.name

@@ -53,7 +53,10 @@ from .recursive_mix import RecursiveMix, smooth_one_hot, soft_cross_entropy
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "recipe_defaults", "build_finetune_optimizer",
            "finetune_transforms", "evaluate_classifier"]
 
-AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+# The recipe's RandAugment (m9, mstd 0.5), with sampled magnitudes clipped at 9 instead of 10:
+# at 10, timm's "increasing" posterize keeps 0 bits, which Pillow >= 13 rejects (ValueError in a
+# data worker, mid-run). The cap only changes draws above 9.
+AUTO_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
 
 
 @dataclass
