@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 
-__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_mean",
+__all__ = ["DistEnv", "resolve_device", "init_distributed", "shutdown_distributed", "all_reduce_mean",
            "all_reduce_sum", "any_rank", "gather_strings", "shared_run_dir"]
 
 
@@ -39,6 +39,15 @@ class DistEnv:
         return self.world_size > 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto | cpu | cuda | cuda:N` -> a device; asking for CUDA without one is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    return torch.device(name)
+
+
 def init_distributed(device_name: str) -> tuple[DistEnv, torch.device]:
     """Join the process group torchrun describes (if any) and pick this process's device.
 
@@ -48,16 +57,12 @@ def init_distributed(device_name: str) -> tuple[DistEnv, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device_name}: CUDA is not available on this machine (use cpu or auto)")
+    device = resolve_device(device_name)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         # One GPU per process: torchrun's LOCAL_RANK picks it (cuda:N only makes sense alone).
-        index = local_rank if world_size > 1 else (int(device_name.split(":")[1]) if ":" in device_name else 0)
-        device = torch.device("cuda", index)
+        device = torch.device("cuda", local_rank if world_size > 1 else (device.index or 0))
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     env = DistEnv(rank, world_size, local_rank)
     if env.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,

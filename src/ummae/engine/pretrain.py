@@ -43,7 +43,7 @@ from ..visualize import save_loss_curve, save_reconstruction_grid
 from .checkpoint import (link_or_copy, load_checkpoint, prune_step_checkpoints, save_checkpoint,
                          step_checkpoint_path)
 from .distributed import (DistEnv, all_reduce_mean, all_reduce_sum, any_rank, gather_strings,
-                          init_distributed, shared_run_dir, shutdown_distributed)
+                          init_distributed, resolve_device, shared_run_dir, shutdown_distributed)
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler, schedule_lengths
 
@@ -77,14 +77,6 @@ class RunResult:
     resumed_from: Path | None = None
     skipped_images: list[str] | None = None
     skipped_steps: int = 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    return torch.device(name)
 
 
 def training_autocast(device: torch.device, precision: str):
