@@ -73,8 +73,12 @@ class CropDecoder:
         # pixels wide; pixel x of the full image lies at x / s in the reduced one, so the box
         # keeps its exact, sub-pixel, position.
         s = 2 ** round(math.log2(drawn["width"] / img.width))
-        region = (left / s, top / s, (left + w) / s, (top + h) / s)
-        out = img.resize((self.img_size, self.img_size), Image.Resampling.BICUBIC, box=region)
+        size = (self.img_size, self.img_size)
+        if s == 1:  # not reduced (small image or crop, or not a JPEG): exactly the reference
+            out = img.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BICUBIC)
+        else:
+            region = (left / s, top / s, (left + w) / s, (top + h) / s)
+            out = img.resize(size, Image.Resampling.BICUBIC, box=region)
         if self.hflip and torch.rand(1) < 0.5:  # as torchvision's RandomHorizontalFlip draws it
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return F.pil_to_tensor(out)
