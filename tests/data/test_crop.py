@@ -126,12 +126,17 @@ def test_same_seed_gives_the_same_box_and_a_close_image(tmp_path, exif_orientati
         b = plain(path)
         assert a.shape == b.shape == (3, 64, 64) and a.dtype == b.dtype == torch.uint8
         diffs.append((a.float() - b.float()).abs().mean().item())
-    assert max(diffs) < 4.0, diffs  # of 255; a different box or flip gives tens
-    # negative control: a different seed (another box) is far from the reference
-    torch.manual_seed(0)
-    a = fast(path)
-    torch.manual_seed(1)
-    assert (a.float() - plain(path).float()).abs().mean().item() > 4 * max(diffs)
+    # Of 255. At 64 px, crops of >= 512 px are decoded at 1/8 scale, whose 8x8 block means are
+    # a coarser filter than the reference's antialiased resize (at 256 px: ~1.5 on average).
+    assert max(diffs) < 10.0, diffs
+    # negative control: another seed (another box and flip) is far from the reference
+    others = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        a = fast(path)
+        torch.manual_seed(seed + 100)
+        others.append((a.float() - plain(path).float()).abs().mean().item())
+    assert min(others) > 2 * max(diffs), (others, diffs)
 
 
 def test_fast_path_decodes_at_reduced_scale(tmp_path, monkeypatch):
@@ -139,20 +144,17 @@ def test_fast_path_decodes_at_reduced_scale(tmp_path, monkeypatch):
     path = tmp_path / "big.jpg"
     photo_jpeg(path, 2048, 1536)
     sizes = []
-    real_resize = Image.Image.resize
 
-    def recording_resize(self, *args, **kwargs):
-        sizes.append(self.size)
-        return real_resize(self, *args, **kwargs)
+    def recording_load_rgb(*args, **kwargs):
+        img = load_rgb(*args, **kwargs)
+        sizes.append(img.size)
+        return img
 
-    monkeypatch.setattr(Image.Image, "resize", recording_resize)
-    torch.manual_seed(0)
-    CropDecoder(32, decode="fast")(path)
-    assert sizes and sizes[0][0] <= 2048 // 8  # 32 px crops allow 1/8 scale: 256 x 192
-    sizes.clear()
-    torch.manual_seed(0)
-    CropDecoder(32, decode="plain")(path)
-    assert sizes and all(s[0] > 2048 // 8 for s in sizes)  # negative control: full-size crop
+    monkeypatch.setattr("ummae.data.crop.load_rgb", recording_load_rgb)
+    for decode in ("fast", "plain"):
+        torch.manual_seed(0)
+        CropDecoder(32, decode=decode)(path)
+    assert sizes == [(256, 192), (2048, 1536)]  # 32 px crops allow 1/8 scale; plain: full size
 
 
 @pytest.mark.parametrize("decode", ["fast", "plain"])
@@ -184,13 +186,16 @@ def other_format_files(root) -> list:
 @pytest.mark.parametrize("decode", ["fast", "plain"])
 def test_other_formats_and_modes_load(tmp_path, decode):
     """PNG, WebP, 16-bit, CMYK and greyscale JPEG, palette: small images, never reduced, so both
-    modes give exactly the reference crop of the full decode."""
+    modes give the reference crop of the full decode (fast: resized by torch, not Pillow)."""
     for path in other_format_files(tmp_path):
         torch.manual_seed(0)
         out = CropDecoder(32, decode=decode)(path)
         assert out.shape == (3, 32, 32) and out.dtype == torch.uint8, path.name
         torch.manual_seed(0)
-        assert torch.equal(out, pretrain_crop(32)(load_rgb(path))), path.name
+        diff = (out.float() - pretrain_crop(32)(load_rgb(path)).float()).abs()
+        assert diff.mean() < 0.5 and diff.max() <= 3, (path.name, diff.mean(), diff.max())
+        if decode == "plain":
+            assert diff.max() == 0
 
 
 def test_unreadable_files_raise_ummae_error_in_both_modes(tmp_path):
