@@ -226,3 +226,13 @@ def test_uint8_crop_normalised_on_device_equals_the_float_transform():
     assert torch.allclose(out[0], reference, atol=1e-5)
     already = torch.randn(2, 3, 8, 8)
     assert torch.equal(to_model_input(already, "cpu"), already)  # float: taken as normalised
+
+
+def test_config_decode_option_is_validated():
+    from ummae.config import resolve_config
+    from ummae.errors import ConfigError
+
+    assert resolve_config("demo").data.decode == "fast"  # the default
+    assert resolve_config("demo", sets=["data.decode=plain"]).data.decode == "plain"
+    with pytest.raises(ConfigError, match="data.decode"):
+        resolve_config("demo", sets=["data.decode=gpu"])
