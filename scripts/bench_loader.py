@@ -87,22 +87,22 @@ def pipelines(img_size: int, masking) -> dict:
 
 
 def decoders() -> dict:
-    """name -> function(path): full-size decode alone, for the breakdown."""
+    """name -> function(path, key): full-size decode alone (key unused), for the breakdown."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    def pil(path):
+    def pil(path, key):
         with Image.open(path) as im:
             im.load()
 
     runs = {"decode: Pillow": pil,
-            "decode: torchvision.io": lambda p: decode_jpeg(read_file(str(p)), mode=ImageReadMode.RGB)}
+            "decode: torchvision.io": lambda p, key: decode_jpeg(read_file(str(p)), mode=ImageReadMode.RGB)}
     try:
         import simplejpeg
     except ImportError:
         print("(simplejpeg not installed: pip install simplejpeg to time it too)")
     else:
-        runs["decode: simplejpeg"] = lambda p: simplejpeg.decode_jpeg(Path(p).read_bytes())
-        runs["decode: simplejpeg fastdct"] = lambda p: simplejpeg.decode_jpeg(
+        runs["decode: simplejpeg"] = lambda p, key: simplejpeg.decode_jpeg(Path(p).read_bytes())
+        runs["decode: simplejpeg fastdct"] = lambda p, key: simplejpeg.decode_jpeg(
             Path(p).read_bytes(), fastdct=True, fastupsample=True)
     return runs
 
@@ -115,15 +115,13 @@ def time_interleaved(runs: dict, paths: list[Path], rounds: int, repeat: int) ->
     rates are lower whenever the core is shared)."""
     keys = [(r, i) for r in range(repeat) for i in range(len(paths))]
     for run in runs.values():  # warm-up: imports, caches
-        run(paths[0], (0, 0)) if run.__code__.co_argcount == 2 else run(paths[0])
+        run(paths[0], (0, 0))
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for rnd in range(rounds):
         for name, run in runs.items():
-            two = run.__code__.co_argcount == 2
             start = time.process_time()
             for epoch, index in keys:
-                path = paths[index]
-                run(path, (rnd * repeat + epoch, index)) if two else run(path)
+                run(paths[index], (rnd * repeat + epoch, index))
             rates[name].append(len(keys) / (time.process_time() - start))
     return {name: statistics.median(r) for name, r in rates.items()}
 

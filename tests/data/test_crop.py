@@ -139,10 +139,11 @@ def test_same_seed_gives_the_same_box_and_a_close_image(tmp_path, exif_orientati
     assert min(others) > 2 * max(diffs), (others, diffs)
 
 
-def test_fast_path_decodes_at_reduced_scale(tmp_path, monkeypatch):
+@pytest.mark.parametrize("progressive", [False, True])
+def test_fast_path_decodes_at_reduced_scale(tmp_path, monkeypatch, progressive):
     """The point of it: a big JPEG with a small crop is decoded smaller than full size."""
     path = tmp_path / "big.jpg"
-    photo_jpeg(path, 2048, 1536)
+    load_demo_images()[0].resize((2048, 1536)).save(path, quality=90, progressive=progressive)
     sizes = []
 
     def recording_load_rgb(*args, **kwargs):
@@ -236,3 +237,19 @@ def test_config_decode_option_is_validated():
     assert resolve_config("demo", sets=["data.decode=plain"]).data.decode == "plain"
     with pytest.raises(ConfigError, match="data.decode"):
         resolve_config("demo", sets=["data.decode=gpu"])
+
+
+@pytest.mark.parametrize("decode", ["fast", "plain"])
+def test_batches_reach_the_model_normalised(tmp_path, decode):
+    """Folder -> SeededSamples -> DataLoader -> to_model_input: uint8 batches become the float,
+    ImageNet-normalised images the model was always given (values of a 0..255 image)."""
+    for k in range(4):
+        photo_jpeg(tmp_path / f"{k}.jpg", 300 + 20 * k, 200)
+    samples = SeededSamples(build_pretrain_dataset(str(tmp_path), img_size=32, decode=decode), seed=0)
+    loader = torch.utils.data.DataLoader(samples, batch_size=4, sampler=[(0, i) for i in range(4)])
+    batch = next(iter(loader))["image"]
+    assert batch.dtype == torch.uint8 and batch.shape == (4, 3, 32, 32)
+    imgs = to_model_input(batch, "cpu")
+    assert imgs.dtype == torch.float32 and imgs.shape == (4, 3, 32, 32)
+    assert -2.2 < imgs.min() and imgs.max() < 2.7  # (0 - 0.485) / 0.229 .. (1 - 0.406) / 0.225
+    assert imgs.std() > 0.3  # a photo, not a constant
