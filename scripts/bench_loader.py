@@ -15,7 +15,9 @@ and saved at quality 90. File sizes (bytes per pixel) are printed so this can be
 
 Pipelines, timed interleaved (round-robin, median of --rounds rounds over all files), in CPU
 time of this one-thread process, so that other programs on a shared machine do not count:
-    plain-float  load_rgb (full decode) + pretrain_transform (normalised float): the old loader
+    old          the loader before data.decode existed (commit a7d1fb4): full decode, EXIF
+                 transpose into a copy, pretrain_transform (normalised float)
+    plain-float  load_rgb (full decode, no copy) + pretrain_transform (normalised float)
     plain-uint8  load_rgb (full decode) + pretrain_crop (uint8; normalised on the device)
     fast-uint8   CropDecoder(decode="fast"): box first, JPEG decoded at 1/2..1/8 scale
 And, to see where time goes, decode alone (full size) with Pillow, torchvision.io.decode_jpeg
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ummae.data import CropDecoder, load_demo_images, load_rgb, pretrain_crop, pretrain_transform
 from ummae.data.sampling import draw_masks, seed_for
@@ -61,6 +63,15 @@ def make_jpegs(folder: Path, width: int, height: int, count: int, noise: float) 
     return paths
 
 
+def load_rgb_before(path: Path) -> Image.Image:
+    """`load_rgb` as it was before data.decode existed (commit a7d1fb4), for RGB JPEGs: the same
+    decode, then `ImageOps.exif_transpose` into a copy of the whole image."""
+    with Image.open(path) as opened:
+        opened.load()
+        upright = ImageOps.exif_transpose(opened)
+    return upright if upright.mode == "RGB" else upright.convert("RGB")
+
+
 def pipelines(img_size: int, masking) -> dict:
     """name -> function(path, key) doing one sample's work; key = (epoch, index) seeds it."""
     old = pretrain_transform(img_size)
@@ -77,6 +88,7 @@ def pipelines(img_size: int, masking) -> dict:
         return run
 
     runs = {
+        "old": sample(lambda p: old(load_rgb_before(p))),
         "plain-float": sample(lambda p: old(load_rgb(p))),
         "plain-uint8": sample(lambda p: crop(load_rgb(p))),
         "fast-uint8": sample(fast),
@@ -168,7 +180,7 @@ def main() -> None:
             repeat = max(1, round(4 * 500 * 375 / (width * height)))  # >= 4 rounds of work at 500x375
             rates = time_interleaved(pipelines(gpu["img_size"], masking), paths, args.rounds, repeat)
             rates.update(time_interleaved(decoders(), paths, args.rounds, repeat))
-            base = rates["plain-float"]
+            base = rates["old"]
             print(f"\n{name} {width}x{height}, {bpp:.2f} bytes/pixel, crop {gpu['img_size']}px, 1 thread")
             print(f"{'pipeline':28s} {'img/s/core':>10s} {'vs old':>7s} {'cores for GPU':>13s}")
             for run, rate in rates.items():
