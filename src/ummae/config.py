@@ -61,6 +61,7 @@ class DataConfig:
     min_crop_scale: float = 0.2  # RandomResizedCrop scale range (min_crop_scale, 1)
     demo_length: int = 512  # demo crops per epoch
     num_workers: int = 4
+    decode: str = "fast"  # JPEGs: fast (decode at reduced scale when the crop allows) | plain
 
 
 @dataclass
@@ -321,6 +322,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"data.min_crop_scale must be in (0, 1], got {d.min_crop_scale}")
     positive("data.demo_length", d.demo_length)
     positive("data.num_workers", d.num_workers, zero=True)
+    if d.decode not in ("fast", "plain"):
+        raise ConfigError(f"data.decode must be 'fast' or 'plain', got {d.decode!r}")
     if d.path is not None and not str(d.path).strip():
         raise ConfigError("data.path (--data) is empty")
 

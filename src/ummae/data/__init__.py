@@ -10,15 +10,19 @@ import os
 
 from torch.utils.data import Dataset
 
+from ummae.data.crop import DECODE_MODES, CropDecoder
 from ummae.data.demo import DEMO_IMAGE_FILES, DemoImages, load_demo_images
 from ummae.data.folder import IMAGE_EXTENSIONS, ImageFolderUnlabeled, find_images, load_rgb
-from ummae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
+from ummae.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_crop,
+                                   pretrain_transform, to_model_input)
 
 __all__ = [
+    "DECODE_MODES",
     "DEMO_IMAGE_FILES",
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "CropDecoder",
     "DemoImages",
     "ImageFolderUnlabeled",
     "build_pretrain_dataset",
@@ -26,7 +30,9 @@ __all__ = [
     "find_images",
     "load_demo_images",
     "load_rgb",
+    "pretrain_crop",
     "pretrain_transform",
+    "to_model_input",
 ]
 
 
@@ -35,14 +41,17 @@ def build_pretrain_dataset(
     img_size: int,
     scale: tuple[float, float] = (0.2, 1.0),
     demo_length: int = 512,
+    decode: str = "fast",
 ) -> Dataset:
     """The pre-training dataset: images under `path`, or the demo photographs if `path` is None.
 
-    Each sample is a random-resized crop, float tensor [3, img_size, img_size], ImageNet-normalised.
-    `demo_length` (samples per epoch) only applies to the demo data; a folder has one sample per
-    image file. Raises UmmaeError if the folder is missing or holds no images.
+    Each sample is a random-resized crop (flipped left-right half of the time), uint8 tensor
+    [3, img_size, img_size], not yet normalised: `to_model_input` normalises the batch on the
+    device. `decode` ("fast" or "plain", see `ummae.data.crop`) says how a folder's JPEGs are
+    decoded: "fast" decodes a big photo at reduced scale when the crop allows it. `demo_length`
+    (samples per epoch) only applies to the demo data; a folder has one sample per image file.
+    Raises UmmaeError if the folder is missing or holds no images.
     """
-    transform = pretrain_transform(img_size, scale=scale)
     if path is None:
-        return DemoImages(transform, length=demo_length)
-    return ImageFolderUnlabeled(path, transform)
+        return DemoImages(pretrain_crop(img_size, scale=scale), length=demo_length)
+    return ImageFolderUnlabeled(path, loader=CropDecoder(img_size, scale=scale, decode=decode))

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ummae.errors import UmmaeError
@@ -60,8 +60,18 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+def load_rgb(
+    path: str | os.PathLike,
+    at_least: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> Image.Image:
     """Decode an image file into an 8-bit RGB PIL image, whatever its mode.
+
+    `at_least`, if given, is called with the image's upright (width, height), read from the file
+    header before anything is decoded, and returns the smallest (width, height) the caller needs.
+    A JPEG is then decoded at the coarsest DCT scale 1/s (s = 2, 4 or 8, Pillow's draft mode)
+    that keeps it at least that big, and comes out ceil(width / s) x ceil(height / s): most of the
+    decoding work of a large photo of which only a small version is needed is skipped. Other
+    formats are decoded at full size (s = 1).
 
     - EXIF orientation is applied, so photos from phones come out upright.
     - Transparency (RGBA, LA, palette or grey with a transparent colour) is composited onto a
@@ -86,9 +96,11 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             # legitimate; PIL still raises DecompressionBombError beyond twice the limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
+                if at_least is not None:
+                    _draft(opened, at_least)
                 opened.load()  # decode now: a truncated file fails here, not later in a transform
-                upright = ImageOps.exif_transpose(opened)
-        return _to_rgb(upright)
+                ImageOps.exif_transpose(opened, in_place=True)  # in place: no copy of a big photo
+        return _to_rgb(opened)
     except Image.DecompressionBombError as err:
         raise UmmaeError(f"image '{path}' is too large to load: {err}") from err
     except UnidentifiedImageError as err:  # PIL's message repeats the path; say what it means
@@ -96,6 +108,20 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     except Exception as err:  # PIL signals other bad files with many exception types
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise UmmaeError(f"cannot read image '{path}': {reason}") from err
+
+
+def _draft(opened: Image.Image, at_least: Callable[[tuple[int, int]], tuple[int, int]]) -> None:
+    """Ask Pillow to decode `opened` (not loaded yet) at reduced scale, within `at_least`'s bound."""
+    width, height = opened.size
+    # EXIF orientations 5-8 turn the picture by 90 degrees: the caller thinks in upright sizes.
+    turned = opened.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    need_w, need_h = at_least((height, width) if turned else (width, height))
+    if turned:
+        need_w, need_h = need_h, need_w
+    if need_w < width and need_h < height:
+        # JPEG only (a no-op for other formats): picks the largest scale 1/s, s in (8, 4, 2),
+        # with width // s >= need_w and height // s >= need_h.
+        opened.draft(None, (max(need_w, 1), max(need_h, 1)))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -122,7 +148,9 @@ class ImageFolderUnlabeled(Dataset):
     """Every image under a folder tree, without labels.
 
     `dataset[i]` is `transform(load_rgb(file_i))`: with the pre-training transform, a float
-    tensor [3, img_size, img_size]; with transform=None, the PIL RGB image itself.
+    tensor [3, img_size, img_size]; with transform=None, the PIL RGB image itself. A `loader`
+    (file path -> sample, e.g. a `ummae.data.crop.CropDecoder`, raising UmmaeError for a file it
+    cannot read) replaces both: `dataset[i]` is then `loader(file_i)`.
 
     An unreadable file does not stop training: it is reported once with `warnings.warn`, its
     path is added to `self.skipped`, and the next readable file (i+1, i+2, ..., wrapping
@@ -132,11 +160,13 @@ class ImageFolderUnlabeled(Dataset):
     """
 
     def __init__(
-        self, root: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor] | None = None
+        self, root: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        loader: Callable[[Path], torch.Tensor] | None = None,
     ) -> None:
         self.root = Path(root)
         self.paths = find_images(self.root)
         self.transform = transform
+        self.loader = loader
         self.skipped: set[Path] = set()
 
     def __len__(self) -> int:
@@ -158,11 +188,13 @@ class ImageFolderUnlabeled(Dataset):
                 passed_over.append(path)
                 continue
             try:
-                img = load_rgb(path)
+                sample = self.loader(path) if self.loader is not None else load_rgb(path)
             except UmmaeError as err:
                 self.skipped.add(path)
                 passed_over.append(path)
                 warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
                 continue
-            return (self.transform(img) if self.transform is not None else img), passed_over
+            if self.loader is None and self.transform is not None:
+                sample = self.transform(sample)
+            return sample, passed_over
         raise UmmaeError(f"none of the {n} images under '{self.root}' could be read")

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import PretrainConfig, config_to_dict
-from ..data import build_pretrain_dataset
+from ..data import build_pretrain_dataset, to_model_input
 from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
 from ..errors import ConfigError, UmmaeError
 from ..masking import MaskSample
@@ -173,7 +173,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     seed, accum, batch = cfg.train.seed, cfg.train.accum_steps, cfg.train.batch_size
     # Everything that can be wrong with the input is checked before anything is written.
     dataset = build_pretrain_dataset(cfg.data.path, cfg.data.img_size, scale=(cfg.data.min_crop_scale, 1.0),
-                                     demo_length=cfg.data.demo_length)
+                                     demo_length=cfg.data.demo_length, decode=cfg.data.decode)
     sampler = EpochSampler(len(dataset), seed, env.world_size, env.rank)
     steps_per_epoch = sampler.per_rank // batch // accum
     if steps_per_epoch == 0:
@@ -249,7 +249,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
                 if micro == 0:
                     torch.manual_seed(seed_for(seed, "step", env.rank, step))  # drop path etc.
                 skipped_files.update(p for s in batch_data["skipped"] if s for p in s.split("\n"))
-                imgs = batch_data["image"].to(device, non_blocking=True)
+                imgs = to_model_input(batch_data["image"], device)  # uint8 -> device, normalised there
                 masks = _batch_masks(batch_data, model.grid_size, has_secondary).to(device)
                 with training_autocast(device, cfg.train.precision):
                     loss, _, _ = train_model(imgs, masks)
@@ -364,7 +364,7 @@ def _save_reconstructions(model, dataset, cfg: PretrainConfig, device: torch.dev
     if n == 0:
         return None
     samples = SeededSamples(dataset, cfg.train.seed)
-    imgs = torch.stack([samples[(0, i)]["image"] for i in range(n)]).to(device)
+    imgs = to_model_input(torch.stack([samples[(0, i)]["image"] for i in range(n)]), device)
     model.eval()
     masks = draw_masks(model.masking, cfg.train.seed, 0, list(range(n))).to(device)
     with training_autocast(device, cfg.train.precision):
