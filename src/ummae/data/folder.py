@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -60,8 +60,9 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file into an 8-bit RGB PIL image, whatever its mode.
+def load_rgb(path: str | os.PathLike | BinaryIO) -> Image.Image:
+    """Decode an image file (a path, or an open binary file such as a tar shard's member, whose
+    `name` attribute, if any, names it in errors) into an 8-bit RGB PIL image, whatever its mode.
 
     - EXIF orientation is applied, so photos from phones come out upright.
     - Transparency (RGBA, LA, palette or grey with a transparent colour) is composited onto a
@@ -79,7 +80,10 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
     Raises UmmaeError naming the file if it is empty, truncated, not an image, or too large.
     """
-    path = Path(path)
+    if hasattr(path, "read"):
+        name = getattr(path, "name", "<file object>")
+    else:
+        path = name = Path(path)
     try:
         with warnings.catch_warnings():
             # Big photographs (scans, satellite tiles) trigger this warning although they are
@@ -90,12 +94,12 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
                 upright = ImageOps.exif_transpose(opened)
         return _to_rgb(upright)
     except Image.DecompressionBombError as err:
-        raise UmmaeError(f"image '{path}' is too large to load: {err}") from err
+        raise UmmaeError(f"image '{name}' is too large to load: {err}") from err
     except UnidentifiedImageError as err:  # PIL's message repeats the path; say what it means
-        raise UmmaeError(f"cannot read image '{path}': empty file or not an image format") from err
+        raise UmmaeError(f"cannot read image '{name}': empty file or not an image format") from err
     except Exception as err:  # PIL signals other bad files with many exception types
         reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UmmaeError(f"cannot read image '{path}': {reason}") from err
+        raise UmmaeError(f"cannot read image '{name}': {reason}") from err
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -153,12 +157,13 @@ class ImageFolderUnlabeled(Dataset):
             raise IndexError(f"index {index} out of range for {n} images")
         passed_over: list[Path] = []
         for offset in range(n):
-            path = self.paths[(index + offset) % n]
+            position = (index + offset) % n
+            path = self.paths[position]
             if path in self.skipped:
                 passed_over.append(path)
                 continue
             try:
-                img = load_rgb(path)
+                img = self._decode(position)
             except UmmaeError as err:
                 self.skipped.add(path)
                 passed_over.append(path)
@@ -166,3 +171,7 @@ class ImageFolderUnlabeled(Dataset):
                 continue
             return (self.transform(img) if self.transform is not None else img), passed_over
         raise UmmaeError(f"none of the {n} images under '{self.root}' could be read")
+
+    def _decode(self, index: int) -> Image.Image:
+        """Image `index` as RGB; a subclass whose `paths` are not files (tar shards) reads them here."""
+        return load_rgb(self.paths[index])
