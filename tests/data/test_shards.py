@@ -188,3 +188,29 @@ def test_a_missing_webdataset_is_a_one_line_error(folder, tmp_path, monkeypatch)
 def test_build_pretrain_dataset_picks_shards_or_folder(folder, shards):
     assert type(build_pretrain_dataset(str(shards), 32)) is TarShards
     assert type(build_pretrain_dataset(str(folder), 32)) is ImageFolderUnlabeled
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_the_header_index_agrees_with_tarfile_on_every_tar_dialect(tmp_path, fmt):
+    from ummae.data.shards import _index_shard, _index_with_tarfile
+
+    names = ["k1.jpg", "sub/k2.png", "k2.cls", "d" * 120 + "/k3.jpg", "big.webp"]
+    if fmt != tarfile.USTAR_FORMAT:  # names ustar cannot hold: pax records / GNU long names
+        names += ["é.png", "a" * 150 + ".jpg"]
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            data = bytes([i]) * (3000 if name == "big.webp" else 10 + i)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5  # fractional mtime: a pax header per member
+            tar.addfile(info, io.BytesIO(data))
+    fast, reference = _index_shard(str(shard)), _index_with_tarfile(str(shard))
+    assert fast == reference and reference[1] is None
+    assert [m[0] for m in fast[0]] == [n for n in names if n != "k2.cls"]
+    raw = shard.read_bytes()
+    assert [raw[off:off + size] for _, off, size in fast[0]][0] == bytes([0]) * 10
+    # a garbage header in the middle ends the shard there, with the members before it kept
+    second = fast[0][1][1] - 512
+    shard.write_bytes(raw[:second] + b"\x07" * 512 + raw[second + 512:])
+    members, problem = _index_shard(str(shard))
+    assert [m[0] for m in members] == ["k1.jpg"] and "unreadable after 1 images" in problem
