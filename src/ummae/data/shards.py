@@ -244,6 +244,20 @@ def _index_with_tarfile(shard: str) -> tuple[list[tuple[str, int, int]], str | N
                 members.append((info.name, info.offset_data, info.size))
 
 
+class _MemberNames:
+    """`names[i]` -> `'<shard path>/<member name>'`, the id of image i in warnings and skip lists."""
+
+    def __init__(self, shards: list[str], shard_of: np.ndarray, members: np.ndarray) -> None:
+        self.shards, self.shard_of, self.members = shards, shard_of, members
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, index: int) -> str:
+        member = self.members[index].decode("utf-8", "surrogateescape")
+        return f"{self.shards[self.shard_of[index]]}/{member}"
+
+
 class TarShards(ImageFolderUnlabeled):
     """Every image member of a list of tar shards, without labels, by random access.
 
@@ -264,7 +278,7 @@ class TarShards(ImageFolderUnlabeled):
         self.skipped: set[str] = set()
         self.shards = find_shards(spec)
         self.bad_shards: list[str] = []
-        names: list[str] = []
+        names: list[bytes] = []
         shard_of: list[int] = []
         offsets: list[int] = []
         sizes: list[int] = []
@@ -273,18 +287,18 @@ class TarShards(ImageFolderUnlabeled):
             if problem is not None:
                 self.bad_shards.append(f"{shard}: {problem}")
                 warnings.warn(f"shard '{shard}' is damaged: {problem}", stacklevel=2)
-            names += [f"{shard}/{name}" for name, _, _ in members]
+            names += [name.encode("utf-8", "surrogateescape") for name, _, _ in members]
             shard_of += [k] * len(members)
             offsets += [offset for _, offset, _ in members]
             sizes += [size for _, _, size in members]
         if not names:
             raise UmmaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the {len(self.shards)} "
                              f"shard(s) of '{spec}'")
-        # `paths` (the parent's name for the per-sample ids) hold "<shard>/<member>" strings; the
-        # numeric columns are numpy arrays so that millions of entries stay compact and are shared
-        # copy-on-write by forked DataLoader workers.
-        self.paths = names
+        # The index is numpy arrays, not Python objects: millions of entries stay compact, and
+        # forked DataLoader workers share them (a list of str would be copied page by page into
+        # every worker as reference counts are touched).
         self._shard_of = np.asarray(shard_of, dtype=np.int32)
+        self.paths = _MemberNames(self.shards, self._shard_of, np.array(names, dtype=np.bytes_))
         self._offset = np.asarray(offsets, dtype=np.int64)
         self._size = np.asarray(sizes, dtype=np.int64)
         self._files: OrderedDict[int, int] = OrderedDict()  # shard -> open fd, least recent first
