@@ -214,3 +214,24 @@ def test_the_header_index_agrees_with_tarfile_on_every_tar_dialect(tmp_path, fmt
     shard.write_bytes(raw[:second] + b"\x07" * 512 + raw[second + 512:])
     members, problem = _index_shard(str(shard))
     assert [m[0] for m in members] == ["k1.jpg"] and "unreadable after 1 images" in problem
+
+
+def test_the_dataset_pickles_for_spawned_workers(shards):
+    import pickle
+
+    ds = TarShards(shards, transform=None)
+    first = np.asarray(ds[0])  # opens a file, which the copy must not carry
+    copy = pickle.loads(pickle.dumps(ds))
+    assert not copy._files and np.array_equal(np.asarray(copy[0]), first)
+
+
+def test_pretrain_on_bad_shards_fails_in_one_line_before_writing(shards, tmp_path):
+    from tiny import tiny_pretrain_args
+
+    listing = tmp_path / "urls.txt"
+    listing.write_text("s3://bucket/train-000000.tar\n")
+    for data in (str(shards / "train-{000000..000009}.tar"), str(listing)):
+        out = tmp_path / "run"
+        result = run_cli_captured(tiny_pretrain_args(out, "--data", data), out)
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "Traceback" not in result.err and not out.exists()
