@@ -32,9 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML file of config sections (e.g. a run's config.yaml)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="sets",
                    help="override any config key, e.g. optim.blr=1e-4 (repeatable)")
-    p.add_argument("--data", metavar="DIR",
+    p.add_argument("--data", metavar="DIR|SHARDS",
                    help="folder of images, searched recursively (jpg/png/webp/bmp/tif/gif; sub-folders "
-                        "and labels ignored); default: the built-in demo photographs")
+                        "and labels ignored), or tar shards (`ummae shards`): 'train-{000000..000127}.tar', "
+                        "a directory of .tar files, or a text file listing them; default: the demo photographs")
     p.add_argument("--out", metavar="DIR", help="run directory; default: runs/<preset>-<timestamp>")
     p.add_argument("--epochs", type=int, metavar="N", help="training epochs (sets the lr schedule)")
     p.add_argument("--max-steps", type=int, metavar="N",

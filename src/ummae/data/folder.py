@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -61,10 +61,11 @@ def find_images(root: str | os.PathLike) -> list[Path]:
 
 
 def load_rgb(
-    path: str | os.PathLike,
+    path: str | os.PathLike | BinaryIO,
     at_least: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
 ) -> Image.Image:
-    """Decode an image file into an 8-bit RGB PIL image, whatever its mode.
+    """Decode an image file (a path, or an open binary file such as a tar shard's member, whose
+    `name` attribute, if any, names it in errors) into an 8-bit RGB PIL image, whatever its mode.
 
     `at_least`, if given, is called with the image's upright (width, height), read from the file
     header before anything is decoded, and returns the smallest (width, height) the caller needs.
@@ -89,7 +90,10 @@ def load_rgb(
 
     Raises UmmaeError naming the file if it is empty, truncated, not an image, or too large.
     """
-    path = Path(path)
+    if hasattr(path, "read"):
+        name = getattr(path, "name", "<file object>")
+    else:
+        path = name = Path(path)
     try:
         with warnings.catch_warnings():
             # Big photographs (scans, satellite tiles) trigger this warning although they are
@@ -102,12 +106,12 @@ def load_rgb(
                 ImageOps.exif_transpose(opened, in_place=True)  # in place: no copy of a big photo
         return _to_rgb(opened)
     except Image.DecompressionBombError as err:
-        raise UmmaeError(f"image '{path}' is too large to load: {err}") from err
+        raise UmmaeError(f"image '{name}' is too large to load: {err}") from err
     except UnidentifiedImageError as err:  # PIL's message repeats the path; say what it means
-        raise UmmaeError(f"cannot read image '{path}': empty file or not an image format") from err
+        raise UmmaeError(f"cannot read image '{name}': empty file or not an image format") from err
     except Exception as err:  # PIL signals other bad files with many exception types
         reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UmmaeError(f"cannot read image '{path}': {reason}") from err
+        raise UmmaeError(f"cannot read image '{name}': {reason}") from err
 
 
 def _draft(opened: Image.Image, at_least: Callable[[tuple[int, int]], tuple[int, int]]) -> None:
@@ -183,12 +187,14 @@ class ImageFolderUnlabeled(Dataset):
             raise IndexError(f"index {index} out of range for {n} images")
         passed_over: list[Path] = []
         for offset in range(n):
-            path = self.paths[(index + offset) % n]
+            position = (index + offset) % n
+            path = self.paths[position]
             if path in self.skipped:
                 passed_over.append(path)
                 continue
             try:
-                sample = self.loader(path) if self.loader is not None else load_rgb(path)
+                source = self._source(position)
+                sample = self.loader(source) if self.loader is not None else load_rgb(source)
             except UmmaeError as err:
                 self.skipped.add(path)
                 passed_over.append(path)
@@ -198,3 +204,8 @@ class ImageFolderUnlabeled(Dataset):
                 sample = self.transform(sample)
             return sample, passed_over
         raise UmmaeError(f"none of the {n} images under '{self.root}' could be read")
+
+    def _source(self, index: int) -> Path | BinaryIO:
+        """What image `index` is read from: its file here; a subclass whose `paths` are not
+        files (tar shards) returns an open binary file instead."""
+        return self.paths[index]

@@ -1,0 +1,398 @@
+"""Images stored in tar shards (the WebDataset format), read by random access through an index.
+
+Large data sets live in tar shards because millions of small files are slow on network file
+systems. A shard is a plain (uncompressed) tar whose members are grouped into samples by key, as
+WebDataset writes them: `000123.jpg`, `000123.cls`, `000123.json`, ... Pre-training needs only
+the image, so every member whose field (the part of the name after the key's first dot) is an
+image extension (`jpg`, `png`, ...) is one sample; labels and other members are ignored.
+
+Why an index instead of WebDataset's streaming reader: ummae seeds every crop and mask by
+`(seed, epoch, index)` and orders each epoch by a seeded permutation of indices
+(`ummae.data.sampling`), which is what makes resume exact and runs world-size invariant. A
+streamed shard has no index. So at start-up each process reads the shards' tar headers (512
+bytes per member; the image bytes are skipped with a seek) into a table of
+`(shard, data offset, size)`, and `dataset[i]` reads exactly member i with one positional read.
+The epoch then samples shards exactly like a folder: every image once per epoch across all
+ranks and DataLoader workers, the same crops and masks for any number of processes, bit-identical
+losses after a resume. The price: each read is a random access, which local disks and network
+file systems (NFS, Lustre, GPFS, or an object store mounted with a FUSE client such as
+mountpoint-s3 or gcsfuse) serve well, but a `pipe:` or `http://` stream cannot; such URLs are
+refused with a one-line error.
+
+The shard list is given as a brace pattern (`train-{000000..000127}.tar`), a directory holding
+`.tar` files, one `.tar` file, or a text file listing shard paths (or patterns), one a line.
+Brace expansion and shard writing use the `webdataset` package (`pip install 'ummae[shards]'`),
+so the shards ummae writes are read by WebDataset, timm and OpenCLIP as well.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ummae.data.folder import IMAGE_EXTENSIONS, ImageFolderUnlabeled, load_rgb
+from ummae.errors import ConfigError, UmmaeError
+
+__all__ = ["TarShards", "find_shards", "is_shard_spec", "image_field", "require_webdataset"]
+
+# Open shard files per process: enough for a few shards' worth of locality, well under ulimits.
+MAX_OPEN_SHARDS = 64
+
+
+def require_webdataset():
+    """The `webdataset` module, or a one-line UmmaeError saying how to install it."""
+    try:
+        import webdataset
+    except ImportError as err:
+        raise UmmaeError("tar shards need the webdataset package: pip install 'ummae[shards]' "
+                         "(or pip install webdataset)") from err
+    return webdataset
+
+
+def image_field(member_name: str) -> str | None:
+    """The WebDataset field of a tar member if it is an image (`a/000123.jpg` -> 'jpg'), else None.
+
+    A sample's key is the member's base name up to its first dot, the field is the rest, so
+    `000123.seg.png` (field `seg.png`, e.g. a segmentation map) is not an image sample.
+    """
+    base = member_name.rsplit("/", 1)[-1]
+    if base.startswith(".") or "." not in base:
+        return None
+    field = base.split(".", 1)[1].lower()
+    return field if f".{field}" in IMAGE_EXTENSIONS else None
+
+
+def _is_url(entry: str) -> bool:
+    return "://" in entry or entry.startswith("pipe:")
+
+
+def is_shard_spec(path: str | os.PathLike) -> bool:
+    """Whether `--data path` names tar shards (brace pattern, .tar file, list file, or a directory
+    with .tar files at its top level) rather than a folder of images."""
+    text = str(path)
+    if "{" in text or text.endswith(".tar") or _is_url(text):
+        return True
+    p = Path(text)
+    if p.is_file():
+        return p.suffix.lower() not in IMAGE_EXTENSIONS
+    return p.is_dir() and any(child.suffix == ".tar" and child.is_file() for child in p.iterdir())
+
+
+def find_shards(spec: str | os.PathLike) -> list[str]:
+    """The shard files `spec` names, in order; raises ConfigError/UmmaeError on a bad spec.
+
+    `spec`: a brace pattern, a `.tar` file, a directory (its top-level `*.tar`, sorted), or a text
+    file listing shards (paths or brace patterns, one a line; `#` comments and blank lines are
+    skipped; relative paths are relative to the list file).
+    """
+    text = str(spec)
+    if _is_url(text):
+        raise ConfigError(_URL_REFUSAL.format(text))
+    p = Path(text)
+    if "{" in text:
+        shards = _expand(text)
+    elif p.is_dir():
+        shards = sorted(str(c) for c in p.iterdir() if c.suffix == ".tar" and c.is_file())
+        if not shards:
+            raise UmmaeError(f"no .tar shards in directory '{p}'")
+    elif text.endswith(".tar"):
+        shards = [text]
+    elif p.is_file():
+        shards = _read_list_file(p)
+    else:
+        raise UmmaeError(f"data path '{p}' does not exist")
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise UmmaeError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. '{missing[0]}'")
+    return shards
+
+
+_URL_REFUSAL = ("'{}' is a URL or pipe; ummae reads shards by random access (exact resume), so they must "
+                "be files: copy them, or mount the bucket (mountpoint-s3, gcsfuse, s3fs) and give the path")
+
+
+def _expand(pattern: str) -> list[str]:
+    wds = require_webdataset()
+    return list(wds.shardlists.expand_urls(pattern))
+
+
+def _read_list_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"'{path}' is neither a directory, a .tar shard nor a text list of shards "
+                          f"({type(err).__name__})") from None
+    shards: list[str] = []
+    for line in (line.strip() for line in lines):
+        if not line or line.startswith("#"):
+            continue
+        if _is_url(line):
+            raise ConfigError(_URL_REFUSAL.format(line))
+        entry = line if os.path.isabs(line) else str(path.parent / line)
+        shards += _expand(entry) if "{" in entry else [entry]
+    if not shards:
+        raise UmmaeError(f"shard list '{path}' names no shards")
+    return shards
+
+
+def _index_shard(shard: str) -> tuple[list[tuple[str, int, int]], str | None]:
+    """`([(member name, data offset, size), ...] of the image members, problem or None)`.
+
+    Reads only the 512-byte tar headers, skipping over the data. A shard cut short keeps the
+    members whose headers were read; a member whose data is cut is still listed, and fails (is
+    skipped and counted) when read. A header that cannot be parsed ends the shard: tar has no way
+    to find the next member without it.
+
+    ustar headers, with the pax records (`path`, `size`) and GNU long names that WebDataset and
+    Python's tarfile add, are parsed here, several times faster than `tarfile`, which builds a
+    TarInfo object per member; a shard with any other header (global pax headers, sparse files,
+    base-256 sizes) is indexed by `tarfile`.
+    """
+    try:
+        fd = os.open(shard, os.O_RDONLY)
+    except OSError as err:
+        return [], f"cannot be opened ({err})"
+    try:
+        end = os.fstat(fd).st_size
+        members: list[tuple[str, int, int]] = []
+        override: dict[str, bytes] = {}  # from a pax or GNU long-name header, for the next member
+        offset = 0
+        while True:
+            header = os.pread(fd, 512, offset)
+            if len(header) < 512:
+                problem = None if offset == end and offset > 0 else "unexpected end of data"
+                return members, problem and f"unreadable after {len(members)} images ({problem})"
+            if header == _ZERO_BLOCK:  # end-of-archive marker
+                return members, None
+            try:
+                checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                checksum = -1
+            if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as spaces
+                problem = "invalid header" if offset else "not an uncompressed tar"
+                return members, f"unreadable after {len(members)} images ({problem})"
+            typeflag, size_field = header[156:157], header[124:136]
+            if header[257:262] != b"ustar" or typeflag in b"KgS" or size_field[0] & 0x80:
+                return _index_with_tarfile(shard)  # a valid header of a dialect not parsed here
+            try:
+                size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                return members, f"unreadable after {len(members)} images (invalid size field)"
+            data_offset, offset = offset + 512, offset + 512 + (size + 511) // 512 * 512
+            if typeflag in b"xL":  # a pax record or GNU long name: it describes the next member
+                extended = os.pread(fd, size, data_offset)
+                if typeflag == b"L":
+                    override["path"] = extended.split(b"\0", 1)[0]
+                else:
+                    override.update(_pax_records(extended))
+                continue
+            name = header[:100].split(b"\0", 1)[0]
+            prefix = header[345:500].split(b"\0", 1)[0]
+            name = override.get("path", prefix + b"/" + name if prefix else name)
+            if "size" in override:
+                size = int(override["size"])
+                offset = data_offset + (size + 511) // 512 * 512
+            override = {}
+            name = name.decode("utf-8", "surrogateescape")
+            if typeflag in (b"0", b"\0", b"7") and image_field(name):
+                members.append((name, data_offset, size))
+    finally:
+        os.close(fd)
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _pax_records(data: bytes) -> dict[str, bytes]:
+    """The `path` and `size` of a pax extended header ("<length> <key>=<value>\\n" records)."""
+    records, position = {}, 0
+    while position < len(data) and data[position:position + 1] != b"\0":
+        length = int(data[position:data.index(b" ", position)])
+        key, _, value = data[data.index(b" ", position) + 1: position + length - 1].partition(b"=")
+        if key in (b"path", b"size"):
+            records[key.decode()] = value
+        position += length
+    return records
+
+
+def _index_with_tarfile(shard: str) -> tuple[list[tuple[str, int, int]], str | None]:
+    """`_index_shard` through Python's tarfile, which reads every tar dialect."""
+    members: list[tuple[str, int, int]] = []
+    try:
+        tar = tarfile.open(shard, "r:")  # "r:": uncompressed only, the format random access needs
+    except (tarfile.ReadError, OSError) as err:
+        return members, f"not a readable uncompressed tar ({err})"
+    with tar:
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.ReadError, OSError) as err:
+                return members, f"unreadable after {len(members)} images ({err})"
+            if info is None:
+                return members, None
+            if info.isfile() and image_field(info.name):
+                members.append((info.name, info.offset_data, info.size))
+
+
+class _MemberNames:
+    """`names[i]` -> `'<shard path>/<member name>'`, the id of image i in warnings and skip lists."""
+
+    def __init__(self, shards: list[str], shard_of: np.ndarray, members: np.ndarray) -> None:
+        self.shards, self.shard_of, self.members = shards, shard_of, members
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, index: int) -> str:
+        member = self.members[index].decode("utf-8", "surrogateescape")
+        return f"{self.shards[self.shard_of[index]]}/{member}"
+
+
+class TarShards(ImageFolderUnlabeled):
+    """Every image member of a list of tar shards, without labels, by random access.
+
+    Behaves like `ImageFolderUnlabeled` (it is one, with tar members instead of files):
+    `dataset[i]` is `transform(load_rgb(member_i))`, an unreadable member (corrupt, or cut short
+    by a truncated shard) is warned about, skipped and reported by `load`, and its name
+    `'<shard path>/<member name>'` goes to the run's skipped_images.txt. A shard that is not a tar
+    at all is warned about at indexing and left out (`self.bad_shards`).
+
+    Order: shards in the order given, members in tar order; index i is stable as long as the
+    shards are, which is what exact resume relies on.
+    """
+
+    def __init__(self, spec: str | os.PathLike,
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None,
+                 loader: Callable[[io.BytesIO], torch.Tensor] | None = None) -> None:
+        self.root = str(spec)
+        self.transform = transform
+        self.loader = loader
+        self.skipped: set[str] = set()
+        self.shards = find_shards(spec)
+        self.bad_shards: list[str] = []
+        names: list[bytes] = []
+        shard_of: list[int] = []
+        offsets: list[int] = []
+        sizes: list[int] = []
+        for k, shard in enumerate(self.shards):
+            members, problem = _index_shard(shard)
+            if problem is not None:
+                self.bad_shards.append(f"{shard}: {problem}")
+                warnings.warn(f"shard '{shard}' is damaged: {problem}", stacklevel=2)
+            names += [name.encode("utf-8", "surrogateescape") for name, _, _ in members]
+            shard_of += [k] * len(members)
+            offsets += [offset for _, offset, _ in members]
+            sizes += [size for _, _, size in members]
+        if not names:
+            raise UmmaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the {len(self.shards)} "
+                             f"shard(s) of '{spec}'")
+        # The index is numpy arrays, not Python objects: millions of entries stay compact, and
+        # forked DataLoader workers share them (a list of str would be copied page by page into
+        # every worker as reference counts are touched).
+        self._shard_of = np.asarray(shard_of, dtype=np.int32)
+        self.paths = _MemberNames(self.shards, self._shard_of, np.array(names, dtype=np.bytes_))
+        self._offset = np.asarray(offsets, dtype=np.int64)
+        self._size = np.asarray(sizes, dtype=np.int64)
+        self._files: OrderedDict[int, int] = OrderedDict()  # shard -> open fd, least recent first
+
+    def read_bytes(self, index: int) -> bytes:
+        """The stored bytes of image `index` (e.g. the JPEG file), with one positional read."""
+        size = int(self._size[index])
+        data = os.pread(self._fd(int(self._shard_of[index])), size, int(self._offset[index]))
+        if len(data) < size:
+            raise UmmaeError(f"cannot read image '{self.paths[index]}': shard truncated "
+                             f"({len(data)} of {size} bytes)")
+        return data
+
+    def _source(self, index: int) -> io.BytesIO:
+        # The parent's skip-and-count loop decodes what this returns with the same `load_rgb`
+        # (or crop loader) as files in a folder: here the member's bytes from the shard.
+        try:
+            data = self.read_bytes(index)
+        except OSError as err:
+            raise UmmaeError(f"cannot read image '{self.paths[index]}': {err}") from err
+        buffer = io.BytesIO(data)
+        buffer.name = self.paths[index]  # named in load_rgb's errors
+        return buffer
+
+    def _fd(self, shard: int) -> int:
+        """An open file descriptor of shard `shard`, from a small per-process LRU cache. Forked
+        DataLoader workers inherit the cache; `os.pread` keeps no shared file position, so that
+        is safe."""
+        fd = self._files.pop(shard, None)
+        if fd is None:
+            fd = os.open(self.shards[shard], os.O_RDONLY)
+            if len(self._files) >= MAX_OPEN_SHARDS:
+                os.close(self._files.popitem(last=False)[1])
+        self._files[shard] = fd
+        return fd
+
+    def __getstate__(self) -> dict:  # spawned workers open their own files
+        state = dict(self.__dict__)
+        state["_files"] = OrderedDict()
+        return state
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_files", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def write_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000,
+                 prefix: str = "train", progress: bool = True) -> tuple[list[str], list[str]]:
+    """Pack every image under folder `data` into tar shards `out/<prefix>-000000.tar`, ...
+
+    Each readable image is stored as it is on disk (no re-encoding) under the key of its position
+    in the sorted file list (`000000123.jpg`), `shard_size` images per shard, with WebDataset's
+    own `ShardWriter`. Every file is decoded once first, so that unreadable ones are left out
+    (and listed) instead of failing a training run later.
+
+    Returns `(shard paths, unreadable files with the reason)`. Raises UmmaeError if `data` holds no
+    images, none is readable, or `out` already holds shards.
+    """
+    from tqdm import tqdm
+
+    from ummae.data.folder import find_images
+
+    wds = require_webdataset()
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size must be at least 1, got {shard_size}")
+    files = find_images(data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob(f"{prefix}-*.tar")):
+        raise UmmaeError(f"'{out}' already holds {prefix}-*.tar shards; choose an empty --out")
+    unreadable: list[str] = []
+    written = 0
+    # A whole-second mtime: with WebDataset's default (the fractional time.time()) every member
+    # gets a second, pax header just for it, which makes shards bigger and indexing slower.
+    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0,
+                         mtime=int(time.time())) as sink:
+        for number, path in enumerate(tqdm(files, desc="shards", unit="img", disable=not progress,
+                                           dynamic_ncols=True, mininterval=0.5)):
+            try:
+                load_rgb(path)
+            except UmmaeError as err:
+                unreadable.append(str(err))
+                continue
+            # WebDataset fields are the extension without the dot; `jpeg` and `jpg` are both fine.
+            sink.write({"__key__": f"{number:09d}", path.suffix.lower()[1:]: path.read_bytes()})
+            written += 1
+    shards = sorted(str(p) for p in out.glob(f"{prefix}-*.tar"))
+    if written == 0:
+        for shard in shards:
+            os.remove(shard)
+        raise UmmaeError(f"none of the {len(files)} images under '{data}' could be read")
+    return shards, unreadable

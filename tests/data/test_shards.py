@@ -1,0 +1,237 @@
+"""Tar shards: `ummae shards` writes WebDataset-format shards, `TarShards` reads them by index with
+the same samples as the folder they came from, damaged members and shards are skipped and named,
+and every spelling of `--data` (brace pattern, directory, list file) finds the same shards."""
+
+from __future__ import annotations
+
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny import run_cli_captured
+from ummae.data import ImageFolderUnlabeled, TarShards, build_pretrain_dataset, pretrain_transform
+from ummae.data.sampling import EpochSampler, SeededSamples
+from ummae.data.shards import find_shards, image_field, is_shard_spec
+from ummae.errors import ConfigError, UmmaeError
+
+N_IMAGES = 7
+
+
+def _write_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "cls_b").mkdir(parents=True)
+    for i in range(N_IMAGES):
+        sub = root / "cls_b" if i % 2 else root
+        Image.fromarray(rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)).save(sub / f"im{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return _write_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    result = run_cli_captured(["shards", "--data", str(folder), "--out", str(out), "--shard-size", "3",
+                               "--no-progress"], out)
+    assert result.code == 0, result.err
+    assert f"--data '{out}/train-{{000000..000002}}.tar'" in result.out
+    return out
+
+
+def test_shards_hold_every_image_unchanged_and_webdataset_reads_them(folder, shards):
+    import webdataset as wds
+
+    files = sorted(p for p in folder.rglob("*.png"))
+    assert sorted(p.name for p in shards.glob("*.tar")) == [f"train-{k:06d}.tar" for k in range(3)]
+    samples = list(wds.WebDataset(str(shards / "train-{000000..000002}.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(N_IMAGES)]
+    assert [s["png"] for s in samples] == [p.read_bytes() for p in files]  # bytes unchanged
+
+
+def test_a_shard_sample_is_the_folder_sample_of_the_same_image(folder, shards):
+    # Same images in the same order: the same seeded crops, so training on either is the same run.
+    transform = pretrain_transform(32)
+    from_folder = SeededSamples(ImageFolderUnlabeled(folder, transform), seed=3)
+    from_shards = SeededSamples(TarShards(shards, transform), seed=3)
+    assert len(from_shards) == len(from_folder) == N_IMAGES
+    for i in range(N_IMAGES):
+        assert torch.equal(from_folder[(1, i)]["image"], from_shards[(1, i)]["image"]), i
+    assert not torch.equal(from_shards[(1, 0)]["image"], from_shards[(2, 0)]["image"])  # crops do vary
+
+
+def test_every_spelling_of_the_shard_list_finds_the_same_shards(shards, tmp_path):
+    expected = [str(shards / f"train-{k:06d}.tar") for k in range(3)]
+    assert find_shards(shards / "train-{000000..000002}.tar") == expected
+    assert find_shards(shards) == expected
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for k in range(3):
+        (copy / f"train-{k:06d}.tar").write_bytes((shards / f"train-{k:06d}.tar").read_bytes())
+    listing = tmp_path / "list.txt"
+    # relative to the list file, with a comment, a blank line and a brace pattern
+    listing.write_text("# shards\ncopy/train-000000.tar\n\ncopy/train-{000001..000002}.tar\n")
+    assert find_shards(listing) == [str(copy / f"train-{k:06d}.tar") for k in range(3)]
+    for spec in (shards, listing, shards / "train-000001.tar", "x/train-{0..3}.tar"):
+        assert is_shard_spec(spec)
+    assert not is_shard_spec(shards.parent)  # a folder without .tar files at its top: images
+
+
+def test_bad_shard_lists_are_one_line_errors(shards, tmp_path):
+    with pytest.raises(UmmaeError, match="1 of 4 shards do not exist"):
+        find_shards(shards / "train-{000000..000003}.tar")
+    listing = tmp_path / "urls.txt"
+    listing.write_text("https://example.com/train-000000.tar\n")
+    with pytest.raises(ConfigError, match="random access"):
+        find_shards(listing)
+    with pytest.raises(ConfigError, match="random access"):
+        find_shards("pipe:curl -s https://example.com/train-000000.tar")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.tar").write_bytes(b"")
+    with pytest.warns(UserWarning, match="damaged"), pytest.raises(UmmaeError, match="no images"):
+        TarShards(tmp_path / "empty")
+
+
+def test_labels_and_other_members_are_ignored(tmp_path):
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        for name, data in [("k1.jpg", _jpeg()), ("k1.cls", b"3"), ("k1.json", b"{}"),
+                           ("k1.seg.png", _jpeg()), ("sub/k2.JPEG", _jpeg()), ("._k3.jpg", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ds = TarShards(tmp_path / "mixed.tar")
+    assert [p.rsplit("/", 1)[-1] for p in ds.paths] == ["k1.jpg", "k2.JPEG"]
+    assert ds[1].size == (24, 16)
+    assert image_field("a.b/k.webp") == "webp" and image_field("k.seg.png") is None
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_corrupt_members_and_a_truncated_shard_are_skipped_and_named(shards, tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    # shard 0: member 1 overwritten with garbage; shard 2: cut in the middle of its last member
+    raw0 = bytearray((shards / "train-000000.tar").read_bytes())
+    with tarfile.open(shards / "train-000000.tar") as tar:
+        victim = tar.getmembers()[1]
+    raw0[victim.offset_data: victim.offset_data + 64] = b"\0" * 64
+    (damaged / "train-000000.tar").write_bytes(bytes(raw0))
+    (damaged / "train-000001.tar").write_bytes((shards / "train-000001.tar").read_bytes())
+    raw2 = (shards / "train-000002.tar").read_bytes()
+    with tarfile.open(shards / "train-000002.tar") as tar:
+        last = tar.getmembers()[-1]
+    (damaged / "train-000002.tar").write_bytes(raw2[: last.offset_data + last.size // 2])
+
+    with pytest.warns(UserWarning, match="train-000002.tar' is damaged: unreadable after 1 images"):
+        ds = TarShards(damaged, transform=None)
+    assert len(ds) == N_IMAGES  # a member cut short is indexed, and fails when read
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        images = [ds.load(i) for i in range(N_IMAGES)]
+    bad = {f"{damaged / 'train-000000.tar'}/{victim.name}", f"{damaged / 'train-000002.tar'}/{last.name}"}
+    assert {p for _, skipped in images for p in skipped} == bad == ds.skipped
+    assert all(isinstance(img, Image.Image) for img, _ in images)
+    # the other five decode to the very images of the intact shards
+    intact = TarShards(shards, transform=None)
+    for i in range(N_IMAGES):
+        if ds.paths[i] not in bad:
+            assert np.array_equal(np.asarray(ds[i]), np.asarray(intact[i]))
+
+
+def test_ranks_and_workers_see_every_shard_image_once_per_epoch(shards):
+    # The sampler is the folder's: ranks x DataLoader workers split indices, not shards.
+    ds = SeededSamples(TarShards(shards, pretrain_transform(16)), seed=0)
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            sampler = EpochSampler(len(ds), seed=0, world_size=2, rank=rank)
+            sampler.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=sampler, num_workers=2)
+            seen += [int(b["index"]) for b in loader]
+        assert len(seen) == len(set(seen)) == N_IMAGES - N_IMAGES % 2  # the odd one out of a round
+
+
+def test_ummae_shards_lists_unreadable_files_and_refuses_to_overwrite(folder, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(folder.rglob("*.png"))[:2]:
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "broken.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    result = run_cli_captured(["shards", "--data", str(data), "--out", str(out), "--no-progress"], out)
+    assert result.code == 0, result.err
+    assert "1 unreadable image(s)" in result.out
+    assert "broken.jpg" in (out / "skipped_images.txt").read_text()
+    assert len(TarShards(out)) == 2
+    again = run_cli_captured(["shards", "--data", str(data), "--out", str(out)], out)
+    assert again.code == 2 and "already holds" in again.err and "Traceback" not in again.err
+
+
+def test_a_missing_webdataset_is_a_one_line_error(folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # import fails as if not installed
+    result = run_cli_captured(["shards", "--data", str(folder), "--out", str(tmp_path / "o")], tmp_path)
+    assert result.code == 2 and "pip install 'ummae[shards]'" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
+def test_build_pretrain_dataset_picks_shards_or_folder(folder, shards):
+    assert type(build_pretrain_dataset(str(shards), 32)) is TarShards
+    assert type(build_pretrain_dataset(str(folder), 32)) is ImageFolderUnlabeled
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_the_header_index_agrees_with_tarfile_on_every_tar_dialect(tmp_path, fmt):
+    from ummae.data.shards import _index_shard, _index_with_tarfile
+
+    names = ["k1.jpg", "sub/k2.png", "k2.cls", "d" * 120 + "/k3.jpg", "big.webp"]
+    if fmt != tarfile.USTAR_FORMAT:  # names ustar cannot hold: pax records / GNU long names
+        names += ["é.png", "a" * 150 + ".jpg"]
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            data = bytes([i]) * (3000 if name == "big.webp" else 10 + i)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5  # fractional mtime: a pax header per member
+            tar.addfile(info, io.BytesIO(data))
+    fast, reference = _index_shard(str(shard)), _index_with_tarfile(str(shard))
+    assert fast == reference and reference[1] is None
+    assert [m[0] for m in fast[0]] == [n for n in names if n != "k2.cls"]
+    raw = shard.read_bytes()
+    assert [raw[off:off + size] for _, off, size in fast[0]][0] == bytes([0]) * 10
+    # a garbage header in the middle ends the shard there, with the members before it kept
+    second = fast[0][1][1] - 512
+    shard.write_bytes(raw[:second] + b"\x07" * 512 + raw[second + 512:])
+    members, problem = _index_shard(str(shard))
+    assert [m[0] for m in members] == ["k1.jpg"] and "unreadable after 1 images" in problem
+
+
+def test_the_dataset_pickles_for_spawned_workers(shards):
+    import pickle
+
+    ds = TarShards(shards, transform=None)
+    first = np.asarray(ds[0])  # opens a file, which the copy must not carry
+    copy = pickle.loads(pickle.dumps(ds))
+    assert not copy._files and np.array_equal(np.asarray(copy[0]), first)
+
+
+def test_pretrain_on_bad_shards_fails_in_one_line_before_writing(shards, tmp_path):
+    from tiny import tiny_pretrain_args
+
+    listing = tmp_path / "urls.txt"
+    listing.write_text("s3://bucket/train-000000.tar\n")
+    for data in (str(shards / "train-{000000..000009}.tar"), str(listing)):
+        out = tmp_path / "run"
+        result = run_cli_captured(tiny_pretrain_args(out, "--data", data), out)
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "Traceback" not in result.err and not out.exists()
