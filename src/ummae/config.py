@@ -22,7 +22,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = [
-    "ModelConfig", "MaskingConfig", "DataConfig", "OptimConfig", "TrainConfig", "PretrainConfig",
+    "ModelConfig", "MaskingConfig", "EmaeConfig", "DataConfig", "OptimConfig", "TrainConfig", "PretrainConfig",
     "resolve_config", "config_to_dict", "apply_overrides", "parse_set_option",
 ]
 
@@ -52,6 +52,16 @@ class MaskingConfig:
     unit_size: int = 16  # pixels
     mask_ratio: float = 0.75  # random masking (mae, simmim); uniform masking is always 0.75
     secondary_ratio: float = 0.25  # ummae: visible units given the secondary mask token
+
+
+@dataclass
+class EmaeConfig:
+    """EMAE only (method emae): each image is split into `num_parts` disjoint parts per step."""
+    num_parts: int = 4  # K; each part masks 1 - 1/K of the units (masking.mask_ratio is unused)
+    parts: str = "uniform"  # uniform (2x2 blocks dealt to 4 parts: swin, pvt, vit) | random (vit)
+    consistency_weight: float = 1.0  # weight of the self-consistency term; 0 = off
+    consistency_distance: str = "l1"  # l1 | l2, symmetric with stop-gradient on the other branch
+    consistency_start_epoch: float = 0.0  # the term counts from this epoch on
 
 
 @dataclass
@@ -94,17 +104,19 @@ class TrainConfig:
     vis_images: int = 8  # images in the reconstruction picture
 
 
-METHODS = ("ummae", "mae", "simmim")
+METHODS = ("ummae", "mae", "simmim", "emae")
 
 
 @dataclass
 class PretrainConfig:
     preset: str = "demo"
     # ummae: MAE with uniform masking (Swin, PVT, ViT); mae: random masking (ViT);
-    # simmim: full image with mask tokens, linear head, L1 (Swin, PVT)
+    # simmim: full image with mask tokens, linear head, L1 (Swin, PVT);
+    # emae: K disjoint parts per image + self-consistency (uniform parts: Swin, PVT, ViT; random: ViT)
     method: str = "ummae"
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    emae: EmaeConfig = field(default_factory=EmaeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -262,6 +274,35 @@ def stage_widths(m: ModelConfig) -> list[int]:
     return [m.embed_dim * 2 ** i for i in range(len(m.depths))]
 
 
+def _uniform(cfg: PretrainConfig) -> bool:
+    """Whether the method draws uniform masks (one visible unit per 2x2 block)."""
+    return cfg.method == "ummae" or (cfg.method == "emae" and cfg.emae.parts == "uniform")
+
+
+def _validate_emae(cfg: PretrainConfig) -> None:
+    e = cfg.emae
+    if e.parts not in ("uniform", "random"):
+        raise ConfigError(f"emae.parts must be uniform or random, got {e.parts!r}")
+    if e.parts == "random" and cfg.model.arch != "vit":
+        raise ConfigError(f"emae.parts random needs model.arch vit: {cfg.model.arch} windows/reductions "
+                          "need uniform parts; use emae.parts=uniform")
+    if e.num_parts < 2:
+        raise ConfigError(f"emae.num_parts must be >= 2, got {e.num_parts}")
+    if e.parts == "uniform" and e.num_parts != 4:
+        raise ConfigError(f"emae.parts uniform deals each 2x2 block to 4 parts: emae.num_parts must be 4, "
+                          f"got {e.num_parts}")
+    units = (cfg.data.img_size // cfg.masking.unit_size) ** 2
+    if e.parts == "random" and units % e.num_parts:
+        raise ConfigError(f"emae.num_parts {e.num_parts} does not divide the {units} mask units of a "
+                          f"{cfg.data.img_size} px image with {cfg.masking.unit_size} px units")
+    if e.consistency_distance not in ("l1", "l2"):
+        raise ConfigError(f"emae.consistency_distance must be l1 or l2, got {e.consistency_distance!r}")
+    if not (math.isfinite(e.consistency_weight) and e.consistency_weight >= 0):
+        raise ConfigError(f"emae.consistency_weight must be >= 0, got {e.consistency_weight}")
+    if not (math.isfinite(e.consistency_start_epoch) and e.consistency_start_epoch >= 0):
+        raise ConfigError(f"emae.consistency_start_epoch must be >= 0, got {e.consistency_start_epoch}")
+
+
 def validate(cfg: PretrainConfig) -> PretrainConfig:
     """Check every value; raise `ConfigError` naming the first bad key."""
     from .models import ENCODERS
@@ -315,7 +356,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     positive("data.img_size", d.img_size)
     if d.img_size % k.unit_size:
         raise ConfigError(f"data.img_size {d.img_size} is not divisible by masking.unit_size {k.unit_size}")
-    if cfg.method == "ummae" and (d.img_size // k.unit_size) % 2:
+    if cfg.method == "emae":
+        _validate_emae(cfg)
+    if _uniform(cfg) and (d.img_size // k.unit_size) % 2:
         raise ConfigError(f"data.img_size {d.img_size} / masking.unit_size {k.unit_size} gives an odd "
                           f"unit grid ({d.img_size // k.unit_size}); uniform masking needs it even")
     if not 0 < d.min_crop_scale <= 1:

@@ -8,6 +8,8 @@ order over the unit grid, `index = row * grid_w + col`.
 - `UniformMasking`: UM-MAE's Uniform Masking = Uniform Sampling (exactly one visible unit in
   every 2x2 block, its position drawn uniformly) + Secondary Masking (a fraction of the visible
   units gets its embedding replaced by a learnable token).
+- `DisjointPartsMasking`: EMAE's K parts per image (SPEC sec. 7): K masks whose visible sets are
+  disjoint and together cover the grid; random, or uniform (each 2x2 block dealt to 4 parts).
 
 Both are usable on their own, with any training loop:
 
@@ -28,7 +30,9 @@ import torch
 from .errors import ConfigError, UmmaeError
 
 __all__ = [
+    "DisjointPartsMasking",
     "MaskSample",
+    "PartsSample",
     "RandomMasking",
     "UniformMasking",
     "check_uniform",
@@ -213,3 +217,136 @@ def uniform_ids_keep(mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Te
     block_c = torch.arange(w // 2, device=mask.device).view(1, 1, -1)
     ids = (2 * block_r + pos // 2) * w + (2 * block_c + pos % 2)
     return ids.reshape(B, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# EMAE: K disjoint parts per image
+
+
+@dataclass
+class PartsSample:
+    """K masks per image whose visible sets are disjoint and cover the grid (EMAE).
+
+    Attributes:
+        mask: `[B, K, L]` bool, True = masked in that part (each unit is visible in exactly one
+            of the K parts, masked in the other K-1).
+        ids_keep: `[B, K, L_vis]` long, visible units of each part (same order rules as
+            `MaskSample.ids_keep`: sorted for random parts, block row-major for uniform parts).
+        grid_size: `(h, w)` of the unit grid.
+        secondary: `[B, K, L]` bool or None; uniform parts: visible units of that part given the
+            secondary mask token (drawn independently per part).
+    """
+
+    mask: torch.Tensor
+    ids_keep: torch.Tensor
+    grid_size: tuple[int, int]
+    secondary: torch.Tensor | None = None
+
+    @property
+    def num_parts(self) -> int:
+        return self.mask.shape[1]
+
+    def flatten(self) -> MaskSample:
+        """One `MaskSample` of batch `B*K`, **image-major**: row `b*K + k` is part `k` of image `b`
+        (the K parts of an image are consecutive), the order of `imgs.repeat_interleave(K, 0)`."""
+        secondary = None if self.secondary is None else self.secondary.flatten(0, 1)
+        return MaskSample(self.mask.flatten(0, 1), self.ids_keep.flatten(0, 1), self.grid_size, secondary)
+
+    @staticmethod
+    def cat(samples: list["PartsSample"]) -> "PartsSample":
+        """Concatenate parts samples of the same grid along the image batch."""
+        secondary = None
+        if samples[0].secondary is not None:
+            secondary = torch.cat([s.secondary for s in samples])
+        return PartsSample(torch.cat([s.mask for s in samples]), torch.cat([s.ids_keep for s in samples]),
+                           samples[0].grid_size, secondary)
+
+    def to(self, device: torch.device | str) -> "PartsSample":
+        secondary = None if self.secondary is None else self.secondary.to(device)
+        return PartsSample(self.mask.to(device), self.ids_keep.to(device), self.grid_size, secondary)
+
+
+class DisjointPartsMasking:
+    """EMAE's masking: every image is split into K parts with disjoint visible sets that together
+    cover the unit grid (SPEC sec. 7); each part is an ordinary mask of ratio `1 - 1/K`.
+
+    - random (`uniform=False`, for ViT): one random permutation of the L units per image, dealt
+      in K consecutive slices of `L/K` units; slice `k` is part `k`'s visible set.
+    - uniform (`uniform=True`, K = 4, for Swin/PVT/ViT): the 4 units of every 2x2 block are dealt
+      to the 4 parts in an order drawn uniformly (one of the 24 permutations) per block and per
+      image, so every part keeps exactly one unit per block: a valid `UniformMasking` sample that
+      the compact encoders accept. Secondary masking is then drawn per part, independently, as
+      `UniformMasking` does for one mask.
+
+    Called like the other maskings: `masking(B, generator=g)` -> `PartsSample`; use
+    `.flatten()` for a `MaskSample` of batch `B*K` (image-major).
+
+    Args:
+        grid_size: unit grid `(h, w)` or one int.
+        num_parts: K >= 2. Random: must divide `h*w`. Uniform: must be 4.
+        uniform: deal 2x2 blocks (True) or a random permutation (False).
+        secondary_ratio: uniform parts only: fraction of each part's visible units given the
+            secondary mask token, in [0, 1).
+    """
+
+    def __init__(self, grid_size: int | tuple[int, int], num_parts: int = 4, uniform: bool = True,
+                 secondary_ratio: float = 0.25):
+        self.grid_size = _grid(grid_size)
+        h, w = self.grid_size
+        L = h * w
+        if isinstance(num_parts, bool) or int(num_parts) != num_parts or num_parts < 2:
+            raise ConfigError(f"num_parts must be an integer >= 2, got {num_parts}")
+        self.num_parts = K = int(num_parts)
+        self.uniform = bool(uniform)
+        if self.uniform:
+            if K != 4:
+                raise ConfigError(f"uniform disjoint parts deal the 4 units of each 2x2 block to 4 parts; "
+                                  f"num_parts must be 4, got {K}")
+            if h % 2 or w % 2:
+                raise ConfigError(f"uniform disjoint parts need an even unit grid (whole 2x2 blocks), got {h}x{w}")
+            self.secondary_ratio = _check_ratio("secondary_ratio", secondary_ratio)
+        else:
+            if L % K:
+                raise ConfigError(f"{K} disjoint parts of equal size do not fit a {h}x{w} grid "
+                                  f"({L} units is not a multiple of {K})")
+            self.secondary_ratio = 0.0  # random parts have no secondary masking
+        self.num_visible = L // K
+        self.num_secondary = int(round(self.num_visible * self.secondary_ratio))
+        self.mask_ratio = 1.0 - 1.0 / K
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> PartsSample:
+        """Draw `batch_size` images' K parts (on the generator's device, then moved)."""
+        B, K = int(batch_size), self.num_parts
+        h, w = self.grid_size
+        L = h * w
+        gen_device = generator.device if generator is not None else "cpu"
+        if self.uniform:
+            hb, wb = h // 2, w // 2
+            # A uniformly random permutation of the 4 in-block positions per block: deal[..., k]
+            # = position (0..3, (dr, dc) row-major) of the unit that part k keeps.
+            deal = torch.rand(B, hb * wb, 4, generator=generator, device=gen_device).argsort(dim=-1)
+            block = torch.arange(hb * wb, device=gen_device).view(1, -1, 1)
+            rows = 2 * (block // wb) + deal // 2
+            cols = 2 * (block % wb) + deal % 2
+            ids_keep = (rows * w + cols).permute(0, 2, 1)  # [B, 4, L/4], block row-major per part
+        else:
+            perm = torch.rand(B, L, generator=generator, device=gen_device).argsort(dim=-1)
+            # Slice k of the permutation is part k; sorted to keep raster order, as RandomMasking.
+            ids_keep = perm.view(B, K, self.num_visible).sort(dim=-1).values  # [B, K, L/K]
+        mask = torch.ones(B, K, L, dtype=torch.bool, device=gen_device)
+        mask.scatter_(2, ids_keep, False)
+        secondary = None
+        if self.uniform:
+            secondary = torch.zeros(B, K, L, dtype=torch.bool, device=gen_device)
+            if self.num_secondary:
+                noise = torch.rand(B, K, self.num_visible, generator=generator, device=gen_device)
+                chosen = noise.argsort(dim=-1)[..., : self.num_secondary]
+                secondary.scatter_(2, ids_keep.gather(2, chosen), True)
+        sample = PartsSample(mask, ids_keep, self.grid_size, secondary)
+        return sample.to(device) if device is not None else sample
+
+    def from_batch(self, batch: dict) -> PartsSample:
+        """The parts of a DataLoader batch of `SeededSamples` items (`mask` `[B, K, L]`, ...)."""
+        return PartsSample(batch["mask"], batch["ids_keep"], self.grid_size,
+                           batch["secondary"] if self.uniform else None)

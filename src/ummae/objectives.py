@@ -3,13 +3,19 @@
 Pixels are compared per *mask unit* (SPEC sec. 1): an image `[B, 3, H, W]` is cut into
 `L = (H/u) * (W/u)` units of `u x u` pixels, in unit row-major order, each flattened to
 `u*u*3` values (channel last, as MAE does).
+
+`self_consistency_loss` is EMAE's term (SPEC sec. 7): it pulls together the predictions that the
+K disjoint parts of an image make for the same unit.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["patchify", "unpatchify", "normalize_targets", "masked_mse_loss", "masked_l1_loss"]
+__all__ = ["patchify", "unpatchify", "normalize_targets", "masked_mse_loss", "masked_l1_loss",
+           "self_consistency_loss", "CONSISTENCY_DISTANCES"]
+
+CONSISTENCY_DISTANCES = ("l1", "l2")
 
 
 def patchify(imgs: torch.Tensor, unit: int) -> torch.Tensor:
@@ -95,3 +101,41 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor)
     per_unit = (pred - target).abs().mean(dim=-1)  # [B, L]
     weight = mask.to(per_unit.dtype)
     return (per_unit * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-unit distance `[..., D] -> [...]`: mean absolute (l1) or mean squared (l2) difference."""
+    diff = a - b
+    return (diff.abs() if distance == "l1" else diff.pow(2)).mean(dim=-1)
+
+
+def self_consistency_loss(pred: torch.Tensor, mask: torch.Tensor, distance: str = "l1") -> torch.Tensor:
+    """EMAE's self-consistency over the units that two parts of an image both had to predict.
+
+    For every pair of parts `i < j` and every unit masked in both, the symmetric distance with a
+    stop-gradient on the other branch,
+
+        d(sg(p_i), p_j) + d(p_i, sg(p_j)),
+
+    so each branch is pulled towards the other's current prediction as a fixed target (`d` = mean
+    absolute or squared difference over the unit's pixels). Averaged over all such (image, pair,
+    unit) triples. With K = 4 random or uniform parts every unit is masked in 3 parts, so it
+    takes part in 3 of the 6 pairs.
+
+    Args:
+        pred: `[B, K, L, D]` predictions of the K parts of each image.
+        mask: `[B, K, L]` bool, True = masked in that part (only those predictions are compared:
+            a visible unit's prediction is not trained and means nothing).
+        distance: "l1" or "l2".
+
+    Returns:
+        scalar; 0 when all parts agree on every unit they share.
+    """
+    if distance not in CONSISTENCY_DISTANCES:
+        raise ValueError(f"consistency distance must be one of {CONSISTENCY_DISTANCES}, got {distance!r}")
+    K = pred.shape[1]
+    i, j = torch.triu_indices(K, K, offset=1, device=pred.device)  # the K(K-1)/2 pairs
+    p_i, p_j = pred[:, i], pred[:, j]  # [B, P, L, D]
+    per_unit = (_distance(p_i.detach(), p_j, distance) + _distance(p_i, p_j.detach(), distance))  # [B, P, L]
+    both = (mask[:, i] & mask[:, j]).to(per_unit.dtype)  # [B, P, L]
+    return (per_unit * both).sum() / both.sum().clamp_min(1.0)

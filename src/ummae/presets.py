@@ -6,6 +6,8 @@ a method and a recipe, and named `<method>_<backbone>_<size>`:
 - the paper's comparison grid (SPEC sec. 6, ImageNet-1K recipes): `ummae_swin_tiny_256` vs
   `simmim_swin_tiny_256`, `ummae_pvt_small_256` vs `simmim_pvt_small_256`, `mae_vit_base_224`
   vs `ummae_vit_base_224`, and Swin-L (`ummae_swin_large_256`, `simmim_swin_large_256`);
+- EMAE (4 disjoint parts per image + self-consistency): `emae_vit_base_224` (random parts),
+  `emae_swin_tiny_256` and `emae_pvt_small_256` (uniform parts, "UM-EMAE");
 - a tiny variant of each, `<method>_<backbone>_demo`, that trains on the built-in photographs in
   a couple of minutes on a CPU (tests, demos, quick checks); `demo` is `ummae_swin_demo`.
 """
@@ -95,6 +97,19 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "ViT-B/16 with uniform masking + SM 0.25 (UM costs ViT nothing), 224 px, 200 ep x 4096",
         _preset("ummae", VIT_B, PAPER, dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
                 data=dict(img_size=224))),
+    # ---- EMAE: K = 4 disjoint parts per image + self-consistency (see docs/emae.md) -------------
+    # Same recipe as the method each extends; an epoch is still one pass over the images (each
+    # image is used 4 times per step) and the lr rule counts images, not parts.
+    "emae_vit_base_224": (
+        "ViT-B/16, EMAE: 4 disjoint random parts per image (75% each) + self-consistency, 224 px",
+        _preset("emae", VIT_B, PAPER, dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
+                data=dict(img_size=224), emae=dict(parts="random"))),
+    "emae_swin_tiny_256": (
+        "Swin-T, UM-EMAE: each 2x2 block dealt to 4 uniform parts (SM 0.25 each) + self-consistency",
+        _preset("emae", SWIN_T, PAPER, dict(window_size=8, **PAPER_DECODER), emae=dict(parts="uniform"))),
+    "emae_pvt_small_256": (
+        "PVT-S, UM-EMAE: 4 uniform parts per image on the compact grid + self-consistency",
+        _preset("emae", PVT_S, PAPER, PAPER_DECODER, emae=dict(parts="uniform"))),
     # ---- tiny variants: CPU demos and tests ----------------------------------------------------
     "ummae_swin_demo": (
         "tiny Swin, UM-MAE on the built-in demo photographs, 128 px; about a minute on a 2-core CPU",
@@ -114,6 +129,15 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "ummae_vit_demo": (
         "tiny ViT/16, MAE with uniform masking on the demo photographs, 128 px",
         _preset("ummae", VIT_DEMO, DEMO, DEMO_DECODER)),
+    "emae_vit_demo": (
+        "tiny ViT/16, EMAE with 4 disjoint random parts per image on the demo photographs, 128 px",
+        _preset("emae", VIT_DEMO, DEMO, DEMO_DECODER, emae=dict(parts="random"))),
+    "emae_swin_demo": (
+        "tiny Swin, UM-EMAE (4 uniform parts per image) on the demo photographs, 128 px",
+        _preset("emae", SWIN_DEMO, DEMO, dict(window_size=4, **DEMO_DECODER), emae=dict(parts="uniform"))),
+    "emae_pvt_demo": (
+        "tiny PVT, UM-EMAE (4 uniform parts per image) on the demo photographs, 128 px",
+        _preset("emae", PVT_DEMO, DEMO, DEMO_DECODER, emae=dict(parts="uniform"))),
 }
 PRESETS["demo"] = ("the default: " + PRESETS["ummae_swin_demo"][0], PRESETS["ummae_swin_demo"][1])
 

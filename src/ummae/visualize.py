@@ -29,6 +29,7 @@ from ummae.objectives import patchify, unpatchify
 
 __all__ = [
     "denormalize_prediction",
+    "picture_rows",
     "reconstruction_grid",
     "save_reconstruction_grid",
     "save_loss_curve",
@@ -77,6 +78,18 @@ def denormalize_prediction(
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True, unbiased=False)
     return pred.float() * (var + eps) ** 0.5 + mean
+
+
+def picture_rows(imgs: torch.Tensor, masks):
+    """`(imgs, MaskSample)` with one picture row per prediction.
+
+    A `MaskSample` is returned as is. EMAE's `PartsSample` (K parts per image, predictions
+    `[B*K, L, D]` image-major) becomes K rows per image: each image repeated K times beside its
+    flattened parts, so the picture shows the K parts of one image and their predictions in turn.
+    """
+    if hasattr(masks, "flatten") and hasattr(masks, "num_parts"):
+        return imgs.repeat_interleave(masks.num_parts, dim=0), masks.flatten()
+    return imgs, masks
 
 
 def _unit_to_pixel_mask(unit_mask: torch.Tensor, unit: int, grid: tuple[int, int]) -> torch.Tensor:

@@ -189,6 +189,8 @@ def test_presets_lists_every_preset_with_size_input_and_masking(capsys):
         assert f"{cfg.masking.unit_size}px units" in row
         if cfg.method == "ummae":
             assert f"uniform 75% + SM {cfg.masking.secondary_ratio:g}" in row
+        elif cfg.method == "emae":
+            assert f"{cfg.emae.num_parts} disjoint {cfg.emae.parts} parts" in row
         else:
             assert f"random {cfg.masking.mask_ratio:.0%}" in row
         assert str(cfg.effective_batch) in row

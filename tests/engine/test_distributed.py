@@ -69,3 +69,21 @@ def test_only_rank_zero_writes_and_the_lr_scales_with_the_world_size(runs):
     assert ddp_lr == pytest.approx(single_lr)  # batch 2 x 2 processes = batch 4
     assert ddp.stdout.count("ummae pretrain: done") == 1  # one summary, from rank 0
     assert "processes        2 (DDP)" in ddp.stdout
+
+
+def test_emae_two_gloo_processes_match_one_process(tmp_path):
+    """EMAE (4 uniform parts per image, masks drawn in the workers): same losses and weights."""
+    emae = ("--set", "method=emae")
+    single = run([sys.executable, "-m", "ummae", *tiny(tmp_path / "single", 4, *emae)])
+    assert single.returncode == 0, single.stderr
+    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "ummae", *tiny(tmp_path / "ddp", 2, *emae)])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert len(a) == len(b) == STEPS
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=1e-5), (a, b)
+    w1 = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)["model"]
+    w2 = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["model"]
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=5e-5)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tiny import TINY_SETS, run_cli_captured
@@ -37,9 +38,13 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
 
-def test_resuming_from_any_checkpoint_replays_the_run_exactly(tmp_path):
+# EMAE: K parts per image drawn in the workers; its consistency term starts at epoch 1 (= step 5
+# of 8 here), so resuming before and after the switch is covered.
+@pytest.mark.parametrize("extra", [(), ("--set", "method=emae", "--set", "emae.consistency_start_epoch=1")],
+                         ids=["ummae", "emae"])
+def test_resuming_from_any_checkpoint_replays_the_run_exactly(tmp_path, extra):
     full = tmp_path / "full"
-    assert run_cli_captured(run_args(full), full).code == 0
+    assert run_cli_captured(run_args(full, *extra), full).code == 0
     reference = losses(full)
     assert sorted(reference) == list(range(1, STEPS + 1))
 

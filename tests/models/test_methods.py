@@ -19,7 +19,8 @@ def build(name: str, **sets):
 
 
 def test_the_grid_has_a_demo_of_every_method_and_backbone():
-    assert DEMO_PRESETS == ["mae_vit_demo", "simmim_pvt_demo", "simmim_swin_demo",
+    assert DEMO_PRESETS == ["emae_pvt_demo", "emae_swin_demo", "emae_vit_demo",
+                            "mae_vit_demo", "simmim_pvt_demo", "simmim_swin_demo",
                             "ummae_pvt_demo", "ummae_swin_demo", "ummae_vit_demo"]
 
 
@@ -29,7 +30,8 @@ def test_forward_backward_gives_a_finite_loss_and_every_parameter_a_gradient(nam
     imgs = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size)
     loss, pred, masks = model(imgs, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
-    assert pred.shape == (2, (cfg.data.img_size // cfg.masking.unit_size) ** 2, cfg.masking.unit_size ** 2 * 3)
+    rows = 2 * (cfg.emae.num_parts if cfg.method == "emae" else 1)  # EMAE: K parts per image
+    assert pred.shape == (rows, (cfg.data.img_size // cfg.masking.unit_size) ** 2, cfg.masking.unit_size ** 2 * 3)
     loss.backward()
     no_grad = {n for n, p in model.named_parameters()
                if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)}
@@ -38,7 +40,7 @@ def test_forward_backward_gives_a_finite_loss_and_every_parameter_a_gradient(nam
     # is frozen rather than left without a gradient (DDP would wait for one).
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     expected = {"encoder.pos_embed"} if cfg.model.arch == "vit" else set()  # ViT's fixed sin-cos table
-    if cfg.method == "mae":
+    if cfg.method == "mae" or (cfg.method == "emae" and cfg.emae.parts == "random"):
         expected.add("encoder.mask_token")
     assert frozen == expected
 

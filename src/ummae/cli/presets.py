@@ -25,6 +25,10 @@ def _count_params(cfg) -> int:
 
 def _masking(cfg) -> str:
     k = cfg.masking
+    if cfg.method == "emae":
+        e = cfg.emae
+        sm = f" + SM {k.secondary_ratio:g}" if e.parts == "uniform" else ""
+        return f"{e.num_parts} disjoint {e.parts} parts{sm} + consistency, {k.unit_size}px units"
     if cfg.method == "ummae":
         return f"uniform 75% + SM {k.secondary_ratio:g}, {k.unit_size}px units"
     tokens = " -> mask tokens" if cfg.method == "simmim" else ""

@@ -80,6 +80,11 @@ def _flags(args: argparse.Namespace) -> dict:
     }
 
 
+def _parts(cfg) -> str:
+    """EMAE counts images (batch, images/s, lr rule); say that each is used K times."""
+    return f" images x {cfg.emae.num_parts} parts" if cfg.method == "emae" else ""
+
+
 def _summary(result, cfg) -> str:
     def rel(p):
         return "-" if p is None else str(p)
@@ -89,7 +94,8 @@ def _summary(result, cfg) -> str:
         f"ummae pretrain: done - preset {cfg.preset}, {result.steps} steps ({result.epochs:.2f} epochs) "
         f"in {result.seconds:.0f} s on {result.device}",
         f"  final loss       {result.final_loss:.4f}   ({result.images_per_sec:.1f} images/s, "
-        f"{result.num_params / 1e6:.2f}M parameters, effective batch {cfg.effective_batch}, lr {cfg.lr:.3g})",
+        f"{result.num_params / 1e6:.2f}M parameters, effective batch {cfg.effective_batch}{_parts(cfg)}, "
+        f"lr {cfg.lr:.3g})",
         f"  run directory    {result.run_dir}",
         f"  config           {rel(result.config)}",
         f"  metrics          {rel(result.metrics)}",

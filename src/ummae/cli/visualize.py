@@ -18,8 +18,9 @@ __all__ = ["add_parser", "run", "visualize_checkpoint"]
 EPILOG = """\
 Images are resized (shorter side) and centre-cropped to the pre-training size. Rows are ordered
 image by image: image 1 with mask 1..M, then image 2, ... Masks are the checkpoint's own kind
-(UM-MAE: uniform + secondary masking, shown tinted; MAE / SimMIM: random) and are seeded by
---seed, so the same command draws the same picture.
+(UM-MAE: uniform + secondary masking, shown tinted; MAE / SimMIM: random; EMAE: each draw is
+K disjoint parts, one row per part) and are seeded by --seed, so the same command draws the
+same picture.
 
 examples:
   ummae visualize --checkpoint runs/demo/checkpoint.pt cat.jpg dog.png --out recon.png
@@ -67,14 +68,14 @@ def visualize_checkpoint(checkpoint: str | Path, images: list[str | Path], out: 
     """Write the reconstruction grid of `images` x `masks` random masks to `out`.
 
     Returns:
-        `(out, rows)`, `rows = len(images) * masks`.
+        `(out, rows)`, `rows = len(images) * masks` (x K parts for EMAE).
     """
     from ..data.folder import load_rgb
     from ..data.transforms import eval_transform
     from ..engine.pretrain import resolve_device, training_autocast
     from ..errors import ConfigError, UmmaeError
     from ..masking import MaskSample
-    from ..visualize import save_reconstruction_grid
+    from ..visualize import picture_rows, save_reconstruction_grid
 
     if masks < 1:
         raise ConfigError(f"--masks must be >= 1, got {masks}")
@@ -92,11 +93,12 @@ def visualize_checkpoint(checkpoint: str | Path, images: list[str | Path], out: 
         drawn = model.sample_masks(masks, generator=generator).to(dev)
         with training_autocast(dev, "auto"):
             _, pred, _ = model(imgs, drawn)
+        imgs, drawn = picture_rows(imgs, drawn)  # EMAE: K rows (parts) per mask draw
         rows_img.append(imgs.cpu())
         rows_pred.append(pred.float().cpu())
         rows_masks.append(drawn.to("cpu"))
     all_masks = MaskSample.cat(rows_masks)
-    rows = len(pictures) * masks
+    rows = sum(r.shape[0] for r in rows_img)
     try:
         path = save_reconstruction_grid(out, torch.cat(rows_img), torch.cat(rows_pred), all_masks.mask,
                                         model.unit, secondary=all_masks.secondary,
@@ -108,6 +110,6 @@ def visualize_checkpoint(checkpoint: str | Path, images: list[str | Path], out: 
 
 def run(args: argparse.Namespace) -> int:
     path, rows = visualize_checkpoint(args.checkpoint, args.images, args.out, args.masks, args.seed, args.device)
-    print(f"ummae visualize: {path}  ({len(args.images)} image(s) x {args.masks} mask(s) = {rows} rows: "
+    print(f"ummae visualize: {path}  ({len(args.images)} image(s) x {args.masks} mask(s) -> {rows} rows: "
           f"original | masked input | reconstruction | prediction)")
     return 0

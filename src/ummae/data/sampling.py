@@ -37,16 +37,15 @@ def draw_masks(masking, seed: int, epoch: int, indices: list[int]):
     """One mask per sample, seeded by (seed, epoch, index): independent of batch and world size.
 
     Args:
-        masking: a `UniformMasking` / `RandomMasking` (or anything called as `masking(1, generator)`).
+        masking: a `UniformMasking` / `RandomMasking` / `DisjointPartsMasking` (or anything called
+            as `masking(1, generator)` returning a sample type with a `cat`).
 
     Returns:
-        a `MaskSample` of `len(indices)` masks.
+        a `MaskSample` (a `PartsSample` for disjoint parts) of `len(indices)` images.
     """
-    from ..masking import MaskSample
-
     gen = torch.Generator()
-    return MaskSample.cat([masking(1, generator=gen.manual_seed(seed_for(seed, "mask", epoch, i)))
-                           for i in indices])
+    samples = [masking(1, generator=gen.manual_seed(seed_for(seed, "mask", epoch, i))) for i in indices]
+    return type(samples[0]).cat(samples)
 
 
 class EpochSampler(Sampler):
@@ -96,7 +95,7 @@ class SeededSamples(Dataset):
     dataset had to pass over to find a readable image, "" when none: the training loop counts
     them across workers and ranks) and, when a `masking` is given, the sample's mask as
     `mask` `[L]`, `ids_keep` `[L_vis]` and `secondary` `[L]` (all False without secondary
-    masking). Drawing masks here puts that CPU work in the DataLoader workers, overlapped with
+    masking); with EMAE's disjoint parts each has a leading `K` axis (`[K, L]`, ...). Drawing masks here puts that CPU work in the DataLoader workers, overlapped with
     the model, instead of between steps.
 
     The wrapped dataset's transform draws from torch's global generator; it is forked, seeded

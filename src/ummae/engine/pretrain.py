@@ -39,7 +39,7 @@ from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
 from ..errors import ConfigError, UmmaeError
 from ..masking import MaskSample
 from ..models import build_pretrain_model
-from ..visualize import save_loss_curve, save_reconstruction_grid
+from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid
 from .checkpoint import (link_or_copy, load_checkpoint, prune_step_checkpoints, save_checkpoint,
                          step_checkpoint_path)
 from .distributed import (DistEnv, all_reduce_mean, all_reduce_sum, any_rank, gather_strings,
@@ -50,7 +50,7 @@ from .optim import build_optimizer, build_scheduler, schedule_lengths
 __all__ = ["pretrain", "RunResult", "resolve_device", "training_autocast", "NonFiniteLossError"]
 
 # Sections a resumed checkpoint must agree with: they decide the parameters and the data stream.
-_ARCHITECTURE_KEYS = ("method", "model", "masking")
+_ARCHITECTURE_KEYS = ("method", "model", "masking", "emae")
 
 
 class NonFiniteLossError(UmmaeError):
@@ -135,7 +135,9 @@ def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
     )
 
 
-def _batch_masks(batch: dict, grid_size: tuple[int, int], has_secondary: bool) -> MaskSample:
+def _batch_masks(batch: dict, masking, grid_size: tuple[int, int], has_secondary: bool) -> MaskSample:
+    if hasattr(masking, "from_batch"):  # EMAE's parts ([B, K, L] masks) rebuild themselves
+        return masking.from_batch(batch)
     return MaskSample(batch["mask"], batch["ids_keep"], grid_size, batch["secondary"] if has_secondary else None)
 
 
@@ -243,6 +245,8 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     try:
         while step < total_steps:
             epoch = step // steps_per_epoch
+            if hasattr(model, "set_epoch"):  # EMAE: the consistency term's start epoch
+                model.set_epoch(epoch)
             sampler.set_epoch(epoch, start=(step % steps_per_epoch) * accum * batch)
             micro, group_ok = 0, True
             for batch_data in loader:
@@ -250,7 +254,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
                     torch.manual_seed(seed_for(seed, "step", env.rank, step))  # drop path etc.
                 skipped_files.update(p for s in batch_data["skipped"] if s for p in s.split("\n"))
                 imgs = to_model_input(batch_data["image"], device)  # uint8 -> device, normalised there
-                masks = _batch_masks(batch_data, model.grid_size, has_secondary).to(device)
+                masks = _batch_masks(batch_data, model.masking, model.grid_size, has_secondary).to(device)
                 with training_autocast(device, cfg.train.precision):
                     loss, _, _ = train_model(imgs, masks)
                 loss_value = loss.item()
@@ -369,5 +373,6 @@ def _save_reconstructions(model, dataset, cfg: PretrainConfig, device: torch.dev
     masks = draw_masks(model.masking, cfg.train.seed, 0, list(range(n))).to(device)
     with training_autocast(device, cfg.train.precision):
         _, pred, _ = model(imgs, masks)
+    imgs, masks = picture_rows(imgs, masks)  # EMAE: one row per part (the K parts of an image in turn)
     return save_reconstruction_grid(path, imgs, pred, masks.mask, model.unit,
                                     secondary=masks.secondary, norm_pix_loss=model.norm_pix_loss)

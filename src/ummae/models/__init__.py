@@ -1,16 +1,18 @@
 """Models: one file per backbone (`swin.py`, `pvt.py`, `vit.py`), the shared MAE decoder
-(`decoder.py`) and the two pre-training methods around them: `mim.py` (MAE / UM-MAE) and
-`simmim.py` (the SimMIM baseline). Every backbone serves every method it supports, so the
+(`decoder.py`) and the pre-training methods around them: `mim.py` (MAE / UM-MAE), `emae.py`
+(EMAE: K disjoint parts + self-consistency, a `MaskedAutoencoder`) and `simmim.py` (the SimMIM
+baseline). Every backbone serves every method it supports, so the
 encoder weights of a UM-MAE run and of a SimMIM run of the same backbone are interchangeable."""
 
 from __future__ import annotations
 
 from .decoder import MAEDecoder
+from .emae import EfficientMaskedAutoencoder
 from .mim import MaskedAutoencoder
 from .simmim import SimMIM
 from .swin import SwinTransformer
 
-__all__ = ["MAEDecoder", "MaskedAutoencoder", "SimMIM", "SwinTransformer", "ENCODERS",
+__all__ = ["MAEDecoder", "MaskedAutoencoder", "EfficientMaskedAutoencoder", "SimMIM", "SwinTransformer", "ENCODERS",
            "build_encoder", "build_pretrain_model"]
 
 
@@ -47,11 +49,20 @@ def build_encoder(cfg):
 
 
 def build_pretrain_model(cfg):
-    """The pre-training model of a `PretrainConfig`: UM-MAE, MAE or SimMIM around its encoder."""
+    """The pre-training model of a `PretrainConfig`: UM-MAE, MAE, EMAE or SimMIM around its encoder."""
     encoder = build_encoder(cfg)
     if cfg.method == "simmim":
         return SimMIM(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
                       mask_ratio=cfg.masking.mask_ratio)
+    if cfg.method == "emae":
+        e = cfg.emae
+        return EfficientMaskedAutoencoder(
+            encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size, num_parts=e.num_parts,
+            uniform=e.parts == "uniform", secondary_ratio=cfg.masking.secondary_ratio,
+            consistency_weight=e.consistency_weight, consistency_distance=e.consistency_distance,
+            consistency_start_epoch=e.consistency_start_epoch, norm_pix_loss=cfg.model.norm_pix_loss,
+            decoder_dim=cfg.model.decoder_dim, decoder_depth=cfg.model.decoder_depth,
+            decoder_heads=cfg.model.decoder_heads)
     return MaskedAutoencoder(
         encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
         masking="uniform" if cfg.method == "ummae" else "random",

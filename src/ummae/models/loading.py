@@ -21,8 +21,9 @@ __all__ = ["full_image_window", "load_pretrain_checkpoint", "build_backbone", "l
 
 
 def full_image_window(cfg: PretrainConfig) -> int:
-    """Swin window for full images: UM-MAE pre-trains on the half-size compact grid, so 2x."""
-    return cfg.model.window_size * 2 if cfg.method == "ummae" else cfg.model.window_size
+    """Swin window for full images: UM-MAE (and EMAE, whose Swin parts are uniform) pre-train on
+    the half-size compact grid, so 2x."""
+    return cfg.model.window_size * 2 if cfg.method in ("ummae", "emae") else cfg.model.window_size
 
 
 def load_pretrain_checkpoint(path: str | Path) -> tuple[PretrainConfig, dict]:

@@ -1,0 +1,140 @@
+"""EMAE: K disjoint masked parts per image, reconstructed together, with self-consistency
+(arXiv 2302.14431, SPEC sec. 7; no official code exists, the choices that are ours are listed
+in docs/emae.md).
+
+Every image is split by `DisjointPartsMasking` into K parts whose visible sets are disjoint and
+cover the image; each part is an ordinary MAE sample of mask ratio `1 - 1/K`. With uniform parts
+(K = 4: each 2x2 block's units dealt to the 4 parts) every part is a valid uniform mask, so the
+compacting Swin and PVT encoders run EMAE unchanged.
+
+This is `MaskedAutoencoder` with two verbs changed:
+    forward_encoder / forward_decoder  take a `PartsSample`: the K parts of the B images run as
+                                       ONE batch of B*K (image-major: row b*K + k is part k of
+                                       image b), no loop over the parts
+    forward_loss                       mean of the K parts' normalised-pixel MSE on their masked
+                                       units + weight x self-consistency (`objectives`)
+and `forward` returns `(loss, pred [B*K, L, D], parts)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..masking import DisjointPartsMasking, MaskSample, PartsSample
+from ..objectives import CONSISTENCY_DISTANCES, masked_mse_loss, normalize_targets, patchify, self_consistency_loss
+from .mim import MaskedAutoencoder
+
+__all__ = ["EfficientMaskedAutoencoder"]
+
+
+class EfficientMaskedAutoencoder(MaskedAutoencoder):
+    """EMAE around any encoder of `MaskedAutoencoder`.
+
+    Args:
+        encoder, img_size, unit, norm_pix_loss, decoder_dim, decoder_depth, decoder_heads: as
+            `MaskedAutoencoder`.
+        num_parts: K (4 = MAE's 75% mask ratio per part).
+        uniform: uniform parts (Swin/PVT need them; K must be 4) or random parts (ViT).
+        secondary_ratio: uniform parts: secondary masking of each part's visible units.
+        consistency_weight: weight of the self-consistency term (0 = off).
+        consistency_distance: "l1" or "l2" (see `objectives.self_consistency_loss`).
+        consistency_start_epoch: the term counts from this epoch on (`set_epoch`); before, its
+            weight is 0 (it is still computed, so the graph and DDP's reduction do not change).
+    """
+
+    def __init__(self, encoder: nn.Module, img_size: int | tuple[int, int] = 256, unit: int = 16,
+                 num_parts: int = 4, uniform: bool = True, secondary_ratio: float = 0.25,
+                 consistency_weight: float = 1.0, consistency_distance: str = "l1",
+                 consistency_start_epoch: float = 0.0, norm_pix_loss: bool = True,
+                 decoder_dim: int = 512, decoder_depth: int = 2, decoder_heads: int = 16):
+        if consistency_distance not in CONSISTENCY_DISTANCES:
+            raise ConfigError(f"consistency distance must be one of {', '.join(CONSISTENCY_DISTANCES)}, "
+                              f"got {consistency_distance!r}")
+        if not consistency_weight >= 0 or not consistency_start_epoch >= 0:
+            raise ConfigError("consistency weight and start epoch must be >= 0, got "
+                              f"{consistency_weight} and {consistency_start_epoch}")
+        # The parent checks sizes, refuses random masks for compacting encoders, freezes the
+        # unused secondary token for random parts, and builds the decoder.
+        super().__init__(encoder, img_size, unit, masking="uniform" if uniform else "random",
+                         mask_ratio=0.75, secondary_ratio=secondary_ratio, norm_pix_loss=norm_pix_loss,
+                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
+        self.masking = DisjointPartsMasking(self.grid_size, num_parts, uniform, secondary_ratio)
+        self.num_parts = self.masking.num_parts
+        self.consistency_weight = float(consistency_weight)
+        self.consistency_distance = consistency_distance
+        self.consistency_start_epoch = float(consistency_start_epoch)
+        self.epoch = 0.0  # set by the training loop; a plain attribute, not in the state dict
+
+    def set_epoch(self, epoch: float) -> None:
+        """Tell the model the training epoch (for `consistency_start_epoch`)."""
+        self.epoch = float(epoch)
+
+    def sample_masks(self, batch_size: int, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> PartsSample:
+        """K disjoint parts for each of `batch_size` images."""
+        return self.masking(batch_size, generator=generator, device=device)
+
+    def forward_encoder(self, imgs: torch.Tensor, masks: PartsSample | MaskSample) -> torch.Tensor:
+        """Features of every part's visible units, all parts in one batch.
+
+        Args:
+            imgs: `[B, 3, H, W]` with a `PartsSample` (each image repeated K times, image-major,
+                to meet its flattened parts), or `[B*K, 3, H, W]` with an already flat `MaskSample`.
+
+        Returns:
+            the encoder's output for the `B*K` part samples (see `MaskedAutoencoder`).
+        """
+        if isinstance(masks, PartsSample):
+            imgs, masks = imgs.repeat_interleave(masks.num_parts, dim=0), masks.flatten()  # [B*K, 3, H, W]
+        return super().forward_encoder(imgs, masks)
+
+    def forward_decoder(self, features: torch.Tensor, masks: PartsSample | MaskSample) -> torch.Tensor:
+        """Features of the `B*K` parts -> `[B*K, L, unit*unit*3]` predictions."""
+        if isinstance(masks, PartsSample):
+            masks = masks.flatten()
+        return super().forward_decoder(features, masks)
+
+    def loss_terms(self, imgs: torch.Tensor, pred: torch.Tensor, masks: PartsSample) -> dict[str, torch.Tensor]:
+        """`reconstruction` (mean over the K parts of each part's masked-unit MSE) and `consistency`.
+
+        Args:
+            imgs: `[B, 3, H, W]`; pred: `[B*K, L, D]` image-major; masks: the `PartsSample`.
+        """
+        B, K = masks.mask.shape[:2]
+        target = patchify(imgs, self.unit)  # [B, L, D], computed once per image, not per part
+        if self.norm_pix_loss:
+            target = normalize_targets(target)
+        pred = pred.float().reshape(B, K, *pred.shape[1:])  # [B, K, L, D]
+        # Every part masks the same number of units, so the masked-unit mean over all B*K parts
+        # equals the mean over k of the K per-part losses.
+        target = target.float().unsqueeze(1).expand_as(pred)
+        return {"reconstruction": masked_mse_loss(pred, target, masks.mask),
+                "consistency": self_consistency_loss(pred, masks.mask, self.consistency_distance)}
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, masks: PartsSample) -> torch.Tensor:
+        """reconstruction + weight x consistency (weight 0 before `consistency_start_epoch`)."""
+        terms = self.loss_terms(imgs, pred, masks)
+        weight = self.consistency_weight if self.epoch >= self.consistency_start_epoch else 0.0
+        return terms["reconstruction"] + weight * terms["consistency"]
+
+    def forward(self, imgs: torch.Tensor, masks: PartsSample | None = None,
+                generator: torch.Generator | None = None):
+        """
+        Args:
+            imgs: `[B, 3, H, W]` normalised images of the pre-training size.
+            masks: the images' parts, or None to draw them (with `generator`).
+
+        Returns:
+            `(loss, pred [B*K, L, unit*unit*3] image-major, parts)`.
+        """
+        if tuple(imgs.shape[-2:]) != self.img_size:
+            raise ConfigError(f"model was built for {self.img_size} images, got {tuple(imgs.shape[-2:])}")
+        if masks is None:
+            masks = self.sample_masks(imgs.shape[0], generator=generator, device=imgs.device)
+        if not isinstance(masks, PartsSample) or masks.mask.shape[0] != imgs.shape[0]:
+            raise ConfigError("EMAE needs a PartsSample (K disjoint parts) for every image")
+        features = self.forward_encoder(imgs, masks)  # B*K part samples in one pass
+        pred = self.forward_decoder(features, masks)  # [B*K, L, D]
+        return self.forward_loss(imgs, pred, masks), pred, masks
