@@ -16,8 +16,11 @@ The epoch then samples shards exactly like a folder: every image once per epoch 
 ranks and DataLoader workers, the same crops and masks for any number of processes, bit-identical
 losses after a resume. The price: each read is a random access, which local disks and network
 file systems (NFS, Lustre, GPFS, or an object store mounted with a FUSE client such as
-mountpoint-s3 or gcsfuse) serve well, but a `pipe:` or `http://` stream cannot; such URLs are
-refused with a one-line error.
+mountpoint-s3 or gcsfuse) serve well, but a `pipe:` or `http://` stream cannot. Such shards are
+therefore fetched once, through WebDataset's own URL/pipe support (`webdataset.gopen`: `pipe:`,
+`http(s)://` via curl, `gs://`, ...), into a local cache (`$UMMAE_SHARD_CACHE`, default
+`~/.cache/ummae/shards`), and read from there: the first epoch waits for the download, every
+later run and epoch reads the local copy.
 
 The shard list is given as a brace pattern (`train-{000000..000127}.tar`), a directory holding
 `.tar` files, one `.tar` file, or a text file listing shard paths (or patterns), one a line.
@@ -27,8 +30,11 @@ so the shards ummae writes are read by WebDataset, timm and OpenCLIP as well.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import re
+import shutil
 import tarfile
 import time
 import warnings
@@ -43,7 +49,8 @@ from PIL import Image
 from ummae.data.folder import IMAGE_EXTENSIONS, ImageFolderUnlabeled, load_rgb
 from ummae.errors import ConfigError, UmmaeError
 
-__all__ = ["TarShards", "find_shards", "is_shard_spec", "image_field", "require_webdataset"]
+__all__ = ["TarShards", "fetch_shard", "find_shards", "is_shard_spec", "image_field", "require_webdataset",
+           "shard_cache_dir"]
 
 # Open shard files per process: enough for a few shards' worth of locality, well under ulimits.
 MAX_OPEN_SHARDS = 64
@@ -91,13 +98,14 @@ def is_shard_spec(path: str | os.PathLike) -> bool:
 def find_shards(spec: str | os.PathLike) -> list[str]:
     """The shard files `spec` names, in order; raises ConfigError/UmmaeError on a bad spec.
 
-    `spec`: a brace pattern, a `.tar` file, a directory (its top-level `*.tar`, sorted), or a text
-    file listing shards (paths or brace patterns, one a line; `#` comments and blank lines are
-    skipped; relative paths are relative to the list file).
+    `spec`: a brace pattern, a `.tar` file, a directory (its top-level `*.tar`, sorted), a text
+    file listing shards (paths, brace patterns or URLs, one a line; `#` comments and blank lines
+    are skipped; relative paths are relative to the list file), or a URL / `pipe:` command (with
+    or without braces). URL and pipe shards are fetched into the local cache (`fetch_shard`).
     """
     text = str(spec)
     if _is_url(text):
-        raise ConfigError(_URL_REFUSAL.format(text))
+        return [fetch_shard(url) for url in (_expand(text) if "{" in text else [text])]
     p = Path(text)
     if "{" in text:
         shards = _expand(text)
@@ -117,8 +125,38 @@ def find_shards(spec: str | os.PathLike) -> list[str]:
     return shards
 
 
-_URL_REFUSAL = ("'{}' is a URL or pipe; ummae reads shards by random access (exact resume), so they must "
-                "be files: copy them, or mount the bucket (mountpoint-s3, gcsfuse, s3fs) and give the path")
+def shard_cache_dir() -> Path:
+    """Where shards named by a URL or `pipe:` command are kept: `$UMMAE_SHARD_CACHE`, else
+    `~/.cache/ummae/shards`."""
+    return Path(os.environ.get("UMMAE_SHARD_CACHE") or Path.home() / ".cache" / "ummae" / "shards")
+
+
+def fetch_shard(url: str) -> str:
+    """A local copy of the shard at `url` (`pipe:CMD`, `http(s)://...`, or any scheme WebDataset's
+    `gopen` knows), fetched on first use into `shard_cache_dir()` and reused afterwards.
+
+    Random access needs a file (see the module docstring). The copy is named by a hash of the
+    URL and written to a temporary name first, then renamed, so several processes fetching the
+    same shard at once (ranks of one node) each end with a complete file, and a killed fetch
+    leaves no partial shard behind. Raises UmmaeError in one line when the fetch fails.
+    """
+    wds = require_webdataset()
+    cache = shard_cache_dir()
+    tail = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-64:]
+    target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{tail}"
+    if target.is_file():
+        return str(target)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with wds.gopen(url, "rb") as source, open(partial, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+        os.replace(partial, target)
+    except Exception as err:  # gopen signals bad schemes, failed commands and HTTP errors variously
+        partial.unlink(missing_ok=True)
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UmmaeError(f"cannot fetch shard '{url}' into {cache}: {reason}") from None
+    return str(target)
 
 
 def _expand(pattern: str) -> list[str]:
@@ -137,7 +175,8 @@ def _read_list_file(path: Path) -> list[str]:
         if not line or line.startswith("#"):
             continue
         if _is_url(line):
-            raise ConfigError(_URL_REFUSAL.format(line))
+            shards += [fetch_shard(url) for url in (_expand(line) if "{" in line else [line])]
+            continue
         entry = line if os.path.isabs(line) else str(path.parent / line)
         shards += _expand(entry) if "{" in entry else [entry]
     if not shards:
