@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", metavar="DIR|SHARDS",
                    help="folder of images, searched recursively (jpg/png/webp/bmp/tif/gif; sub-folders "
                         "and labels ignored), or tar shards (`ummae shards`): 'train-{000000..000127}.tar', "
-                        "a directory of .tar files, or a text file listing them; default: the demo photographs")
+                        "a directory of .tar files, or a text file listing them (URLs and pipe: commands are fetched "
+                        "into a local cache first); default: the demo photographs")
     p.add_argument("--out", metavar="DIR", help="run directory; default: runs/<preset>-<timestamp>")
     p.add_argument("--epochs", type=int, metavar="N", help="training epochs (sets the lr schedule)")
     p.add_argument("--max-steps", type=int, metavar="N",
