@@ -48,7 +48,7 @@ from .guard import GRADIENTS, LOSS, WEIGHTS, GuardReport, StepGuard, state_is_fi
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler, schedule_lengths
 from .rundir import RunDirLock, remove_orphaned_temporaries
-from .signals import RunInterrupted, StopSignals
+from .signals import RunInterrupted, StopSignals, ignore_stop_signals_in_worker
 
 __all__ = ["pretrain", "RunResult", "resolve_device", "training_autocast", "NonFiniteLossError",
            "RunInterrupted"]
@@ -137,6 +137,7 @@ def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals_in_worker,  # the main process stops them at a step boundary
     )
 
 
