@@ -69,15 +69,18 @@ class StepGuard:
         self._group_bad |= ~finite
         return torch.where(finite, 1.0, float("nan")).to(loss.dtype)
 
-    def found_inf(self, params: list[torch.Tensor], step: int,
-                  grad_norm: torch.Tensor | None = None) -> torch.Tensor:
+    def found_inf(self, params: list[torch.Tensor], step: int, grad_norm: torch.Tensor | None = None,
+                  check_grads: bool = True) -> torch.Tensor:
         """A float 0-d tensor, 1.0 when the update of `step` must be skipped (fused AdamW's `found_inf`).
 
         `grad_norm`: the total norm if clipping computed it already, else the gradients' norms
         are computed here. A norm that overflows counts as non-finite: its squares would
-        overflow Adam's second moment.
+        overflow Adam's second moment. `check_grads=False` (fp16: the grad scaler skips
+        overflowing steps and lowers its scale, a normal event): only the losses count.
         """
-        if grad_norm is None:
+        if not check_grads:
+            grad_norm = None
+        elif grad_norm is None:
             grads = [p.grad for p in params if p.grad is not None]
             grad_norm = torch.stack(torch._foreach_norm(grads)).square().sum() if grads else None
         bad_grads = ~torch.isfinite(grad_norm) if grad_norm is not None else torch.zeros_like(self._group_bad)

@@ -313,7 +313,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
                 if cfg.optim.clip_grad is not None:
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-                found_inf = guard.found_inf(params, step + 1, grad_norm)
+                found_inf = guard.found_inf(params, step + 1, grad_norm, check_grads=not scaler.is_enabled())
                 if scaler.is_enabled():
                     scaler.step(optimizer)  # fp16: the scaler skips non-finite gradients itself
                     scaler.update()
