@@ -323,3 +323,11 @@ def test_an_ignored_override_is_named_with_what_wins(capsys):
     assert capsys.readouterr().err == ""
     resolve_config("ummae_pvt_demo", sets=["model.embed_dim=8"])
     assert "model.embed_dims" in capsys.readouterr().err
+
+
+def test_a_model_configuration_error_is_found_before_the_run_directory_exists(tmp_path):
+    out = tmp_path / "never"
+    result = run_cli_captured(["pretrain", "--no-progress", "--out", str(out), "--set", "data.img_size=96"], out)
+    assert result.code == 2
+    assert "image size 96x96" in one_error_line(result.err)  # found by building the model on the meta device
+    assert not out.exists()

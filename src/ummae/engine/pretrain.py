@@ -207,6 +207,9 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
             raise ConfigError(f"--init-weights: '{cfg.train.init_weights}' does not exist")
         init_state = load_checkpoint(cfg.train.init_weights)
 
+    with torch.device("meta"):  # the model's own checks (e.g. image size vs stride), at no cost
+        build_pretrain_model(cfg)
+
     run_dir = shared_run_dir(cfg.train.out, cfg.preset, env)
     if env.is_main:
         stack.enter_context(RunDirLock(run_dir))  # one run per directory (DDP ranks: rank 0 holds it)
