@@ -108,9 +108,8 @@ def test_extending_a_finished_run_continues_on_the_new_schedule(reference, tmp_p
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 12
     # steps 9..12 follow the lr schedule of a 12-step run (not the finished 8-step one, at its minimum)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    sched = build_scheduler(opt, 12, 2, 0.0)  # demo: lr 1e-3, 1 warm-up epoch = 2 steps at batch 2 x 2? see below
-    cfg_steps_per_epoch = load_checkpoint(out / "checkpoint.pt")["steps_per_epoch"]
-    sched = build_scheduler(opt, 12, cfg_steps_per_epoch, 0.0)
+    warmup = load_checkpoint(out / "checkpoint.pt")["steps_per_epoch"]  # demo: 1 warm-up epoch
+    sched = build_scheduler(opt, 12, warmup, 0.0)
     expected = []
     for u in range(1, 13):
         sched.step_update(u)
