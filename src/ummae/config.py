@@ -23,7 +23,8 @@ from .errors import ConfigError
 
 __all__ = [
     "ModelConfig", "MaskingConfig", "EmaeConfig", "DataConfig", "OptimConfig", "TrainConfig", "PretrainConfig",
-    "resolve_config", "config_to_dict", "apply_overrides", "parse_set_option",
+    "resolve_config", "config_to_dict", "apply_overrides", "parse_set_option", "absolute_paths",
+    "check_resumable", "RESUMABLE_KEYS",
 ]
 
 
@@ -427,10 +428,99 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         cfg.preset = str(name)
     if file_values:
         apply_overrides(cfg, file_values, f"config file '{config_file}'")
+    lower = config_to_dict(cfg)  # preset/checkpoint + file: what the explicit overrides change
+    explicit: dict[str, str] = {}  # dotted key -> the option that set it
     for item in sets or []:
         key, value = parse_set_option(item)
         apply_overrides(cfg, {key: value}, f"--set {item}")
+        explicit[key] = f"--set {item}"
     for key, value in (flags or {}).items():
         if value is not None:
-            apply_overrides(cfg, {key: value}, f"--{key.split('.')[-1].replace('_', '-')}")
+            option = f"--{key.split('.')[-1].replace('_', '-')}"
+            apply_overrides(cfg, {key: value}, option)
+            explicit[key] = option
+    _warn_ignored_overrides(cfg, explicit, lower)
     return validate(cfg)
+
+
+def _warn_ignored_overrides(cfg: PretrainConfig, explicit: dict[str, str], lower: dict[str, Any]) -> None:
+    """An explicit override (--set, flag) of a key that another key makes irrelevant gets a
+    one-line warning on stderr naming what wins, rather than silently doing nothing."""
+    import sys
+
+    def refuse(key: str, why: str):
+        print(f"ummae: warning: {explicit[key]} is ignored: {why}", file=sys.stderr)
+
+    if "optim.blr" in explicit and "optim.lr" not in explicit and cfg.optim.lr is not None:
+        source = f"preset '{cfg.preset}'" if lower["optim"]["lr"] == cfg.optim.lr else "the configuration"
+        refuse("optim.blr", f"optim.lr={cfg.optim.lr} (from the {source}) wins over blr; "
+                            "add --set optim.lr=none to use blr")
+    if "masking.mask_ratio" in explicit and cfg.method == "ummae":
+        refuse("masking.mask_ratio", "method ummae uses uniform masking, which always masks 75%")
+    # PVT has per-stage lists where Swin and ViT have one number
+    per_stage = {"model.embed_dim": "model.embed_dims", "model.mlp_ratio": "model.mlp_ratios"}
+    for one, lists in per_stage.items():
+        if one in explicit and cfg.model.arch == "pvt":
+            refuse(one, f"model.arch pvt uses {lists} (one value per stage)")
+        if lists in explicit and cfg.model.arch != "pvt":
+            refuse(lists, f"{lists} is for model.arch pvt; {cfg.model.arch} uses {one}")
+    if "model.sr_ratios" in explicit and cfg.model.arch != "pvt":
+        refuse("model.sr_ratios", f"model.sr_ratios is for model.arch pvt only, not {cfg.model.arch}")
+
+
+# ---------------------------------------------------------------------------------------------
+# paths and resuming
+
+_PATH_KEYS = (("data", "path"), ("train", "out"), ("train", "init_weights"))
+
+# What may differ between a checkpoint's configuration and the run that resumes it. Anything
+# else would make the continued run a different run, so it is refused naming the keys.
+RESUMABLE_KEYS = (
+    "train.epochs", "train.max_steps",  # extend (or shorten, not below the checkpoint's step) the run
+    "train.save_every", "train.keep_last", "train.log_every", "train.vis_images",  # output
+    "train.out",  # a checkpoint copied elsewhere continues there
+    "train.device", "train.compile", "data.num_workers",  # the machine: same maths, other speed
+    "train.on_nonfinite",
+    "train.init_weights",  # provenance only: a resumed run takes its weights from the checkpoint
+)
+
+
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """Make the configuration's paths absolute (against the current directory), so a run's
+    config.yaml and checkpoints work from any working directory."""
+    import os
+
+    for section, key in _PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, os.path.abspath(os.path.expanduser(value)))
+    return cfg
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(saved: dict[str, Any], cfg: PretrainConfig, source: str) -> None:
+    """Refuse to continue a checkpoint with a configuration that differs in more than RESUMABLE_KEYS.
+
+    Args:
+        saved: the checkpoint's configuration dict.
+    """
+    old = _flat(config_to_dict(absolute_paths(apply_overrides(PretrainConfig(), saved, source))))
+    new = _flat(config_to_dict(cfg))
+    differ = [k for k in new if k != "preset" and k not in RESUMABLE_KEYS and old.get(k) != new[k]]
+    if differ:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        kind = ("a checkpoint of another architecture: "
+                if any(k.split(".")[0] in ("method", "model", "masking") for k in differ) else "")
+        raise ConfigError(f"{source}: {kind}this configuration differs from the checkpoint's in {shown}{more}; "
+                          f"only {', '.join(k.split('.')[-1] for k in RESUMABLE_KEYS[:2])} and output/machine "
+                          f"settings may change on resume (docs/reliability.md)")

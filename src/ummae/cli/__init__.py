@@ -49,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from ..engine.signals import RunInterrupted
+
     try:
         return args.run(args) or 0
+    except RunInterrupted as e:  # stopped by SIGTERM/SIGINT after a checkpoint: 128 + signal, e.g. 143
+        print(f"ummae {args.command}: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except UmmaeError as e:
         print(f"ummae {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2

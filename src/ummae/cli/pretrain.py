@@ -15,7 +15,9 @@ examples:
   ummae pretrain                                   tiny Swin on the built-in demo photographs
   ummae pretrain --preset ummae_swin_tiny_256 --data /data/imagenet/train --batch-size 128 --accum-steps 32
   ummae pretrain --config runs/demo-XXXX/config.yaml --epochs 50
-  ummae pretrain --out runs/swin_t --resume auto       continue the newest checkpoint of a run
+  ummae pretrain --preset P --data DIR --out runs/x --resume auto
+                                                   one job command: starts the run, continues it after a
+                                                   kill or SIGTERM (exit 143), extends it with a higher --max-steps
   torchrun --nproc_per_node=8 -m ummae pretrain --preset ummae_swin_tiny_256 --data DIR --batch-size 128 --accum-steps 4
 """
 
@@ -51,15 +53,19 @@ def add_parser(sub) -> None:
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU; fp16 uses a grad scaler (CUDA)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--resume", metavar="PATH|auto",
-                   help="continue a run from a checkpoint, exactly where it stopped (configuration taken "
-                        "from the checkpoint; --set and flags may still change e.g. the device); `auto`: "
-                        "the newest checkpoint in --out, or a fresh start if there is none")
+                   help="continue a run from a checkpoint, exactly where it stopped; `auto`: the newest "
+                        "checkpoint in --out, or a fresh start if there is none, so one job command both "
+                        "starts and continues a run (requeue). The configuration must equal the "
+                        "checkpoint's except --epochs/--max-steps (extend a run), --save-every, --keep-last, "
+                        "logging, --device, --compile and workers; other differences are refused, naming them")
     p.add_argument("--init-weights", metavar="PATH",
                    help="start a new run from a checkpoint's weights only (fresh optimizer and schedule)")
     p.add_argument("--save-every", type=int, metavar="N",
                    help="write a checkpoint every N optimizer steps (default 1000; 0: only at the end)")
     p.add_argument("--keep-last", type=int, metavar="K", help="keep the newest K periodic checkpoints (default 3; 0: all)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="plain log lines every log_every steps instead of the progress bar (the default "
+                        "when stdout is not a terminal)")
     p.set_defaults(run=run)
 
 
@@ -106,36 +112,47 @@ def _summary(result, cfg) -> str:
         f"  loss curve       {rel(result.loss_curve)}",
     ]
     if result.resumed_from:
-        lines.insert(2, f"  resumed from     {result.resumed_from}")
+        lines.insert(2, f"  resumed from     {result.resumed_from} (step {result.start_step})")
+        if result.steps == result.start_step:
+            lines[1] = (f"ummae pretrain: already finished - preset {cfg.preset}, {result.steps} steps "
+                        f"({result.epochs:.2f} epochs); nothing left to run (raise --max-steps/--epochs to extend it)")
+            lines[3] = f"  final loss       {result.final_loss:.4f}   (last logged)"
     if result.world_size > 1:
         lines.insert(2, f"  processes        {result.world_size} (DDP)")
     if result.skipped_images:
         lines.append(f"  skipped          {len(result.skipped_images)} unreadable image(s), listed in "
                      f"{result.run_dir / 'skipped_images.txt'}")
     if result.skipped_steps:
-        lines.append(f"  skipped steps    {result.skipped_steps} with a non-finite loss (train.on_nonfinite=skip)")
+        lines.append(f"  skipped steps    {result.skipped_steps} with a non-finite loss or gradients (train.on_nonfinite=skip)")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import resolve_config
+    import sys
+
+    from ..config import absolute_paths, check_resumable, resolve_config
     from ..engine.checkpoint import find_resume_checkpoint, load_checkpoint, run_dir_of
     from ..engine.pretrain import pretrain
     from ..errors import ConfigError
 
-    base = checkpoint = None
+    checkpoint = saved = None
     if args.resume:
-        if args.preset or args.config:
-            raise ConfigError("--resume continues with the checkpoint's configuration; drop --preset/--config")
         checkpoint = find_resume_checkpoint(args.resume, args.out)
         if checkpoint is not None:
-            base = load_checkpoint(checkpoint).get("config")
-            if not isinstance(base, dict):
+            saved = load_checkpoint(checkpoint).get("config")
+            if not isinstance(saved, dict):
                 raise ConfigError(f"--resume: '{checkpoint}' holds no configuration to continue with")
             if args.out is None:
                 args.out = str(run_dir_of(checkpoint))
-    cfg = resolve_config(args.preset, args.config, args.sets, _flags(args), base=base)
-    result = pretrain(cfg, progress=not args.no_progress, resume=checkpoint)
+    # The requeue pattern: the command that started the run (--preset/--config included) continues
+    # it; without them the checkpoint's configuration is the bottom layer. Either way only the
+    # keys of RESUMABLE_KEYS may differ from the checkpoint's.
+    base = saved if saved is not None and not (args.preset or args.config) else None
+    cfg = absolute_paths(resolve_config(args.preset, args.config, args.sets, _flags(args), base=base))
+    if saved is not None:
+        check_resumable(saved, cfg, f"--resume '{checkpoint}'")
+    bar = not args.no_progress and sys.stdout.isatty()
+    result = pretrain(cfg, progress=bar, resume=checkpoint, log_lines=not bar)
     if result.run_dir is not None and _is_main():
         print(_summary(result, cfg))
     return 0

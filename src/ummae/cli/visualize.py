@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
 __all__ = ["add_parser", "run", "visualize_checkpoint"]
 
@@ -62,7 +61,6 @@ def load_pretrain_model(checkpoint: str | Path):
     return model.eval(), cfg
 
 
-@torch.no_grad()
 def visualize_checkpoint(checkpoint: str | Path, images: list[str | Path], out: str | Path,
                          masks: int = 3, seed: int = 0, device: str = "auto") -> tuple[Path, int]:
     """Write the reconstruction grid of `images` x `masks` random masks to `out`.
@@ -70,6 +68,15 @@ def visualize_checkpoint(checkpoint: str | Path, images: list[str | Path], out: 
     Returns:
         `(out, rows)`, `rows = len(images) * masks` (x K parts for EMAE).
     """
+    import torch  # here, not at the top: `ummae --help` must not pay torch's import
+
+    with torch.no_grad():
+        return _visualize(checkpoint, images, out, masks, seed, device)
+
+
+def _visualize(checkpoint, images, out, masks: int, seed: int, device: str) -> tuple[Path, int]:
+    import torch
+
     from ..data.folder import load_rgb
     from ..data.transforms import eval_transform
     from ..engine.pretrain import resolve_device, training_autocast

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 
 __all__ = ["DistEnv", "resolve_device", "init_distributed", "shutdown_distributed", "all_reduce_mean",
-           "all_reduce_sum", "any_rank", "gather_strings", "shared_run_dir"]
+           "all_reduce_sum", "all_reduce_max", "any_rank", "gather_strings", "shared_run_dir"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,10 @@ def all_reduce_mean(value: float, env: DistEnv, device: torch.device) -> float:
 
 def all_reduce_sum(value: float, env: DistEnv, device: torch.device) -> float:
     return _reduce(value, dist.ReduceOp.SUM, env, device)
+
+
+def all_reduce_max(value: float, env: DistEnv, device: torch.device) -> float:
+    return _reduce(value, dist.ReduceOp.MAX, env, device)
 
 
 def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:

@@ -7,6 +7,8 @@ update rather than per epoch so short runs and long runs follow the same curve).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
@@ -15,11 +17,15 @@ __all__ = ["build_optimizer", "build_scheduler", "schedule_lengths"]
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                    betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW over `model`; 1-D parameters (biases, norms) and `model.no_weight_decay()` undecayed."""
+                    betas: tuple[float, float], fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over `model`; 1-D parameters (biases, norms) and `model.no_weight_decay()` undecayed.
+
+    `fused`: PyTorch's fused kernel (CPU and CUDA), which can skip an update on the device when
+    `optimizer.found_inf` is set (what the pre-training loop uses against non-finite updates).
+    """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
 def schedule_lengths(steps_per_epoch: int, epochs: int, warmup_epochs: float,
@@ -41,6 +47,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 
     Call `scheduler.step_update(num_updates)` after every optimizer step.
     """
+    # timm warns that a one-update cosine "will have no effect"; per-update stepping makes that a
+    # normal (tiny) schedule, so the warning would mean nothing to the user.
+    cosine_logger = logging.getLogger("timm.scheduler.cosine_lr")
+    level = cosine_logger.level
+    cosine_logger.setLevel(logging.ERROR)
+    try:
+        return _cosine(optimizer, total_steps, warmup_steps, min_lr)
+    finally:
+        cosine_logger.setLevel(level)
+
+
+def _cosine(optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> CosineLRScheduler:
     return CosineLRScheduler(
         optimizer,
         t_initial=max(1, total_steps - warmup_steps),
