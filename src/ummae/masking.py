@@ -32,6 +32,7 @@ __all__ = [
     "RandomMasking",
     "UniformMasking",
     "check_uniform",
+    "require_uniform",
     "uniform_ids_keep",
 ]
 
@@ -64,12 +65,18 @@ class MaskSample:
         grid_size: `(h, w)` of the unit grid, `L = h * w`.
         secondary: `[B, L]` bool or None, True = a *visible* unit whose embedding the encoder
             replaces by the secondary mask token (never overlaps `mask`).
+        uniform: True = known to be a uniform mask (drawn by `UniformMasking`, uniform by
+            construction, or already checked). Encoders that need uniform masks trust the flag
+            and skip `check_uniform`, which reads the mask back to the host (a device sync on
+            CUDA, a graph break under `torch.compile`); masks built by hand keep the default
+            False and are checked.
     """
 
     mask: torch.Tensor
     ids_keep: torch.Tensor
     grid_size: tuple[int, int]
     secondary: torch.Tensor | None = None
+    uniform: bool = False
 
     @staticmethod
     def cat(samples: list["MaskSample"]) -> "MaskSample":
@@ -78,11 +85,13 @@ class MaskSample:
         if samples[0].secondary is not None:
             secondary = torch.cat([s.secondary for s in samples])
         return MaskSample(torch.cat([s.mask for s in samples]), torch.cat([s.ids_keep for s in samples]),
-                          samples[0].grid_size, secondary)
+                          samples[0].grid_size, secondary, all(s.uniform for s in samples))
 
-    def to(self, device: torch.device | str) -> "MaskSample":
-        secondary = None if self.secondary is None else self.secondary.to(device)
-        return MaskSample(self.mask.to(device), self.ids_keep.to(device), self.grid_size, secondary)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MaskSample":
+        secondary = None if self.secondary is None else self.secondary.to(device, non_blocking=non_blocking)
+        return MaskSample(self.mask.to(device, non_blocking=non_blocking),
+                          self.ids_keep.to(device, non_blocking=non_blocking), self.grid_size, secondary,
+                          self.uniform)
 
 
 class RandomMasking:
@@ -168,7 +177,7 @@ class UniformMasking:
             chosen = noise.argsort(dim=1)[:, : self.num_secondary]
             secondary.scatter_(1, ids_keep.gather(1, chosen), True)
 
-        sample = MaskSample(mask, ids_keep, self.grid_size, secondary)
+        sample = MaskSample(mask, ids_keep, self.grid_size, secondary, uniform=True)
         return sample.to(device) if device is not None else sample
 
 
@@ -192,6 +201,17 @@ def check_uniform(mask: torch.Tensor, grid_size: tuple[int, int]) -> None:
             "this encoder needs a uniform mask (exactly one visible unit in every 2x2 block, "
             "as drawn by UniformMasking); got a mask that is not"
         )
+
+
+def require_uniform(masks: MaskSample) -> None:
+    """`check_uniform` unless `masks.uniform` says the masks are uniform already.
+
+    What the compacting encoders call: masks from `UniformMasking` (in the training loop, the
+    data workers, anywhere) pass without touching their values, so the model's forward never
+    waits for the device; any other mask is checked and a non-uniform one gets the clear error.
+    """
+    if not masks.uniform:
+        check_uniform(masks.mask, masks.grid_size)
 
 
 def uniform_ids_keep(mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
