@@ -302,20 +302,28 @@ class WindowAttention(nn.Module):
             `[B, nW, N, C]`.
         """
         B, nW, N, C = x.shape
+        heads, hd = self.num_heads, C // self.num_heads
         with record_function("swin.qkv"):
-            qkv = self.qkv(x).reshape(B, nW, N, 3, self.num_heads, C // self.num_heads)
-            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, nW, heads, N, head_dim]
+            qkv = self.qkv(x).reshape(B, nW, N, 3, heads, hd)
+            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, nW, heads, N, hd] (views)
 
         with record_function("swin.position_bias"):
-            bias = self.pos_bias(coords, lattice, window, blocked)  # [Bc, nW, heads, N, N]
-            bias = bias.to(q.dtype)
+            bias = self.pos_bias(coords, lattice, window, blocked).to(q.dtype)  # [Bc, nW, heads, N, N]
 
         with record_function("swin.attention"):
-            # Batched over [B, nW]: a per-sample (compact) bias is used as it is, a shared one
-            # (full image, Bc = 1) broadcasts over the batch without being copied.
+            # SDPA's fused CPU/GPU kernels take 4-D inputs. A per-sample (compact) bias lines up
+            # with [B*nW, heads] (q, k, v stay views); a shared one (full image, Bc = 1) is
+            # broadcast over the batch as [1, nW*heads] instead of being copied B times (q, k, v
+            # are copied instead: head_dim < N, so that is the cheaper copy).
+            if coords.shape[0] == 1 and B > 1:
+                q, k, v = (t.reshape(B, nW * heads, N, hd) for t in (q, k, v))
+                bias = bias.reshape(1, nW * heads, N, N)
+            else:
+                q, k, v = (t.reshape(B * nW, heads, N, hd) for t in (q, k, v))
+                bias = bias.reshape(B * nW, heads, N, N)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                                dropout_p=self.attn_drop if self.training else 0.0)
-            x = x.transpose(2, 3).reshape(B, nW, N, C)
+            x = x.reshape(B, nW, heads, N, hd).transpose(2, 3).reshape(B, nW, N, C)
         with record_function("swin.proj"):
             return self.proj_drop(self.proj(x))
 
