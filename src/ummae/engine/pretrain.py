@@ -37,7 +37,7 @@ from ..config import PretrainConfig, config_to_dict
 from ..data import build_pretrain_dataset
 from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
 from ..errors import ConfigError, UmmaeError
-from ..masking import MaskSample
+from ..masking import MaskSample, UniformMasking
 from ..models import build_pretrain_model
 from ..visualize import save_loss_curve, save_reconstruction_grid
 from .checkpoint import (link_or_copy, load_checkpoint, prune_step_checkpoints, save_checkpoint,
@@ -135,8 +135,12 @@ def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
     )
 
 
-def _batch_masks(batch: dict, grid_size: tuple[int, int], has_secondary: bool) -> MaskSample:
-    return MaskSample(batch["mask"], batch["ids_keep"], grid_size, batch["secondary"] if has_secondary else None)
+def _batch_masks(batch: dict, grid_size: tuple[int, int], has_secondary: bool,
+                 uniform: bool = False) -> MaskSample:
+    # `uniform`: drawn by the model's UniformMasking in the workers, so the encoder need not
+    # read the mask back from the device to check it.
+    return MaskSample(batch["mask"], batch["ids_keep"], grid_size, batch["secondary"] if has_secondary else None,
+                      uniform)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -250,7 +254,8 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
                     torch.manual_seed(seed_for(seed, "step", env.rank, step))  # drop path etc.
                 skipped_files.update(p for s in batch_data["skipped"] if s for p in s.split("\n"))
                 imgs = batch_data["image"].to(device, non_blocking=True)
-                masks = _batch_masks(batch_data, model.grid_size, has_secondary).to(device)
+                masks = _batch_masks(batch_data, model.grid_size, has_secondary,
+                                     isinstance(model.masking, UniformMasking)).to(device)
                 with training_autocast(device, cfg.train.precision):
                     loss, _, _ = train_model(imgs, masks)
                 loss_value = loss.item()
