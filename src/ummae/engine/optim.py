@@ -19,7 +19,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     """AdamW over `model`; 1-D parameters (biases, norms) and `model.no_weight_decay()` undecayed."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    # The fused kernel: one pass over all parameters instead of ~10 ops per tensor. On a CPU the
+    # default (a per-tensor loop) took a quarter of a Swin-T UM-MAE step (`ummae bench
+    # --profile`); fused was 5.9x faster there. Build after `model.to(device)`.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
 def schedule_lengths(steps_per_epoch: int, epochs: int, warmup_epochs: float,
