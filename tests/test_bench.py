@@ -192,3 +192,40 @@ def test_bad_values_are_one_line_errors(extra, message, capsys):
 def test_unknown_preset_is_a_one_line_error(capsys):
     assert main(["bench", "demo", "no_such_preset"]) == 2
     assert "unknown preset 'no_such_preset'" in one_line_error(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------- --profile
+
+
+def test_cli_profile_reports_every_component_of_a_swin_step(tmp_path, tiny_sets, capsys):
+    out = tmp_path / "p.json"
+    args = ["bench", "demo", "--profile", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+            "--device", "cpu", "--json", str(out)]
+    for item in tiny_sets:
+        args += ["--set", item]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "component" in captured.out and "swin.position_bias" in captured.out
+    (prof,) = json.loads(out.read_text())["profiles"]
+    comps = prof["components"]
+    for name in ("patch_embed", "compaction", "swin.position_bias", "swin.attention", "swin.mlp",
+                 "swin.merging", "decoder", "loss", "optimizer", "masks"):
+        assert name in comps, name
+    # Backward time is attributed to the component whose forward made it.
+    for name in ("swin.attention", "swin.mlp", "decoder", "swin.qkv"):
+        assert comps[name]["forward_ms"] > 0 and comps[name]["backward_ms"] > 0, name
+    assert comps["optimizer"]["backward_ms"] == 0
+    assert sum(c["share"] for c in comps.values()) == pytest.approx(1.0)
+    assert comps["swin.mlp"]["allocated_bytes"] > 0
+
+
+def test_profile_labels_vit_blocks_and_pvt_stages():
+    from ummae.step_profile import profile_step
+
+    for name, expected in (("ummae_vit_demo", ("vit.attention", "vit.mlp", "patch_embed")),
+                           ("ummae_pvt_demo", ("pvt.attention", "pvt.spatial_reduction", "compaction"))):
+        cfg = resolve_config(name, None, ["data.img_size=64"], {})
+        comps = profile_step(cfg, torch.device("cpu"), 2, steps=1, warmup=0)["components"]
+        for label in expected:
+            assert comps[label]["total_ms"] > 0, (name, label)

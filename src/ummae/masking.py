@@ -36,6 +36,7 @@ __all__ = [
     "RandomMasking",
     "UniformMasking",
     "check_uniform",
+    "require_uniform",
     "uniform_ids_keep",
 ]
 
@@ -68,12 +69,18 @@ class MaskSample:
         grid_size: `(h, w)` of the unit grid, `L = h * w`.
         secondary: `[B, L]` bool or None, True = a *visible* unit whose embedding the encoder
             replaces by the secondary mask token (never overlaps `mask`).
+        uniform: True = known to be a uniform mask (drawn by `UniformMasking`, uniform by
+            construction, or already checked). Encoders that need uniform masks trust the flag
+            and skip `check_uniform`, which reads the mask back to the host (a device sync on
+            CUDA, a graph break under `torch.compile`); masks built by hand keep the default
+            False and are checked.
     """
 
     mask: torch.Tensor
     ids_keep: torch.Tensor
     grid_size: tuple[int, int]
     secondary: torch.Tensor | None = None
+    uniform: bool = False
 
     @staticmethod
     def cat(samples: list["MaskSample"]) -> "MaskSample":
@@ -82,11 +89,13 @@ class MaskSample:
         if samples[0].secondary is not None:
             secondary = torch.cat([s.secondary for s in samples])
         return MaskSample(torch.cat([s.mask for s in samples]), torch.cat([s.ids_keep for s in samples]),
-                          samples[0].grid_size, secondary)
+                          samples[0].grid_size, secondary, all(s.uniform for s in samples))
 
-    def to(self, device: torch.device | str) -> "MaskSample":
-        secondary = None if self.secondary is None else self.secondary.to(device)
-        return MaskSample(self.mask.to(device), self.ids_keep.to(device), self.grid_size, secondary)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MaskSample":
+        secondary = None if self.secondary is None else self.secondary.to(device, non_blocking=non_blocking)
+        return MaskSample(self.mask.to(device, non_blocking=non_blocking),
+                          self.ids_keep.to(device, non_blocking=non_blocking), self.grid_size, secondary,
+                          self.uniform)
 
 
 class RandomMasking:
@@ -172,7 +181,7 @@ class UniformMasking:
             chosen = noise.argsort(dim=1)[:, : self.num_secondary]
             secondary.scatter_(1, ids_keep.gather(1, chosen), True)
 
-        sample = MaskSample(mask, ids_keep, self.grid_size, secondary)
+        sample = MaskSample(mask, ids_keep, self.grid_size, secondary, uniform=True)
         return sample.to(device) if device is not None else sample
 
 
@@ -196,6 +205,17 @@ def check_uniform(mask: torch.Tensor, grid_size: tuple[int, int]) -> None:
             "this encoder needs a uniform mask (exactly one visible unit in every 2x2 block, "
             "as drawn by UniformMasking); got a mask that is not"
         )
+
+
+def require_uniform(masks: MaskSample) -> None:
+    """`check_uniform` unless `masks.uniform` says the masks are uniform already.
+
+    What the compacting encoders call: masks from `UniformMasking` (in the training loop, the
+    data workers, anywhere) pass without touching their values, so the model's forward never
+    waits for the device; any other mask is checked and a non-uniform one gets the clear error.
+    """
+    if not masks.uniform:
+        check_uniform(masks.mask, masks.grid_size)
 
 
 def uniform_ids_keep(mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -235,12 +255,14 @@ class PartsSample:
         grid_size: `(h, w)` of the unit grid.
         secondary: `[B, K, L]` bool or None; uniform parts: visible units of that part given the
             secondary mask token (drawn independently per part).
+        uniform: True = every part is known to be a uniform mask (see `MaskSample.uniform`).
     """
 
     mask: torch.Tensor
     ids_keep: torch.Tensor
     grid_size: tuple[int, int]
     secondary: torch.Tensor | None = None
+    uniform: bool = False
 
     @property
     def num_parts(self) -> int:
@@ -250,7 +272,8 @@ class PartsSample:
         """One `MaskSample` of batch `B*K`, **image-major**: row `b*K + k` is part `k` of image `b`
         (the K parts of an image are consecutive), the order of `imgs.repeat_interleave(K, 0)`."""
         secondary = None if self.secondary is None else self.secondary.flatten(0, 1)
-        return MaskSample(self.mask.flatten(0, 1), self.ids_keep.flatten(0, 1), self.grid_size, secondary)
+        return MaskSample(self.mask.flatten(0, 1), self.ids_keep.flatten(0, 1), self.grid_size, secondary,
+                          self.uniform)
 
     @staticmethod
     def cat(samples: list["PartsSample"]) -> "PartsSample":
@@ -259,11 +282,13 @@ class PartsSample:
         if samples[0].secondary is not None:
             secondary = torch.cat([s.secondary for s in samples])
         return PartsSample(torch.cat([s.mask for s in samples]), torch.cat([s.ids_keep for s in samples]),
-                           samples[0].grid_size, secondary)
+                           samples[0].grid_size, secondary, all(s.uniform for s in samples))
 
-    def to(self, device: torch.device | str) -> "PartsSample":
-        secondary = None if self.secondary is None else self.secondary.to(device)
-        return PartsSample(self.mask.to(device), self.ids_keep.to(device), self.grid_size, secondary)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PartsSample":
+        secondary = None if self.secondary is None else self.secondary.to(device, non_blocking=non_blocking)
+        return PartsSample(self.mask.to(device, non_blocking=non_blocking),
+                           self.ids_keep.to(device, non_blocking=non_blocking), self.grid_size, secondary,
+                           self.uniform)
 
 
 class DisjointPartsMasking:
@@ -343,10 +368,11 @@ class DisjointPartsMasking:
                 noise = torch.rand(B, K, self.num_visible, generator=generator, device=gen_device)
                 chosen = noise.argsort(dim=-1)[..., : self.num_secondary]
                 secondary.scatter_(2, ids_keep.gather(2, chosen), True)
-        sample = PartsSample(mask, ids_keep, self.grid_size, secondary)
+        sample = PartsSample(mask, ids_keep, self.grid_size, secondary, uniform=self.uniform)
         return sample.to(device) if device is not None else sample
 
     def from_batch(self, batch: dict) -> PartsSample:
         """The parts of a DataLoader batch of `SeededSamples` items (`mask` `[B, K, L]`, ...)."""
+        # Drawn by this masking in the workers: uniform by construction when the deal is.
         return PartsSample(batch["mask"], batch["ids_keep"], self.grid_size,
-                           batch["secondary"] if self.uniform else None)
+                           batch["secondary"] if self.uniform else None, self.uniform)

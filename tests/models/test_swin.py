@@ -136,3 +136,96 @@ def test_window_that_does_not_divide_the_grid_is_a_clear_error():
     model = tiny_swin(window_size=3)
     with pytest.raises(UmmaeError, match="not divisible by window"):
         model.forward_features(torch.randn(1, 3, 32, 32))
+
+
+# ------------------------------------------------ the static position-bias table (issue 14)
+
+def _bias_calls(model: SwinTransformer, run) -> list[tuple]:
+    """Every (module, coords, lattice, window, blocked) the position biases see during `run()`."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: calls.append((mod, *args, *kw.values())),
+                                         with_kwargs=True)
+             for m in model.modules() if isinstance(m, CoordinatePositionBias)]
+    with torch.no_grad():
+        run()
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+@pytest.mark.parametrize("unit,window,img", [(16, 8, 256), (8, 4, 128), (4, 4, 128), (12, 3, 192)])
+def test_bias_table_equals_the_per_pair_mlp_on_every_stage_compact_and_full(unit, window, img):
+    """Table + integer-offset gather == MLP(log_spaced(c_i - c_j)) per pair, for every block of
+    every stage (plain and shifted windows), on the compact grids of several random and extreme
+    uniform masks (every kept unit top-left / bottom-right) and on the full grid."""
+    torch.manual_seed(0)
+    model = SwinTransformer(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 2), window_size=window).eval()
+    for m in model.modules():
+        if isinstance(m, CoordinatePositionBias):
+            for p in m.parameters():
+                p.data.normal_(0, 1.0)  # trained-size biases: wrong entries would show
+    grid = (img // unit, img // unit)
+    hb, wb = grid[0] // 2, grid[1] // 2
+    masks = [UniformMasking(grid)(2, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    masks += [masks_with_position(torch.full((1, hb, wb), pos, dtype=torch.long), grid) for pos in (0, 3)]
+    imgs = torch.randn(2, 3, img, img)
+    calls = []
+    for m in masks:
+        calls += _bias_calls(model, lambda: model.forward_masked(imgs[:m.mask.shape[0]], m, unit))
+    calls += _bias_calls(model, lambda: model.forward_features(imgs))
+    kinds = {(lat.kind, lat.merges, blocked is not None) for _, _, lat, _, blocked in calls}
+    assert {(k, s) for k, s, _ in kinds} == {(k, s) for k in ("compact", "full") for s in range(4)}
+    assert ("full", 0, True) in kinds and ("compact", 0, True) in kinds  # shifted windows seen
+    tables = 0
+    for mod, coords, lattice, window_rc, blocked in calls:
+        direct = mod.direct(coords, blocked)
+        outputs = [mod(coords, lattice, window_rc, blocked)]  # what the model uses (table or direct)
+        if lattice.table_size(window_rc) <= 50_000:  # finer lattices (p = 1 or 3, late stages) go direct
+            outputs.append(mod.table(coords, lattice, window_rc, blocked))
+            tables += 1
+        for out in outputs:
+            assert out.shape == direct.shape
+            assert torch.equal(out.isinf(), direct.isinf())
+            torch.testing.assert_close(out.nan_to_num(neginf=0.0), direct.nan_to_num(neginf=0.0),
+                                       atol=1e-5, rtol=1e-5)
+    assert tables >= len(calls) // 2
+
+
+def test_bias_table_of_the_wrong_lattice_differs_from_the_per_pair_mlp():
+    """Negative control: compact coordinates looked up on the full grid's (integer) lattice."""
+    from ummae.models.swin import CoordinateLattice
+
+    torch.manual_seed(0)
+    bias = CoordinatePositionBias(num_heads=2, hidden_dim=8)
+    for p in bias.parameters():
+        p.data.normal_(0, 1.0)
+    model = tiny_swin(depths=(1, 1), num_heads=(1, 1))
+    masks = UniformMasking((16, 16))(1, generator=torch.Generator().manual_seed(0))
+    calls = _bias_calls(model, lambda: model.forward_masked(torch.randn(1, 3, 128, 128), masks, UNIT))
+    coords = calls[-1][1]  # stage 2: merged compact coordinates (quarter-unit offsets)
+    wrong = bias.table(coords, CoordinateLattice.full(), (4, 4))
+    assert (wrong - bias.direct(coords)).abs().max() > 1e-2
+
+
+def test_masks_from_uniform_masking_are_trusted_hand_made_ones_are_checked(monkeypatch):
+    """The encoder does not read back masks drawn by UniformMasking (no device sync); a hand-made
+    non-uniform mask still gets the clear error, and a hand-made uniform one passes."""
+    import ummae.masking as masking
+
+    model = tiny_swin()
+    imgs = torch.randn(2, 3, 64, 64)
+    drawn = UniformMasking((8, 8))(2, generator=torch.Generator().manual_seed(0))
+    assert drawn.uniform and drawn.to("cpu").uniform and MaskSample.cat([drawn, drawn]).uniform
+    checked = []
+    monkeypatch.setattr(masking, "check_uniform", lambda *a: checked.append(a))
+    with torch.no_grad():
+        model.forward_masked(imgs, drawn, UNIT)
+    assert checked == []
+    monkeypatch.undo()
+    hand_made = MaskSample(drawn.mask, drawn.ids_keep, drawn.grid_size, drawn.secondary)
+    assert not hand_made.uniform
+    with torch.no_grad():
+        model.forward_masked(imgs, hand_made, UNIT)  # checked, and uniform: fine
+    bad = RandomMasking((8, 8), 0.75)(2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UmmaeError, match="uniform mask"):
+        model.forward_masked(imgs, MaskSample(bad.mask, bad.ids_keep[:, :16], bad.grid_size), UNIT)

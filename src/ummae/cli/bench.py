@@ -19,6 +19,12 @@ examples:
   ummae bench demo
   ummae bench ummae_swin_tiny_256 simmim_swin_tiny_256 --batch-size 8 --json b.json
   ummae bench demo --set model.embed_dim=64 --steps 20 --device cpu
+  ummae bench ummae_swin_tiny_256 --profile --device cpu --json profile.json
+
+--profile: instead of timing, profile --steps steps of each preset (after --warmup) with
+torch.profiler and print where the step's time and memory go per component (patch embed,
+compaction, position bias, attention, MLP, merging, decoder, loss, optimizer, ...); see
+ummae.step_profile.
 """
 
 
@@ -36,6 +42,8 @@ def add_parser(sub) -> None:
                    help="untimed steps per preset first (default 2)")
     p.add_argument("--device", metavar="DEV", help="auto (default: CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--profile", action="store_true",
+                   help="per-component profile of the step instead of timing (see below)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="sets",
                    help="override a config key of every preset, e.g. model.drop_path_rate=0.1 (repeatable)")
     p.set_defaults(run=run)
@@ -51,10 +59,35 @@ def run(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError(f"--json: directory '{Path(args.json).parent}' does not exist")
 
+    if args.profile:
+        return _run_profile(args, configs)
     report = run_benchmark(configs, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                            device=configs[0].train.device,
                            log=lambda message: print(f"ummae bench: {message}", file=sys.stderr))
     print(format_table(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    return 0
+
+
+def _run_profile(args: argparse.Namespace, configs) -> int:
+    import torch
+
+    from ..bench import write_json
+    from ..engine.pretrain import resolve_device
+    from ..errors import ConfigError
+    from ..step_profile import format_profile, profile_step
+
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise ConfigError("--steps and --batch-size must be >= 1, --warmup >= 0")
+    device = resolve_device(configs[0].train.device)
+    report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "profiles": []}
+    for cfg in configs:
+        print(f"ummae bench: profiling {cfg.preset}", file=sys.stderr)
+        report["profiles"].append(profile_step(cfg, device, args.batch_size, steps=args.steps,
+                                               warmup=args.warmup))
+    print(format_profile(report))
     if args.json:
         print(f"wrote {write_json(report, args.json)}")
     return 0

@@ -17,14 +17,20 @@ __all__ = ["build_optimizer", "build_scheduler", "schedule_lengths"]
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                    betas: tuple[float, float], fused: bool = False) -> torch.optim.AdamW:
+                    betas: tuple[float, float], fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over `model`; 1-D parameters (biases, norms) and `model.no_weight_decay()` undecayed.
 
     `fused`: PyTorch's fused kernel (CPU and CUDA), which can skip an update on the device when
-    `optimizer.found_inf` is set (what the pre-training loop uses against non-finite updates).
+    `optimizer.found_inf` is set (what the pre-training loop uses against non-finite updates);
+    None = fused wherever the kernel exists (every parameter a floating-point CPU or CUDA tensor).
     """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    # The fused kernel: one pass over all parameters instead of ~10 ops per tensor. On a CPU the
+    # default (a per-tensor loop) took a quarter of a Swin-T UM-MAE step (`ummae bench
+    # --profile`); fused was 5.9x faster there. Build after `model.to(device)`.
+    if fused is None:
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 

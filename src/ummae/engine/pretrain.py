@@ -37,7 +37,7 @@ from ..config import PretrainConfig, config_to_dict
 from ..data import build_pretrain_dataset, to_model_input
 from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
 from ..errors import ConfigError, UmmaeError
-from ..masking import MaskSample
+from ..masking import MaskSample, UniformMasking
 from ..models import build_pretrain_model
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid
 from .checkpoint import (link_or_copy, list_step_checkpoints, load_checkpoint, prune_step_checkpoints,
@@ -142,9 +142,13 @@ def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
 
 
 def _batch_masks(batch: dict, masking, grid_size: tuple[int, int], has_secondary: bool) -> MaskSample:
+    """The masks of a DataLoader batch, as drawn by `masking` in the workers. Masks drawn by
+    `UniformMasking` are flagged uniform, so the encoder need not read them back from the device
+    to check them."""
     if hasattr(masking, "from_batch"):  # EMAE's parts ([B, K, L] masks) rebuild themselves
         return masking.from_batch(batch)
-    return MaskSample(batch["mask"], batch["ids_keep"], grid_size, batch["secondary"] if has_secondary else None)
+    return MaskSample(batch["mask"], batch["ids_keep"], grid_size, batch["secondary"] if has_secondary else None,
+                      isinstance(masking, UniformMasking))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -303,7 +307,8 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
                     torch.manual_seed(seed_for(seed, "step", env.rank, step))  # drop path etc.
                 skipped_files.update(p for s in batch_data["skipped"] if s for p in s.split("\n"))
                 imgs = to_model_input(batch_data["image"], device)  # uint8 -> device, normalised there
-                masks = _batch_masks(batch_data, model.masking, model.grid_size, has_secondary).to(device)
+                masks = _batch_masks(batch_data, model.masking, model.grid_size, has_secondary)
+                masks = masks.to(device, non_blocking=True)
                 with training_autocast(device, cfg.train.precision):
                     loss, _, _ = train_model(imgs, masks)
                 micro += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from ..errors import ConfigError
 from ..masking import MaskSample, RandomMasking, UniformMasking
@@ -129,8 +130,12 @@ class MaskedAutoencoder(nn.Module):
         if tuple(imgs.shape[-2:]) != self.img_size:
             raise ConfigError(f"model was built for {self.img_size} images, got {tuple(imgs.shape[-2:])}")
         if masks is None:
-            masks = self.sample_masks(imgs.shape[0], generator=generator, device=imgs.device)
-        features = self.forward_encoder(imgs, masks)
-        pred = self.forward_decoder(features, masks)
-        loss = self.forward_loss(imgs, pred, masks.mask)
+            with record_function("masks"):
+                masks = self.sample_masks(imgs.shape[0], generator=generator, device=imgs.device)
+        with record_function("encoder"):
+            features = self.forward_encoder(imgs, masks)
+        with record_function("decoder"):
+            pred = self.forward_decoder(features, masks)
+        with record_function("loss"):
+            loss = self.forward_loss(imgs, pred, masks.mask)
         return loss, pred, masks

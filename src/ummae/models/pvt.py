@@ -42,12 +42,13 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags
 from ..errors import ConfigError
-from ..masking import MaskSample, check_uniform
+from ..masking import MaskSample, require_uniform
 from .pyramid import PyramidBackbone
 from .weight_init import init_linear_and_norm
 
@@ -110,12 +111,18 @@ class SpatialReductionAttention(nn.Module):
         """`x`: `[B, H, W, C]`, `ratio`: spatial reduction of keys/values -> `[B, H, W, C]`."""
         B, H, W, C = x.shape
         heads, hd = self.num_heads, C // self.num_heads
-        q = self.q(x).reshape(B, H * W, heads, hd).transpose(1, 2)  # [B, heads, N, hd]
-        kv = self.kv(self.reduce(x, ratio)).reshape(B, -1, 2, heads, hd)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, M, hd], M = N / ratio^2
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj_drop(self.proj(x))
+        with record_function("pvt.qkv"):
+            q = self.q(x).reshape(B, H * W, heads, hd).transpose(1, 2)  # [B, heads, N, hd]
+        with record_function("pvt.spatial_reduction"):
+            reduced = self.reduce(x, ratio)
+        with record_function("pvt.qkv"):
+            kv = self.kv(reduced).reshape(B, -1, 2, heads, hd)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, M, hd], M = N / ratio^2
+        with record_function("pvt.attention"):
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+            x = x.transpose(1, 2).reshape(B, H, W, C)
+        with record_function("pvt.proj"):
+            return self.proj_drop(self.proj(x))
 
 
 class PvtBlock(nn.Module):
@@ -133,8 +140,13 @@ class PvtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, sr_ratio: int) -> torch.Tensor:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        x = x + self.drop_path1(self.attn(self.norm1(x), sr_ratio))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        with record_function("pvt.norm"):
+            y = self.norm1(x)
+        x = x + self.drop_path1(self.attn(y, sr_ratio))
+        with record_function("pvt.norm"):
+            y = self.norm2(x)
+        with record_function("pvt.mlp"):
+            x = x + self.drop_path2(self.mlp(y))
         return x
 
 
@@ -162,7 +174,8 @@ class PvtStage(nn.Module):
     def forward(self, x: torch.Tensor, sr_ratio: int) -> torch.Tensor:
         """`[B, H, W, C_in]` -> `[B, H/2, W/2, C_out]` (or `[B, H, W, C_out]` without merging)."""
         if not isinstance(self.downsample, nn.Identity):
-            x = self.downsample(x.permute(0, 3, 1, 2))  # [B, H/2, W/2, C_out]
+            with record_function("pvt.merging"):
+                x = self.downsample(x.permute(0, 3, 1, 2))  # [B, H/2, W/2, C_out]
         for blk in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, sr_ratio, use_reentrant=False)
@@ -267,9 +280,11 @@ class PyramidVisionTransformer(PyramidBackbone):
 
     def embed_full(self, x: torch.Tensor, replace: torch.Tensor | None = None) -> torch.Tensor:
         """`embed` + the position of every patch: `[B, 3, H, W]` -> `[B, H/p, W/p, C1]`."""
-        tokens = self.embed(x, replace)
-        pos = self.position_embedding(tokens.shape[1], tokens.shape[2])
-        return tokens + pos.to(device=tokens.device, dtype=tokens.dtype)
+        with record_function("patch_embed"):
+            tokens = self.embed(x, replace)
+        with record_function("position_embedding"):
+            pos = self.position_embedding(tokens.shape[1], tokens.shape[2])
+            return tokens + pos.to(device=tokens.device, dtype=tokens.dtype)
 
     def embed_compact(self, imgs: torch.Tensor, masks: MaskSample, unit: int) -> torch.Tensor:
         """Stage-1 tokens of the compact image, each with the position of its TRUE patch.
@@ -285,7 +300,7 @@ class PyramidVisionTransformer(PyramidBackbone):
             `[B, H/2p, W/2p, C1]`; compact patch `(i, j)` carries the table entry of the full-grid
             patch it came from.
         """
-        check_uniform(masks.mask, masks.grid_size)
+        require_uniform(masks)  # no look at the values for masks drawn by UniformMasking
         if unit % self.patch_size:
             raise ConfigError(f"mask unit {unit} is not a multiple of the patch size {self.patch_size}")
         H, W = imgs.shape[-2:]
@@ -293,17 +308,20 @@ class PyramidVisionTransformer(PyramidBackbone):
         if (H, W) != (h * unit, w * unit):
             raise ConfigError(f"image size {H}x{W} does not match a {h}x{w} mask of {unit} px units")
         per_unit = unit // self.patch_size
-        compact = compact_image(imgs, masks.ids_keep, unit)  # [B, 3, H/2, W/2]
-        replace = None
-        if masks.secondary is not None:
-            replace = compact_unit_flags(masks.secondary, masks.ids_keep, masks.grid_size, per_unit)
-        tokens = self.embed(compact, replace)  # [B, H/2p, W/2p, C1]
+        with record_function("compaction"):
+            compact = compact_image(imgs, masks.ids_keep, unit)  # [B, 3, H/2, W/2]
+            replace = None
+            if masks.secondary is not None:
+                replace = compact_unit_flags(masks.secondary, masks.ids_keep, masks.grid_size, per_unit)
+        with record_function("patch_embed"):
+            tokens = self.embed(compact, replace)  # [B, H/2p, W/2p, C1]
 
-        coords = compact_coordinates(masks.ids_keep, masks.grid_size, per_unit)  # patch centres
-        rc = coords.floor().long()  # [B, H/2p, W/2p, 2] true (row, col) patch indices
-        table = self.position_embedding(H // self.patch_size, W // self.patch_size)
-        table = table.to(device=tokens.device, dtype=tokens.dtype)
-        return tokens + table[rc[..., 0], rc[..., 1]]  # [B, H/2p, W/2p, C1]
+        with record_function("position_embedding"):
+            coords = compact_coordinates(masks.ids_keep, masks.grid_size, per_unit)  # patch centres
+            rc = coords.floor().long()  # [B, H/2p, W/2p, 2] true (row, col) patch indices
+            table = self.position_embedding(H // self.patch_size, W // self.patch_size)
+            table = table.to(device=tokens.device, dtype=tokens.dtype)
+            return tokens + table[rc[..., 0], rc[..., 1]]  # [B, H/2p, W/2p, C1]
 
     # -- trunk -------------------------------------------------------------------------------
     def _check_size(self, H: int, W: int, what: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..errors import ConfigError
 from ..masking import MaskSample, RandomMasking
@@ -90,6 +91,12 @@ class SimMIM(nn.Module):
         if tuple(imgs.shape[-2:]) != self.img_size:
             raise ConfigError(f"model was built for {self.img_size} images, got {tuple(imgs.shape[-2:])}")
         if masks is None:
-            masks = self.sample_masks(imgs.shape[0], generator=generator, device=imgs.device)
-        pred = self.forward_decoder(self.forward_encoder(imgs, masks))
-        return self.forward_loss(imgs, pred, masks.mask), pred, masks
+            with record_function("masks"):
+                masks = self.sample_masks(imgs.shape[0], generator=generator, device=imgs.device)
+        with record_function("encoder"):
+            features = self.forward_encoder(imgs, masks)
+        with record_function("decoder"):
+            pred = self.forward_decoder(features)
+        with record_function("loss"):
+            loss = self.forward_loss(imgs, pred, masks.mask)
+        return loss, pred, masks

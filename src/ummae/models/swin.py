@@ -23,21 +23,25 @@ Shapes: tokens are kept channel-last, `[B, H, W, C]`; coordinates `[Bc, H, W, 2]
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags, full_coordinates
 from ..errors import ConfigError
-from ..masking import MaskSample, check_uniform
+from ..masking import MaskSample, require_uniform
 from .pyramid import PyramidBackbone
 from .weight_init import init_linear_and_norm
 
-__all__ = ["SwinTransformer", "CoordinatePositionBias", "merge_coordinates"]
+__all__ = ["SwinTransformer", "CoordinatePositionBias", "CoordinateLattice", "merge_coordinates"]
 
 
 def log_spaced(d: torch.Tensor) -> torch.Tensor:
@@ -61,24 +65,138 @@ def merge_coordinates(coords: torch.Tensor) -> torch.Tensor:
     return coords.reshape(Bc, H // 2, 2, W // 2, 2, 2).mean(dim=(2, 4)) / 2
 
 
-@functools.lru_cache(maxsize=32)
-def _shift_mask_cpu(H: int, W: int, win: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
-    # Label the regions that the cyclic shift brings together; tokens of different regions
-    # were not neighbours before the roll and must not attend to each other.
-    img = torch.zeros(H, W, dtype=torch.long)
-    cnt = 0
-    for hs in (slice(0, -win[0]), slice(-win[0], -shift[0]), slice(-shift[0], None)):
-        for ws in (slice(0, -win[1]), slice(-win[1], -shift[1]), slice(-shift[1], None)):
-            img[hs, ws] = cnt
-            cnt += 1
-    labels = window_partition(img.view(1, H, W, 1), win).reshape(-1, win[0] * win[1])
-    return labels.unsqueeze(1) != labels.unsqueeze(2)  # [nW, N, N], True = blocked
+def _region_labels(size: int, win: int, shift: int, device: torch.device) -> torch.Tensor:
+    # Along one axis of the rolled grid: 0 = tokens that stayed, 1 = the last window's tokens that
+    # did not wrap, 2 = tokens wrapped round from the start (shift > 0).
+    i = torch.arange(size, device=device)
+    return (i >= size - win).long() + (i >= size - shift).long()
 
 
 def shifted_window_mask(H: int, W: int, win: tuple[int, int], shift: tuple[int, int],
                         device: torch.device) -> torch.Tensor:
-    """`[nW, N, N]` bool, True where shifted-window attention must be blocked."""
-    return _shift_mask_cpu(H, W, win, shift).to(device)
+    """`[nW, N, N]` bool, True where shifted-window attention must be blocked.
+
+    The cyclic shift brings regions of the grid together that were not neighbours before the
+    roll; tokens of different regions must not attend to each other. Built from the static
+    sizes with tensor ops on `device` (no host copy, and a constant under `torch.compile`).
+    """
+    labels = 3 * _region_labels(H, win[0], shift[0], device).view(H, 1) \
+        + _region_labels(W, win[1], shift[1], device).view(1, W)  # [H, W]
+    labels = window_partition(labels.view(1, H, W, 1), win).reshape(-1, win[0] * win[1])
+    return labels.unsqueeze(1) != labels.unsqueeze(2)  # [nW, N, N], True = blocked
+
+
+# -- where coordinates can lie: the static position-bias table ----------------------------------
+#
+# On a full grid every token sits at `index + 1/2`, so two tokens of a window are `index`
+# differences apart: integers in [-(win-1), win-1]. On the compact grid of a uniform mask the
+# stage-1 patch at compact index r (unit i = r // p, a = r % p, p = patches per unit) truly sits at
+#     2p i + p dr + a + 1/2 = 2 r + (p dr - a + 1/2),
+# with dr in {0, 1} the row of the kept unit inside its 2x2 block (drawn per block; the same for
+# columns with dc). After s merges (mean of the 2x2 children, halved) the token at stage index r
+# covers the stage-1 patches 2^s r + t, t < 2^s, and sits at
+#     2 r + (2^s - 1/2 - mean_t((2^s r + t) % p) + p * mean(dr over the units it covers)) / 2^s,
+# the mean of dr weighted by how many of the token's patches each unit holds. Every coordinate is
+# therefore `scale * index + d` with `scale` 2 (compact) or 1 (full) and `d` from a small finite
+# set D known from (p, s) alone. Two tokens of a window (whose indices differ by at most win-1;
+# in a shifted window, those not blocked are true neighbours too) are then
+#     scale * (r_i - r_j) + d_i - d_j
+# apart: a finite set on a lattice of step `gcd(scale, differences of D)`, inside a known range.
+# Evaluating the MLP once on that lattice and gathering by the integer lattice index of each
+# pair gives the same numbers as evaluating it per pair, with static shapes (no `unique`).
+
+
+@dataclass(frozen=True)
+class CoordinateLattice:
+    """The coordinates a Swin stage's tokens can have, per axis (see the comment above).
+
+    `scale * index + d`, `d` in `deviations` (exact fractions). Build with `full()` or
+    `compact(p)`, and `merged()` for each following stage.
+    """
+
+    kind: str  # "full" or "compact"
+    patches_per_unit: int = 1  # p, compact only
+    merges: int = 0  # s: patch merges since stage 1
+
+    @classmethod
+    def full(cls) -> "CoordinateLattice":
+        return cls("full")
+
+    @classmethod
+    def compact(cls, patches_per_unit: int) -> "CoordinateLattice":
+        return cls("compact", int(patches_per_unit))
+
+    def table_size(self, window: tuple[int, int]) -> int:
+        """Entries of the bias table for a `(rows, cols)` window."""
+        (_, k_r), (_, k_c) = self.axis(window[0]), self.axis(window[1])
+        return (2 * k_r + 1) * (2 * k_c + 1)
+
+    def merged(self) -> "CoordinateLattice":
+        return CoordinateLattice(self.kind, self.patches_per_unit, self.merges + 1)
+
+    @property
+    def scale(self) -> int:
+        return 2 if self.kind == "compact" else 1
+
+    @functools.cached_property
+    def deviations(self) -> tuple[Fraction, ...]:
+        """D: every possible `coordinate - scale * index` on one axis."""
+        if self.kind == "full":
+            return (Fraction(1, 2),)
+        p, n = self.patches_per_unit, 1 << self.merges
+        out = set()
+        for phase_r in {(n * r) % p for r in range(p)}:  # where the token starts inside a unit
+            row_units = _unit_weights(phase_r, n, p)  # weight of each unit row the token covers
+            mean_a = Fraction(sum((phase_r + t) % p for t in range(n)), n)
+            for phase_c in {(n * c) % p for c in range(p)}:
+                weights = [wr * wc for wr in row_units for wc in _unit_weights(phase_c, n, p)]
+                for mean_dr in _subset_sums(weights):  # dr is free per unit
+                    out.add((n - Fraction(1, 2) - mean_a + p * mean_dr) / n)
+        return tuple(sorted(out))
+
+    def axis(self, window: int) -> tuple[float, int]:
+        """(lattice step, K) for a window of `window` tokens: offsets are `k * step`, |k| <= K.
+
+        The step is a power of two (a float, exactly); worked out in Python once per geometry and
+        a constant for `torch.compile`.
+        """
+        return _lattice_axis(self.kind, self.patches_per_unit, self.merges, int(window))
+
+
+@torch.compiler.assume_constant_result
+def _lattice_axis(kind: str, patches_per_unit: int, merges: int, window: int) -> tuple[float, int]:
+    return _lattice_axis_cached(kind, patches_per_unit, merges, window)
+
+
+@functools.lru_cache(maxsize=256)
+def _lattice_axis_cached(kind: str, patches_per_unit: int, merges: int, window: int) -> tuple[float, int]:
+    lattice = CoordinateLattice(kind, patches_per_unit, merges)
+    devs = lattice.deviations
+    step = Fraction(lattice.scale)
+    for d in devs[1:]:
+        step = _fraction_gcd(step, d - devs[0])
+    reach = lattice.scale * (window - 1) + devs[-1] - devs[0]
+    return float(step), math.ceil(reach / step)
+
+
+def _unit_weights(phase: int, n: int, p: int) -> list[Fraction]:
+    """Fractions of n consecutive patches, starting `phase` patches into a unit of p, per unit."""
+    counts: dict[int, int] = {}
+    for t in range(n):
+        counts[(phase + t) // p] = counts.get((phase + t) // p, 0) + 1
+    return [Fraction(c, n) for c in counts.values()]
+
+
+def _subset_sums(weights: list[Fraction]) -> set[Fraction]:
+    sums = {Fraction(0)}
+    for w in weights:
+        sums |= {s + w for s in sums}
+    return sums
+
+
+def _fraction_gcd(a: Fraction, b: Fraction) -> Fraction:
+    return Fraction(math.gcd(a.numerator * b.denominator, b.numerator * a.denominator),
+                    a.denominator * b.denominator)
 
 
 class CoordinatePositionBias(nn.Module):
@@ -88,47 +206,72 @@ class CoordinatePositionBias(nn.Module):
     Linear(hidden, heads).
 
     Evaluating the MLP for every pair of every window of every sample is costly, but the
-    offsets take few distinct values (coordinates live on a lattice). So the MLP runs once per
-    distinct offset and the results are gathered: the same numbers, far fewer FLOPs.
+    offsets take few values, known in advance from the sizes alone (`CoordinateLattice`). So the
+    MLP runs once on that fixed lattice and each pair gathers its entry by the integer index of
+    its offset: the same numbers, far fewer FLOPs, and static shapes (no host-device sync, no
+    graph break under `torch.compile`). Without a lattice (coordinates of unknown origin) the
+    MLP runs on every pair (`direct`).
     """
-
-    # Offsets are dyadic rationals (patch centres, averaged and halved at each merge: about
-    # three fractional bits per stage), so 16 fractional bits hold them exactly and a pair of
-    # offsets packs into one int64 key. A 1-D unique on the keys is a fast sort;
-    # `torch.unique(dim=0)` on the pairs compares rows one by one and was 70% of a CPU step.
-    _FRACTION_BITS = 16
-    _FIELD = 1 << 31  # per-axis key range: |offset| < 2**14 tokens
 
     def __init__(self, num_heads: int, hidden_dim: int = 32):
         super().__init__()
+        self.num_heads = num_heads
         self.mlp = nn.Sequential(nn.Linear(2, hidden_dim), nn.ReLU(inplace=True),
                                  nn.Linear(hidden_dim, num_heads))
 
-    def distinct_offsets(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[P, 2]` offsets -> (`[U, 2]` distinct offsets, `[P]` index of each in them)."""
-        scale = float(1 << self._FRACTION_BITS)
-        q = torch.round(offsets.double() * scale).long() + self._FIELD // 2  # [P, 2], >= 0
-        keys, inverse = torch.unique(q[:, 0] * self._FIELD + q[:, 1], return_inverse=True)
-        rows = torch.div(keys, self._FIELD, rounding_mode="floor")
-        cols = keys - rows * self._FIELD
-        distinct = (torch.stack([rows, cols], dim=1) - self._FIELD // 2).double() / scale
-        return distinct.float(), inverse
+    def _mlp(self, offsets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=offsets.device.type, enabled=False):
+            return self.mlp(log_spaced(offsets.float()))  # float32 even under autocast
 
-    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+    def direct(self, coords: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP on every pair: `[..., N, 2]` -> `[..., heads, N, N]` (`blocked` pairs -inf)."""
+        offsets = coords.float().unsqueeze(-2) - coords.float().unsqueeze(-3)  # [..., N, N, 2]
+        bias = self._mlp(offsets).movedim(-1, -3)
+        if blocked is not None:
+            bias = bias.masked_fill(blocked[:, None], float("-inf"))
+        return bias
+
+    def table(self, coords: torch.Tensor, lattice: CoordinateLattice, window: tuple[int, int],
+              blocked: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP once on the lattice of possible offsets, gathered per pair (same numbers)."""
+        (step_r, k_r), (step_c, k_c) = lattice.axis(window[0]), lattice.axis(window[1])
+        dev = coords.device
+        # The table: the MLP on every lattice offset, plus one -inf row for blocked pairs.
+        rows = torch.arange(-k_r, k_r + 1, device=dev, dtype=torch.float32) * step_r
+        cols = torch.arange(-k_c, k_c + 1, device=dev, dtype=torch.float32) * step_c
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
+        table = self._mlp(grid)  # [(2k_r+1)(2k_c+1), heads]
+        table = torch.cat([table, table.new_full((1, self.num_heads), float("-inf"))])
+
+        # Integer lattice index of every pair's offset: exact (coordinates are dyadic, exact in
+        # float32), clamped only for pairs of a shifted window that the mask blocks anyway.
+        offsets = coords.float().unsqueeze(-2) - coords.float().unsqueeze(-3)  # [..., N, N, 2]
+        ir = torch.round(offsets[..., 0] * (1 / step_r)).long().clamp_(-k_r, k_r) + k_r
+        ic = torch.round(offsets[..., 1] * (1 / step_c)).long().clamp_(-k_c, k_c) + k_c
+        index = ir * (2 * k_c + 1) + ic  # [..., N, N]
+        if blocked is not None:
+            index = index.masked_fill(blocked, table.shape[0] - 1)
+        return F.embedding(index, table).movedim(-1, -3)  # [..., heads, N, N]
+
+    def forward(self, coords: torch.Tensor, lattice: CoordinateLattice | None = None,
+                window: tuple[int, int] | None = None, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             coords: `[..., N, 2]` coordinates of the N tokens of each window.
+            lattice: where the coordinates lie (`CoordinateLattice`); None = unknown.
+            window: `(rows, cols)` of a window (N = rows * cols), with `lattice`.
+            blocked: `[nW, N, N]` bool, True = pair may not attend (bias -inf), or None; coords
+                then `[Bc, nW, N, 2]`.
 
         Returns:
             `[..., heads, N, N]` float32 bias.
         """
-        lead, N = coords.shape[:-2], coords.shape[-2]
-        offsets = coords.float().unsqueeze(-2) - coords.float().unsqueeze(-3)  # [..., N, N, 2]
-        distinct, inverse = self.distinct_offsets(offsets.reshape(-1, 2))
-        with torch.autocast(device_type=coords.device.type, enabled=False):
-            table = self.mlp(log_spaced(distinct))  # [U, heads], float32 even under autocast
-        bias = table[inverse].reshape(*lead, N, N, -1)
-        return bias.movedim(-1, -3)
+        if lattice is not None and window is not None:
+            # The table wins unless the lattice is finer than there are pairs to evaluate (late
+            # stages: few tokens, offsets averaged over many units); a static choice either way.
+            if lattice.table_size(window) <= coords[..., 0].numel() * coords.shape[-2]:
+                return self.table(coords, lattice, window, blocked)
+        return self.direct(coords, blocked)
 
 
 class WindowAttention(nn.Module):
@@ -144,30 +287,45 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor,
-                blocked: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, blocked: torch.Tensor | None = None,
+                lattice: CoordinateLattice | None = None,
+                window: tuple[int, int] | None = None) -> torch.Tensor:
         """
         Args:
             x: `[B, nW, N, C]` tokens grouped by window.
             coords: `[Bc, nW, N, 2]`, Bc = B or 1.
             blocked: `[nW, N, N]` bool, True = pair may not attend (shifted windows), or None.
+            lattice, window: where the coordinates lie and the window's `(rows, cols)`, for the
+                static bias table (`CoordinatePositionBias`); None = per-pair MLP.
 
         Returns:
             `[B, nW, N, C]`.
         """
         B, nW, N, C = x.shape
-        qkv = self.qkv(x).reshape(B * nW, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*nW, heads, N, head_dim]
+        heads, hd = self.num_heads, C // self.num_heads
+        with record_function("swin.qkv"):
+            qkv = self.qkv(x).reshape(B, nW, N, 3, heads, hd)
+            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, nW, heads, N, hd] (views)
 
-        bias = self.pos_bias(coords)  # [Bc, nW, heads, N, N]
-        if blocked is not None:
-            bias = bias.masked_fill(blocked[None, :, None], float("-inf"))
-        bias = bias.expand(B, -1, -1, -1, -1).reshape(B * nW, self.num_heads, N, N).to(q.dtype)
+        with record_function("swin.position_bias"):
+            bias = self.pos_bias(coords, lattice, window, blocked).to(q.dtype)  # [Bc, nW, heads, N, N]
 
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, nW, N, C)
-        return self.proj_drop(self.proj(x))
+        with record_function("swin.attention"):
+            # SDPA's fused CPU/GPU kernels take 4-D inputs. A per-sample (compact) bias lines up
+            # with [B*nW, heads] (q, k, v stay views); a shared one (full image, Bc = 1) is
+            # broadcast over the batch as [1, nW*heads] instead of being copied B times (q, k, v
+            # are copied instead: head_dim < N, so that is the cheaper copy).
+            if coords.shape[0] == 1 and B > 1:
+                q, k, v = (t.reshape(B, nW * heads, N, hd) for t in (q, k, v))
+                bias = bias.reshape(1, nW * heads, N, N)
+            else:
+                q, k, v = (t.reshape(B * nW, heads, N, hd) for t in (q, k, v))
+                bias = bias.reshape(B * nW, heads, N, N)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                               dropout_p=self.attn_drop if self.training else 0.0)
+            x = x.reshape(B, nW, heads, N, hd).transpose(2, 3).reshape(B, nW, N, C)
+        with record_function("swin.proj"):
+            return self.proj_drop(self.proj(x))
 
 
 class SwinBlock(nn.Module):
@@ -184,7 +342,8 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _attend(self, x: torch.Tensor, coords: torch.Tensor, window_size: int) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, coords: torch.Tensor, window_size: int,
+                lattice: CoordinateLattice | None) -> torch.Tensor:
         B, H, W, C = x.shape
         # A window never exceeds the grid; when it covers a whole side there is nothing to shift.
         win = (min(window_size, H), min(window_size, W))
@@ -193,27 +352,34 @@ class SwinBlock(nn.Module):
                               "change window_size or the image size")
         shift = (win[0] // 2 if self.shift and win[0] < H else 0,
                  win[1] // 2 if self.shift and win[1] < W else 0)
-        if any(shift):
-            x = torch.roll(x, (-shift[0], -shift[1]), dims=(1, 2))
-            coords = torch.roll(coords, (-shift[0], -shift[1]), dims=(1, 2))
-            blocked = shifted_window_mask(H, W, win, shift, x.device)
-        else:
-            blocked = None
+        with record_function("swin.window_partition"):
+            if any(shift):
+                x = torch.roll(x, (-shift[0], -shift[1]), dims=(1, 2))
+                coords = torch.roll(coords, (-shift[0], -shift[1]), dims=(1, 2))
+                blocked = shifted_window_mask(H, W, win, shift, x.device)
+            else:
+                blocked = None
 
-        N = win[0] * win[1]
-        x_win = window_partition(x, win).reshape(B, -1, N, C)  # [B, nW, N, C]
-        c_win = window_partition(coords, win).reshape(coords.shape[0], -1, N, 2)
-        x_win = self.attn(x_win, c_win, blocked)
-        x = window_reverse(x_win.reshape(-1, win[0], win[1], C), win, H, W)  # [B, H, W, C]
-
-        if any(shift):
-            x = torch.roll(x, shift, dims=(1, 2))
+            N = win[0] * win[1]
+            x_win = window_partition(x, win).reshape(B, -1, N, C)  # [B, nW, N, C]
+            c_win = window_partition(coords, win).reshape(coords.shape[0], -1, N, 2)
+        x_win = self.attn(x_win, c_win, blocked, lattice, win)
+        with record_function("swin.window_partition"):
+            x = window_reverse(x_win.reshape(-1, win[0], win[1], C), win, H, W)  # [B, H, W, C]
+            if any(shift):
+                x = torch.roll(x, shift, dims=(1, 2))
         return x
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor, window_size: int) -> torch.Tensor:
-        """`x`: `[B, H, W, C]`, `coords`: `[Bc, H, W, 2]` -> `[B, H, W, C]`."""
-        x = x + self.drop_path1(self._attend(self.norm1(x), coords, window_size))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, window_size: int,
+                lattice: CoordinateLattice | None = None) -> torch.Tensor:
+        """`x`: `[B, H, W, C]`, `coords`: `[Bc, H, W, 2]` on `lattice` (None: unknown) -> `[B, H, W, C]`."""
+        with record_function("swin.norm"):
+            y = self.norm1(x)
+        x = x + self.drop_path1(self._attend(y, coords, window_size, lattice))
+        with record_function("swin.norm"):
+            y = self.norm2(x)
+        with record_function("swin.mlp"):
+            x = x + self.drop_path2(self.mlp(y))
         return x
 
 
@@ -231,16 +397,21 @@ class SwinStage(nn.Module):
         ])
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor, window_size: int):
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, window_size: int,
+                lattice: CoordinateLattice | None = None):
+        """-> `(x, coords, lattice)` of this stage (merged if it downsamples)."""
         if not isinstance(self.downsample, nn.Identity):
-            x = self.downsample(x)
-            coords = merge_coordinates(coords)
+            with record_function("swin.merging"):
+                x = self.downsample(x)
+                coords = merge_coordinates(coords)
+            lattice = lattice.merged() if lattice is not None else None
         for blk in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, coords, window_size, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, coords, window_size, lattice,
+                                                      use_reentrant=False)
             else:
-                x = blk(x, coords, window_size)
-        return x, coords
+                x = blk(x, coords, window_size, lattice)
+        return x, coords, lattice
 
 
 class SwinTransformer(PyramidBackbone):
@@ -303,29 +474,33 @@ class SwinTransformer(PyramidBackbone):
 
     # -- trunk (`embed`, the feature API and the head are in PyramidBackbone) ------------------
     def forward_tokens(self, x: torch.Tensor, coords: torch.Tensor,
-                       return_stages: bool = False):
+                       return_stages: bool = False, lattice: CoordinateLattice | None = None):
         """Run the stages on embedded tokens.
 
         Args:
             x: `[B, H, W, C]` embedded patches.
             coords: `[Bc, H, W, 2]` their true patch-centre coordinates.
             return_stages: also return every stage's output (before the final norm).
+            lattice: where `coords` lie (`CoordinateLattice.full()` / `.compact(p)`): the
+                position bias then gathers from a fixed table; None = any coordinates, the bias
+                MLP runs on every pair.
 
         Returns:
             `[B, H/2^(S-1), W/2^(S-1), C_last]` after the final norm (and the list of stage maps).
         """
         stages = []
         for stage in self.stages:
-            x, coords = stage(x, coords, self.window_size)
+            x, coords, lattice = stage(x, coords, self.window_size, lattice)
             stages.append(x)
         x = self.norm(x)
         return (x, stages) if return_stages else x
 
     def forward_features(self, x: torch.Tensor, replace: torch.Tensor | None = None) -> torch.Tensor:
         """Full image (fine-tuning / SimMIM): `[B, 3, H, W]` -> `[B, H/stride, W/stride, C_last]`."""
-        tokens = self.embed(x, replace)
-        coords = full_coordinates(tokens.shape[1], tokens.shape[2], tokens.device)
-        return self.forward_tokens(tokens, coords)
+        with record_function("patch_embed"):
+            tokens = self.embed(x, replace)
+            coords = full_coordinates(tokens.shape[1], tokens.shape[2], tokens.device)
+        return self.forward_tokens(tokens, coords, lattice=CoordinateLattice.full())
 
     def forward_masked(self, imgs: torch.Tensor, masks: MaskSample, unit: int) -> torch.Tensor:
         """UM-MAE encoder: only the visible units of a uniform mask, packed into the compact image.
@@ -338,22 +513,25 @@ class SwinTransformer(PyramidBackbone):
         Returns:
             `[B, H/2/stride, W/2/stride, C_last]` features of the compact image.
         """
-        check_uniform(masks.mask, masks.grid_size)
+        require_uniform(masks)  # no look at the values for masks drawn by UniformMasking
         if unit % self.patch_size:
             raise ConfigError(f"mask unit {unit} is not a multiple of the patch size {self.patch_size}")
         per_unit = unit // self.patch_size
-        compact = compact_image(imgs, masks.ids_keep, unit)  # [B, 3, H/2, W/2]
-        replace = None
-        if masks.secondary is not None:
-            replace = compact_unit_flags(masks.secondary, masks.ids_keep, masks.grid_size, per_unit)
-        tokens = self.embed(compact, replace)  # [B, H/2p, W/2p, C]
-        coords = compact_coordinates(masks.ids_keep, masks.grid_size, per_unit)
-        return self.forward_tokens(tokens, coords)
+        with record_function("compaction"):
+            compact = compact_image(imgs, masks.ids_keep, unit)  # [B, 3, H/2, W/2]
+            replace = None
+            if masks.secondary is not None:
+                replace = compact_unit_flags(masks.secondary, masks.ids_keep, masks.grid_size, per_unit)
+            coords = compact_coordinates(masks.ids_keep, masks.grid_size, per_unit)
+        with record_function("patch_embed"):
+            tokens = self.embed(compact, replace)  # [B, H/2p, W/2p, C]
+        return self.forward_tokens(tokens, coords, lattice=CoordinateLattice.compact(per_unit))
 
     # -- per-stage maps (timm's feature API, in PyramidBackbone) --------------------------------
     def _full_image_stages(self, x: torch.Tensor, stages):
         x = self.embed(x)  # [B, H/p, W/p, C]
         coords = full_coordinates(x.shape[1], x.shape[2], x.device)
+        lattice = CoordinateLattice.full()
         for stage in stages:
-            x, coords = stage(x, coords, self.window_size)
+            x, coords, lattice = stage(x, coords, self.window_size, lattice)
             yield x

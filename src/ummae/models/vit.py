@@ -29,6 +29,7 @@ import functools
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import vision_transformer as timm_vit
@@ -208,7 +209,8 @@ class VisionTransformer(timm_vit.VisionTransformer):
         if tuple(masks.grid_size) != grid:
             raise ConfigError(f"mask grid {tuple(masks.grid_size)} does not match the ViT patch grid {grid}")
 
-        tokens = self.patch_embed(imgs)  # [B, N, C]
+        with record_function("patch_embed"):
+            tokens = self.patch_embed(imgs)  # [B, N, C]
         B, _, C = tokens.shape
         ids_keep = masks.ids_keep
         index = ids_keep.unsqueeze(-1).expand(-1, -1, C)  # [B, N_vis, C]
@@ -223,7 +225,8 @@ class VisionTransformer(timm_vit.VisionTransformer):
         x = x + pos
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # [B, 1, C]
         x = self.pos_drop(torch.cat([cls, x], dim=1))  # [B, 1+N_vis, C]
-        x = self._trunk(x)
+        with record_function("vit.blocks"):
+            x = self._trunk(x)
         # The class token is dropped: the shared decoder has one slot per unit and scatters the
         # tokens to `ids_keep`, so a token without a unit has nowhere to go. (MAE's own decoder
         # carries the class token through and drops it at the end, which predicts nothing.)
