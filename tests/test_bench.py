@@ -229,3 +229,26 @@ def test_profile_labels_vit_blocks_and_pvt_stages():
         comps = profile_step(cfg, torch.device("cpu"), 2, steps=1, warmup=0)["components"]
         for label in expected:
             assert comps[label]["total_ms"] > 0, (name, label)
+
+
+def test_hiera_is_benchmarked_and_its_encoder_flops_shrink_with_the_mask_ratio():
+    """`ummae bench` on MAE-Hiera: FLOPs of the masked encoder counted (Hiera drops the units)."""
+    from tiny import TINY_HIERA_SETS
+
+    from ummae.models import build_pretrain_model
+
+    sets = [*TINY_HIERA_SETS, "data.img_size=128"]
+    cfgs = [resolve_config("mae_hiera_demo", sets=[*sets, f"masking.mask_ratio={r}"]) for r in (0.0, 0.75)]
+    report = run_benchmark(cfgs, batch_size=2, steps=1, warmup=0, device="cpu", matmul_n=64,
+                           measure_memory=False)
+    full, masked = report["results"]
+    assert full["flops_per_image_scope"] == masked["flops_per_image_scope"] == "encoder_forward"
+    # 16 units of 32 px: 16 visible vs 4. timm's Hiera runs its 7x7 patch convolution over the
+    # whole (zeroed) image; every op after it is per visible token or worse, so falls >= 4x.
+    patch_conv = 2 * (128 // 4) ** 2 * 8 * 7 * 7 * 3  # 2 FLOPs per MAC, 32x32 tokens of width 8
+    assert full["flops_per_image"] - patch_conv >= 4 * (masked["flops_per_image"] - patch_conv) > 0
+    assert masked["train_flops_per_step"] > 0 and masked["step_time_s"] > 0
+    # Negative control: the encoder FLOPs counted are those of the encoder alone (less than the model's).
+    model = build_pretrain_model(cfgs[1])
+    flops = count_flops(model, torch.randn(2, 3, 128, 128))
+    assert 0 < flops["encoder_forward"] < flops["model_forward"]

@@ -63,6 +63,13 @@ def run_cli_captured(args: list[str], run_dir: str | Path) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue(), Path(run_dir))
 
 
+# timm's Hiera, as small as it goes: 4 stages of one block at 64 px, i.e. a 2x2 grid of 32 px
+# mask units (its stride), 2 of them visible at mask ratio 0.6.
+TINY_HIERA_SETS: tuple[str, ...] = (
+    "model.embed_dim=8", "model.depths=[1,1,1,1]", "model.num_heads=[1,2,4,8]", "model.decoder_dim=16",
+    "model.decoder_depth=1", "model.decoder_heads=2", "masking.unit_size=32",
+)
+
 # Data/training keys of the shared tiny runs; the model keys are per backbone.
 _COMMON = [s for s in TINY_SETS if not s.startswith("model.")]
 TINY_MODELS = {
@@ -73,6 +80,7 @@ TINY_MODELS = {
     "vit": ("mae_vit_demo", ["model.embed_dim=16", "model.depths=[2]", "model.num_heads=[2]",
                              "model.patch_size=8", "model.decoder_dim=16", "model.decoder_depth=1",
                              "model.decoder_heads=2"]),
+    "hiera": ("mae_hiera_demo", list(TINY_HIERA_SETS)),
 }
 
 

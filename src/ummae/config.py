@@ -30,7 +30,7 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    arch: str = "swin"  # backbone family: swin | pvt | vit
+    arch: str = "swin"  # backbone family: swin | pvt | vit | hiera (timm's, method mae)
     embed_dim: int = 96  # Swin: stage-1 width (doubled per stage); ViT: the width
     embed_dims: list[int] | None = None  # PVT: width of every stage
     depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])  # ViT: one entry
@@ -319,9 +319,11 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     if m.arch not in ENCODERS:
         raise ConfigError(f"model.arch must be one of {', '.join(ENCODERS)}, got {m.arch!r}")
-    if cfg.method == "mae" and m.arch != "vit":
-        raise ConfigError(f"method mae (random masking) needs model.arch vit: {m.arch} windows/"
+    if cfg.method == "mae" and m.arch not in ("vit", "hiera"):
+        raise ConfigError(f"method mae (random masking) needs model.arch vit or hiera: {m.arch} windows/"
                           "reductions need uniform masking; use method ummae")
+    if m.arch == "hiera":
+        _validate_hiera(cfg)
     if cfg.method == "simmim" and m.arch == "vit":
         raise ConfigError("method simmim is implemented for model.arch swin and pvt, not vit")
     for key in ("embed_dim", "window_size", "patch_size", "mlp_ratio", "pos_hidden_dim",
@@ -398,6 +400,24 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     return cfg
+
+
+def _validate_hiera(cfg: PretrainConfig) -> None:
+    """timm's Hiera: MAE only, 4 stages (3 q-pools: stride 32), heads doubling per stage as its
+    width does, mask units of 8x8 tokens (what its unrolling makes contiguous) that tile the image."""
+    m, unit, size = cfg.model, cfg.masking.unit_size, cfg.data.img_size
+    if cfg.method != "mae":
+        raise ConfigError(f"model.arch hiera is pre-trained with method mae (Hiera drops masked units "
+                          f"itself; no uniform masking or mask tokens), got method {cfg.method}")
+    if len(m.depths) != 4:
+        raise ConfigError(f"model.depths for hiera has 4 stages, e.g. [1, 2, 7, 2], got {m.depths}")
+    if len(m.num_heads) == 4 and list(m.num_heads) != [m.num_heads[0] * 2 ** i for i in range(4)]:
+        raise ConfigError(f"model.num_heads for hiera doubles per stage (timm's head_mul 2), e.g. "
+                          f"[1, 2, 4, 8], got {m.num_heads}")
+    if unit != 8 * m.patch_size or size % unit:
+        raise ConfigError(f"hiera: masking.unit_size must be 8 x model.patch_size ({8 * m.patch_size} px: "
+                          f"Hiera's mask units are 8x8 tokens) and divide data.img_size; got unit {unit} "
+                          f"for {size} px")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,10 @@ def timm_model_args(cfg) -> tuple[str, dict[str, Any]]:
     from .models.registry import TIMM_NAMES
 
     m = cfg.model
+    if m.arch == "hiera":  # timm's own Hiera: plain `hiera_*` weights, no ummae needed to load them
+        from .models.hiera import hiera_timm_model
+
+        return hiera_timm_model(m, cfg.data.img_size, cfg.masking.unit_size)
     if m.arch == "swin":
         args = dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depths=list(m.depths),
                     num_heads=list(m.num_heads), window_size=full_image_window(cfg),

@@ -5,7 +5,8 @@ a method and a recipe, and named `<method>_<backbone>_<size>`:
 
 - the paper's comparison grid (SPEC sec. 6, ImageNet-1K recipes): `ummae_swin_tiny_256` vs
   `simmim_swin_tiny_256`, `ummae_pvt_small_256` vs `simmim_pvt_small_256`, `mae_vit_base_224`
-  vs `ummae_vit_base_224`, and Swin-L (`ummae_swin_large_256`, `simmim_swin_large_256`);
+  vs `ummae_vit_base_224`, MAE on timm's Hiera (`mae_hiera_tiny_224`, `mae_hiera_base_224`),
+  and Swin-L (`ummae_swin_large_256`, `simmim_swin_large_256`);
 - EMAE (4 disjoint parts per image + self-consistency): `emae_vit_base_224` (random parts),
   `emae_swin_tiny_256` and `emae_pvt_small_256` (uniform parts, "UM-EMAE");
 - a tiny variant of each, `<method>_<backbone>_demo`, that trains on the built-in photographs in
@@ -30,11 +31,17 @@ SWIN_L = dict(arch="swin", patch_size=4, embed_dim=192, depths=[2, 2, 18, 2], nu
 PVT_S = dict(arch="pvt", patch_size=4, embed_dims=[64, 128, 320, 512], depths=[3, 4, 6, 3],
              num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4], sr_ratios=[8, 4, 2, 1])
 VIT_B = dict(arch="vit", patch_size=16, embed_dim=768, depths=[12], num_heads=[12], mlp_ratio=4.0)
+# timm's Hiera (built by timm.create_model): hiera_tiny_224 / hiera_base_224 sizes.
+HIERA_T = dict(arch="hiera", patch_size=4, embed_dim=96, depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8])
+HIERA_B = dict(arch="hiera", patch_size=4, embed_dim=96, depths=[2, 3, 16, 3], num_heads=[1, 2, 4, 8])
 
 SWIN_DEMO = dict(arch="swin", patch_size=4, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
 PVT_DEMO = dict(arch="pvt", patch_size=4, embed_dims=[32, 64, 96, 128], depths=[1, 1, 2, 1],
                 num_heads=[1, 2, 3, 4], mlp_ratios=[4, 4, 4, 4], sr_ratios=[8, 4, 2, 1])
 VIT_DEMO = dict(arch="vit", patch_size=16, embed_dim=96, depths=[4], num_heads=[3], mlp_ratio=4.0)
+HIERA_DEMO = dict(arch="hiera", patch_size=4, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
+# Hiera's MAE masking: 60% of 32 px mask units (the Hiera paper); one unit = one last-stage token.
+HIERA_MASKING = dict(unit_size=32, mask_ratio=0.6)
 
 # -- recipes -----------------------------------------------------------------------------------
 # SPEC sec. 6: 200 epochs, blr 1.5e-4, warm-up 10, AdamW (0.9, 0.95), wd 0.05, crops 0.2-1.
@@ -97,6 +104,15 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "ViT-B/16 with uniform masking + SM 0.25 (UM costs ViT nothing), 224 px, 200 ep x 4096",
         _preset("ummae", VIT_B, PAPER, dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
                 data=dict(img_size=224))),
+    "mae_hiera_tiny_224": (
+        "timm's Hiera-T, MAE: 60% of 32 px mask units dropped by Hiera itself, multi-scale fusion, "
+        "8-block decoder, 224 px, 200 ep x 4096",
+        _preset("mae", HIERA_T, PAPER, dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
+                masking=HIERA_MASKING, data=dict(img_size=224))),
+    "mae_hiera_base_224": (
+        "timm's Hiera-B, MAE: 60% of 32 px mask units, multi-scale fusion, 8-block decoder, 224 px",
+        _preset("mae", HIERA_B, PAPER, dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
+                masking=HIERA_MASKING, data=dict(img_size=224))),
     # ---- EMAE: K = 4 disjoint parts per image + self-consistency (see docs/emae.md) -------------
     # Same recipe as the method each extends; an epoch is still one pass over the images (each
     # image is used 4 times per step) and the lr rule counts images, not parts.
@@ -129,6 +145,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "ummae_vit_demo": (
         "tiny ViT/16, MAE with uniform masking on the demo photographs, 128 px",
         _preset("ummae", VIT_DEMO, DEMO, DEMO_DECODER)),
+    "mae_hiera_demo": (
+        "tiny timm Hiera, MAE with 60% of 32 px mask units on the demo photographs, 128 px",
+        _preset("mae", HIERA_DEMO, DEMO, DEMO_DECODER, masking=HIERA_MASKING)),
     "emae_vit_demo": (
         "tiny ViT/16, EMAE with 4 disjoint random parts per image on the demo photographs, 128 px",
         _preset("emae", VIT_DEMO, DEMO, DEMO_DECODER, emae=dict(parts="random"))),

@@ -181,3 +181,20 @@ def test_help_renders(command, capsys):
         main([command, "--help"])
     assert info.value.code == 0
     assert "--checkpoint" in capsys.readouterr().out
+
+
+def test_knn_linprobe_and_visualize_on_a_hiera_checkpoint(checkpoints, labeled, tmp_path, capsys):
+    ckpt = str(checkpoints["hiera"])
+    js = tmp_path / "knn.json"
+    assert main(["knn", "--checkpoint", ckpt, "--data", str(labeled), "--k", "1", "--json", str(js), *FAST]) == 0
+    record = json.loads(js.read_text())
+    assert record["arch"] == "hiera" and record["method"] == "mae" and record["feature_dim"] == 64
+    js = tmp_path / "probe.json"
+    assert main(["linprobe", "--checkpoint", ckpt, "--data", str(labeled), "--epochs", "2", "--json", str(js),
+                 *FAST]) == 0
+    assert [h["epoch"] for h in json.loads(js.read_text())["history"]] == [1, 2]
+    out = tmp_path / "recon.png"
+    code = main(["visualize", "--checkpoint", ckpt, str(labeled / "red" / "0.png"), "--masks", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "2 rows" in captured.out and Image.open(out).size[0] > 0

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import TINY_SETS
+from tiny import TINY_HIERA_SETS, TINY_SETS
 
 STEPS = 4
+# The tiny Swin (UM-MAE) and timm's Hiera (MAE, masked by Hiera itself).
+MODELS = {"swin": (), "hiera": ("--preset", "mae_hiera_demo", *(a for s in TINY_HIERA_SETS for a in ("--set", s)))}
 
 
 def tiny(out: Path, batch: int, *extra: str) -> list[str]:
@@ -34,13 +36,14 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    single = run([sys.executable, "-m", "ummae", *tiny(root / "single", 4)])
+@pytest.fixture(scope="module", params=list(MODELS))
+def runs(tmp_path_factory, request):
+    root = tmp_path_factory.mktemp(f"ddp-{request.param}")
+    model = MODELS[request.param]
+    single = run([sys.executable, "-m", "ummae", *tiny(root / "single", 4, *model)])
     assert single.returncode == 0, single.stderr
     ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "ummae", *tiny(root / "ddp", 2)])
+               "-m", "ummae", *tiny(root / "ddp", 2, *model)])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return root, single, ddp
 

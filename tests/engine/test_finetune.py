@@ -221,3 +221,17 @@ def test_randaugment_survives_its_strongest_magnitudes():
         op.prob, op.magnitude_std = 1.0, 0.0
         op.magnitude = op.magnitude_max or 10  # the upper bound of the sampled magnitude
         assert op(img).size == img.size, op.name
+
+
+def test_hiera_finetune_with_timms_layer_groups(tmp_path, checkpoints, labeled):
+    out = tmp_path / "hiera"
+    res = finetune_cli(out, "--checkpoint", str(checkpoints["hiera"]), "--data", str(labeled["train"]),
+                       "--val-data", str(labeled["val"]), "--max-steps", "2", "--layer-decay", "0.5")
+    assert res.code == 0, res.err
+    assert yaml.safe_load((out / "config.yaml").read_text())["resolved"]["layer_decay"] == 0.5
+    model, classes = load_finetuned(out / "last.pt")
+    assert model.is_hiera and model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    _, pretrained = encoder_source(checkpoints["hiera"])
+    tuned = load_backbone(out / "last.pt")[0].state_dict()
+    assert tuned.keys() == pretrained.keys()
+    assert not torch.equal(tuned["blocks.3.attn.qkv.weight"], pretrained["blocks.3.attn.qkv.weight"])

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.weights} ({result.model}, {result.num_params / 1e6:.2f}M values in "
           f"{result.num_tensors} tensors; checked: timm reloads it strictly and reproduces the features)")
     print(f"wrote {result.card}")
-    print(f"load: import ummae, timm; timm.create_model({result.model!r}, pretrained=True, "
+    needs = "import timm" if result.model.startswith("hiera_") else "import ummae, timm"  # timm's own Hiera
+    print(f"load: {needs}; timm.create_model({result.model!r}, pretrained=True, "
           f"pretrained_cfg_overlay=dict(file={str(result.weights)!r}), **model_args)  "
           f"# model_args from {result.card.name}")
     return 0

@@ -211,7 +211,12 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     if cfg.train.init_weights and resume is None:
         if not Path(cfg.train.init_weights).is_file():
             raise ConfigError(f"--init-weights: '{cfg.train.init_weights}' does not exist")
-        init_state = load_checkpoint(cfg.train.init_weights)
+        if cfg.model.arch == "hiera":  # also timm's / Hiera's own backbone weights (`.mae`)
+            from ..models.hiera import read_init_weights
+
+            init_state = read_init_weights(cfg.train.init_weights)
+        else:
+            init_state = load_checkpoint(cfg.train.init_weights)
 
     with torch.device("meta"):  # the model's own checks (e.g. image size vs stride), at no cost
         build_pretrain_model(cfg)
@@ -231,7 +236,11 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     model = build_pretrain_model(cfg).to(device)
     loader = _make_loader(cfg, dataset, sampler, model.masking, device)
     has_secondary = cfg.method == "ummae"
-    if init_state is not None:
+    if init_state is not None and "model" not in init_state:  # a Hiera backbone's weights: encoder only
+        from ..models.hiera import load_backbone_weights
+
+        load_backbone_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
+    elif init_state is not None:
         _load_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
     if resume_state is not None:
         _load_weights(model, resume_state, f"--resume '{resume}'")

@@ -1,7 +1,8 @@
 """Models: one file per backbone (`swin.py`, `pvt.py`, `vit.py`), the shared MAE decoder
 (`decoder.py`) and the pre-training methods around them: `mim.py` (MAE / UM-MAE), `emae.py`
 (EMAE: K disjoint parts + self-consistency, a `MaskedAutoencoder`) and `simmim.py` (the SimMIM
-baseline). Every backbone serves every method it supports, so the
+baseline); `hiera.py` is MAE around timm's own Hiera (not a copy). Every backbone serves every
+method it supports, so the
 encoder weights of a UM-MAE run and of a SimMIM run of the same backbone are interchangeable."""
 
 from __future__ import annotations
@@ -39,18 +40,33 @@ def _vit(m, img_size: int):
         num_heads=m.num_heads[0], mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate)
 
 
+def _hiera(m, img_size: int, unit: int = 32):
+    from .hiera import build_hiera
+
+    return build_hiera(m, img_size, unit)
+
+
 # Backbone family -> encoder builder (explicit: no lookup of arbitrary names).
-ENCODERS = {"swin": _swin, "pvt": _pvt, "vit": _vit}
+ENCODERS = {"swin": _swin, "pvt": _pvt, "vit": _vit, "hiera": _hiera}
 
 
 def build_encoder(cfg):
     """The encoder described by a `PretrainConfig`'s model section."""
+    if cfg.model.arch == "hiera":  # timm's Hiera: its mask units (attention windows) are the config's
+        return _hiera(cfg.model, cfg.data.img_size, cfg.masking.unit_size)
     return ENCODERS[cfg.model.arch](cfg.model, cfg.data.img_size)
 
 
 def build_pretrain_model(cfg):
     """The pre-training model of a `PretrainConfig`: UM-MAE, MAE, EMAE or SimMIM around its encoder."""
     encoder = build_encoder(cfg)
+    if cfg.model.arch == "hiera":  # MAE on timm's Hiera, masked through its own mask-unit API
+        from .hiera import HieraMAE
+
+        return HieraMAE(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
+                        mask_ratio=cfg.masking.mask_ratio, norm_pix_loss=cfg.model.norm_pix_loss,
+                        decoder_dim=cfg.model.decoder_dim, decoder_depth=cfg.model.decoder_depth,
+                        decoder_heads=cfg.model.decoder_heads)
     if cfg.method == "simmim":
         return SimMIM(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
                       mask_ratio=cfg.masking.mask_ratio)

@@ -1,6 +1,6 @@
 """Image classification on a pre-trained encoder: global average pool + LayerNorm + linear (SPEC sec. 6).
 
-`Classifier` wraps any of the three encoders (Swin, PVT, ViT) built for full images. Its state
+`Classifier` wraps any of the encoders (Swin, PVT, ViT, timm's Hiera) built for full images. Its state
 dict keeps the encoder under the same `encoder.` prefix as the pre-training model, so a
 fine-tuned checkpoint is also a valid encoder source for every tool that reads pre-training
 checkpoints (k-NN, linear probe, export, another fine-tuning).
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
+from timm.models.hiera import Hiera
 from torchvision.ops import roi_align
 
 from ..config import PretrainConfig
@@ -81,6 +82,8 @@ class Classifier(nn.Module):
         self.num_features = int(encoder.num_features)
         # ViT: `[B, 1+N, C]` tokens; pyramids: `[B, h, w, C]` maps.
         self.is_vit = hasattr(encoder, "cls_token") and hasattr(encoder, "blocks")
+        # timm's Hiera: `[B, N, C]` tokens in raster order, its final norm in `head.norm`.
+        self.is_hiera = isinstance(encoder, Hiera)
         self.fc_norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes)
         trunc_normal_(self.head.weight, std=2e-5)  # a near-zero head, as MAE's fine-tuning
@@ -103,6 +106,8 @@ class Classifier(nn.Module):
         if self.is_vit:
             return dict(stem=r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre|mask_token)",
                         blocks=r"^encoder\.blocks\.(\d+)")
+        if self.is_hiera:  # timm's Hiera.group_matcher, under the `encoder.` prefix
+            return dict(stem=r"^encoder\.(?:pos_embed|patch_embed)", blocks=r"^encoder\.blocks\.(\d+)")
         stem = r"^encoder\.(?:patch_embed|patch_norm|mask_token)"
         if coarse:
             return dict(stem=stem, blocks=r"^encoder\.stages\.(\d+)")
@@ -114,7 +119,7 @@ class Classifier(nn.Module):
     @property
     def num_blocks(self) -> int:
         """Transformer blocks of the encoder (the layers of layer-wise lr decay, stem and head aside)."""
-        if self.is_vit:
+        if self.is_vit or self.is_hiera:
             return len(self.encoder.blocks)
         return sum(len(stage.blocks) for stage in self.encoder.stages)
 
@@ -134,6 +139,11 @@ class Classifier(nn.Module):
         if self.is_vit:  # [B, 1+N, C]: drop the prefix tokens, lay the patches on their grid
             tokens = feats[:, self.encoder.num_prefix_tokens:]
             gh, gw = self.encoder.patch_embed.grid_size
+            return tokens.transpose(1, 2).reshape(x.shape[0], self.num_features, gh, gw)
+        if self.is_hiera:  # [B, h*w, C] -> its final norm per token (as in pre-training) -> map
+            tokens = self.encoder.head.norm(feats)
+            stride = self.encoder.feature_info[-1]["reduction"]
+            gh, gw = x.shape[-2] // stride, x.shape[-1] // stride
             return tokens.transpose(1, 2).reshape(x.shape[0], self.num_features, gh, gw)
         return feats.permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
 
