@@ -137,7 +137,9 @@ def ummae_vit(pretrained: bool = False, **kwargs) -> nn.Module:
     at 224 px by default. Its keys are timm's plus `mask_token`."""
     from .vit import VisionTransformer
 
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
+    # Trained position table: what MAE's fine-tuning does (a timm-built model sees full images only).
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                      train_pos_embed=True)
     model_args.update(kwargs)
     # timm's ViT default: the last 3 blocks (fewer in a shallower model).
     return _create(VisionTransformer, "ummae_vit", pretrained, min(3, model_args["depth"]), **model_args)

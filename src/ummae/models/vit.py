@@ -70,6 +70,9 @@ class VisionTransformer(timm_vit.VisionTransformer):
         mask_token: own the learnable token of masked patches (pre-training). Models that only
             see full images (timm classifiers, feature extractors) leave it out, so every
             parameter gets a gradient (DDP without `find_unused_parameters`).
+        train_pos_embed: let the optimiser train the position table (it starts as the sin-cos
+            table either way). False in pre-training (MAE's fixed table); timm-built models set
+            it, as MAE's fine-tuning trains it (and timm expects a gradient for every parameter).
         **kwargs: other timm `VisionTransformer` options (e.g. `qkv_bias`, `fc_norm`,
             `global_pool`). Options that change the token layout are refused.
 
@@ -81,7 +84,8 @@ class VisionTransformer(timm_vit.VisionTransformer):
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-                 num_classes: int = 0, weight_init: str = "mae", mask_token: bool = True, **kwargs):
+                 num_classes: int = 0, weight_init: str = "mae", mask_token: bool = True,
+                 train_pos_embed: bool = False, **kwargs):
         for name, value in _FIXED_OPTIONS.items():
             if name in kwargs and kwargs[name] != value:
                 raise ConfigError(f"ViT option {name}={kwargs[name]!r} is not supported by the MAE encoder "
@@ -112,6 +116,7 @@ class VisionTransformer(timm_vit.VisionTransformer):
         if self.mask_token is not None:
             trunc_normal_(self.mask_token, std=0.02)
         self._init_pos_embed()
+        self.pos_embed.requires_grad_(train_pos_embed)
 
     # -- initialisation ----------------------------------------------------------------------
     def _init_pos_embed(self) -> None:
@@ -122,8 +127,7 @@ class VisionTransformer(timm_vit.VisionTransformer):
         table = torch.cat([table.new_zeros(1, self.embed_dim), table], dim=0)  # [1+N, C]
         with torch.no_grad():
             self.pos_embed.copy_(table.unsqueeze(0).to(self.pos_embed.dtype))
-        # Fixed, as in MAE: not trained (and so skipped by the optimiser), but saved under timm's key.
-        self.pos_embed.requires_grad_(False)
+        # Fixed in pre-training, as in MAE (see `train_pos_embed`), but saved under timm's key.
 
     def _init_mae(self) -> None:
         """MAE's initialisation: the patch projection as a linear layer, xavier-uniform linears."""
