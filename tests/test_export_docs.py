@@ -32,7 +32,7 @@ def test_the_page_has_the_blocks_this_test_runs():
 
 
 def test_export_md_runs_as_written(tmp_path, run_cli, monkeypatch):
-    res = run_cli(["pretrain", "--out", str(tmp_path / "runs" / "swin_t"), *PRETRAIN], tmp_path)
+    res = run_cli([*PRETRAIN, "--out", str(tmp_path / "runs" / "swin_t")], tmp_path)
     assert res.code == 0, res.err
     monkeypatch.chdir(tmp_path)
     for block in blocks("bash"):

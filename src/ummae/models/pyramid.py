@@ -156,6 +156,7 @@ class PyramidBackbone(nn.Module):
         ref = next(self.parameters())
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes > 0 else nn.Identity())
+        self.head.train(self.training)  # a new module is in training mode; follow the model
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """`[B, H, W, C]` -> pooled `[B, C]` (pre_logits) or logits `[B, num_classes]`; with
