@@ -15,6 +15,13 @@ last three blocks for ViT (timm's ViT default); `out_indices` picks others.
 There are no hosted weights: `pretrained=True` without a `file` (or `state_dict`) overlay is an
 error, never a download.
 
+A model built here sees full images only (classification, detection, segmentation): it leaves
+out the mask token (`mask_token=True` keeps it; the filter drops it from weight files), so every
+parameter gets a gradient and DDP needs no `find_unused_parameters`; the ViT also trains its
+position table, as MAE's fine-tuning does. Swin and PVT take any input size and have timm's
+classifier API; `feature_cfg=dict(feature_cls="fx")` gives FX-traced feature extractors. timm's own
+model tests run on these three names with `scripts/timm_model_tests.py`.
+
 `import ummae` registers these names (when timm is imported, not before: see `ummae/__init__.py`).
 The model classes are imported when a model is built, so registering costs nothing more than timm.
 """
