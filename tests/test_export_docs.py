@@ -54,3 +54,5 @@ def test_export_md_runs_as_written(tmp_path, run_cli, monkeypatch):
     assert [tuple(m.shape[-2:]) for m in maps] == [(-(-800 // s), -(-1333 // s)) for s in (4, 8, 16, 32)]
     assert namespace["body"].feature_info.reduction() == [4, 8, 16, 32]
     assert namespace["detector"].backbone.out_channels == 256
+    fx_maps = namespace["fx_maps"]
+    assert [m.shape[1:3] for m in fx_maps] == [(256 // s, 256 // s) for s in (4, 8, 16, 32)]  # NHWC

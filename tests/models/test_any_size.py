@@ -78,3 +78,32 @@ def test_window_mask_blocks_padded_keys_of_real_queries_and_leaves_no_row_empty(
     padded = torch.roll(padded, (-2, -2), dims=(0, 1)).reshape(2, 4, 2, 4).permute(0, 2, 1, 3).reshape(4, 16)
     real_q_pad_k = (~padded).unsqueeze(2) & padded.unsqueeze(1)
     assert real_q_pad_k.any() and mask[real_q_pad_k].all()
+
+
+def test_padded_shifted_window_matches_attention_over_allowed_real_tokens():
+    # Shifted block on a 6x7 grid, window 4, shift 2 (padded to 8x8 first, then rolled, as the
+    # original Swin does). Each real token must attend exactly to the real tokens that share its
+    # window and its shift region; checked one query at a time against the bare attention.
+    torch.manual_seed(0)
+    block = SwinBlock(dim=8, num_heads=2, shift=True).eval()
+    H, W, win, s = 6, 7, 4, 2
+    Hp, Wp = 8, 8
+    x = torch.randn(1, H, W, 8)
+    coords = full_coordinates(H, W)
+
+    def region(p: int, size: int) -> int:  # the three shift regions along one axis
+        return 0 if p < size - win else (1 if p < size - s else 2)
+
+    def place(i: int, j: int):  # window and region of a token after padding and the roll
+        pi, pj = (i - s) % Hp, (j - s) % Wp
+        return (pi // win, pj // win), (region(pi, Hp), region(pj, Wp))
+
+    with torch.no_grad():
+        out = block._attend(x, coords, win)
+        for i in range(H):
+            for j in range(W):
+                allowed = [(a, b) for a in range(H) for b in range(W) if place(a, b) == place(i, j)]
+                k = allowed.index((i, j))
+                xs = torch.stack([x[0, a, b] for a, b in allowed]).view(1, 1, -1, 8)
+                cs = torch.stack([coords[0, a, b] for a, b in allowed]).view(1, 1, -1, 2)
+                torch.testing.assert_close(out[0, i, j], block.attn(xs, cs)[0, 0, k])
