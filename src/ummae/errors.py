@@ -10,8 +10,11 @@ class UmmaeError(Exception):
     """A problem with the user's input, reported as one clear line."""
 
 
-class ConfigError(UmmaeError):
-    """An invalid configuration value; the message names the option."""
+class ConfigError(UmmaeError, ValueError):
+    """An invalid configuration value; the message names the option.
+
+    Also a `ValueError`, as torch and timm raise for bad arguments, so a caller's
+    `except ValueError` catches it."""
 
 
 def one_line(error: BaseException) -> str:

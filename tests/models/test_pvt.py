@@ -170,21 +170,37 @@ def test_masked_ratios_are_halved_full_ratios():
     assert [masked_sr_ratio(r) for r in (8, 4, 2, 1)] == [4, 2, 1, 1]
 
 
-def test_ratio_that_does_not_divide_the_grid_is_a_clear_error():
+def test_ratio_that_does_not_divide_the_grid_pools_partial_edge_cells():
+    # 6x8 grid, ratio 4: keys/values from a 2x2 map whose bottom cells average only the 2 rows
+    # they have (not zeros, not dropped).
     attn = SpatialReductionAttention(dim=4, num_heads=1, has_reduction=True)
-    with pytest.raises(ConfigError, match="not divisible by the spatial-reduction ratio 4"):
-        attn(torch.randn(1, 6, 8, 4), 4)
+    x = torch.randn(1, 6, 8, 4)
+    pooled = torch.stack([torch.stack([x[0, r:r + 4, c:c + 4].mean(dim=(0, 1)) for c in (0, 4)])
+                          for r in (0, 4)])[None]  # [1, 2, 2, 4]
+    torch.testing.assert_close(attn.reduce(x, 4), attn.norm(attn.sr(pooled)))
+    assert attn(x, 4).shape == x.shape
+
+
+def test_ratio_without_reduction_weights_is_a_clear_error():
     no_weights = SpatialReductionAttention(dim=4, num_heads=1, has_reduction=False)
     with pytest.raises(ConfigError, match="without reduction weights"):
         no_weights(torch.randn(1, 4, 4, 4), 2)
 
 
-def test_image_sizes_that_do_not_fit_are_clear_errors():
+@pytest.mark.parametrize("size", [(48, 64), (30, 32), (61, 67), (224, 224)])
+def test_full_image_takes_any_size(size):
+    # Sides are zero-padded to the patch, odd stage grids by one row / column (ceil), and the
+    # reduction pools partial edge cells: the final map is ceil(side / 32).
     model = tiny_pvt()
-    with pytest.raises(ConfigError, match="not divisible by patch size"):
-        model.embed(torch.randn(1, 3, 30, 32))
-    with pytest.raises(ConfigError, match="not divisible by the encoder's total stride 32"):
-        model.forward_features(torch.randn(1, 3, 48, 64))
+    out = model.forward_features(torch.randn(1, 3, *size))
+    assert out.shape == (1, -(-size[0] // 32), -(-size[1] // 32), 32)
+    assert torch.isfinite(out).all()
+    maps = model.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(-(-size[0] // s), -(-size[1] // s)) for s in (4, 8, 16, 32)]
+
+
+def test_masked_sizes_that_do_not_fit_are_clear_errors():
+    model = tiny_pvt()
     with pytest.raises(ConfigError, match="compact image size 16x32"):  # 32 px: compact 16 px
         model.forward_masked(torch.randn(1, 3, 32, 64), uniform_masks(1, grid=(4, 8)), UNIT)
     with pytest.raises(ConfigError, match="does not match"):

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from torch.fx import _symbolic_trace
 
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags
 from ..errors import ConfigError
@@ -53,6 +54,20 @@ from .pyramid import PyramidBackbone
 from .weight_init import init_linear_and_norm
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "masked_sr_ratio"]
+
+
+def _is_fx_symbolic_tracing() -> bool:
+    check = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+    return check()
+
+
+@torch.fx.wrap
+def add_sincos_positions(tokens: torch.Tensor) -> torch.Tensor:
+    """`[B, H, W, C]` + the 2-D sin-cos table of its grid (what `embed_full` adds; used when FX
+    traces the model, where the grid size is not known until it runs)."""
+    H, W, C = tokens.shape[1:]
+    table = build_sincos2d_pos_embed([H, W], C, device=tokens.device).reshape(H, W, C)
+    return tokens + table.to(tokens.dtype)
 
 
 def masked_sr_ratio(ratio: int) -> int:
@@ -93,18 +108,17 @@ class SpatialReductionAttention(nn.Module):
             self.norm = None
 
     def reduce(self, x: torch.Tensor, ratio: int) -> torch.Tensor:
-        """`[B, H, W, C]` -> `[B, H/ratio, W/ratio, C]` keys/values source."""
+        """`[B, H, W, C]` -> `[B, ceil(H/ratio), ceil(W/ratio), C]` keys/values source."""
         if self.sr is None:
             if ratio != 1:
                 raise ConfigError(f"spatial-reduction ratio {ratio} asked of an attention layer "
                                   "built without reduction weights (full-image ratio 1)")
             return x
-        H, W = x.shape[1:3]
         if ratio > 1:
-            if H % ratio or W % ratio:
-                raise ConfigError(f"token grid {H}x{W} is not divisible by the spatial-reduction "
-                                  f"ratio {ratio}; change sr_ratios or the image size")
-            x = F.avg_pool2d(x.permute(0, 3, 1, 2), ratio).permute(0, 2, 3, 1)  # [B, H/r, W/r, C]
+            # A grid that is not a multiple of the ratio keeps its edge: the last row / column of
+            # cells averages only the tokens it has (ceil_mode); divisible grids are unaffected.
+            x = F.avg_pool2d(x.permute(0, 3, 1, 2), ratio, ceil_mode=True)
+            x = x.permute(0, 2, 3, 1)  # [B, ceil(H/r), ceil(W/r), C]
         return self.norm(self.sr(x))
 
     def forward(self, x: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -162,7 +176,7 @@ class PvtStage(nn.Module):
         if downsample:
             self.downsample = PatchEmbed(img_size=None, patch_size=2, in_chans=dim, embed_dim=out_dim,
                                          norm_layer=nn.LayerNorm, output_fmt="NHWC",
-                                         strict_img_size=False)
+                                         strict_img_size=False, dynamic_img_pad=True)
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.ModuleList([
@@ -195,7 +209,13 @@ class PyramidVisionTransformer(PyramidBackbone):
             reduction weights iff its ratio is > 1.
         qkv_bias: bias on the attention projections.
         drop_path_rate: stochastic depth, rising linearly to this over all blocks.
-        num_classes: >0 adds a global-average-pool + linear head (fine-tuning).
+        num_classes: >0 adds a linear head (fine-tuning).
+        global_pool: pooling before the head: "avg", "max" or "" (none).
+        img_size: accepted for timm compatibility and recorded; nothing depends on it (any size
+            runs: sides are padded to the patch, odd stage grids by one row / column).
+        mask_token: own the learnable token of masked patches (pre-training); left out by models
+            that only see full images, so every parameter gets a gradient (DDP).
+        device, dtype: where to create the weights (timm's `create_model(device=, dtype=)`).
     """
 
     needs_uniform_mask = True  # forward_masked packs visible units into a compact image
@@ -204,7 +224,9 @@ class PyramidVisionTransformer(PyramidBackbone):
                  embed_dims: Sequence[int] = (64, 128, 320, 512), depths: Sequence[int] = (3, 4, 6, 3),
                  num_heads: Sequence[int] = (1, 2, 5, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True,
-                 drop_path_rate: float = 0.0, num_classes: int = 0):
+                 drop_path_rate: float = 0.0, num_classes: int = 0, global_pool: str = "avg",
+                 img_size: int | tuple[int, int] | None = None, mask_token: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         per_stage = dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads,
                          mlp_ratios=mlp_ratios, sr_ratios=sr_ratios)
@@ -217,6 +239,8 @@ class PyramidVisionTransformer(PyramidBackbone):
         if any(int(r) < 1 for r in sr_ratios):
             raise ConfigError(f"sr_ratios must be >= 1, got {list(sr_ratios)}")
         self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.img_size = img_size
         self.num_stages = len(depths)
         self.embed_dims = [int(d) for d in embed_dims]
         self.num_features = self.embed_dims[-1]
@@ -227,10 +251,11 @@ class PyramidVisionTransformer(PyramidBackbone):
 
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=self.embed_dims[0], output_fmt="NHWC",
-                                      strict_img_size=False)
+                                      strict_img_size=False, dynamic_img_pad=True)
         self.patch_norm = nn.LayerNorm(self.embed_dims[0])
         # Replaces the embedding of hidden patches (UM's secondary masking, SimMIM's masking).
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dims[0]))
+        self.mask_token = (nn.Parameter(torch.zeros(1, 1, 1, self.embed_dims[0])) if mask_token
+                           else None)
         # Sin-cos table of the full stage-1 grid, `[H/p, W/p, C1]`: rebuilt for each new input
         # size (see `position_embedding`), never saved.
         self.register_buffer("pos_embed", torch.zeros(0, 0, self.embed_dims[0]), persistent=False)
@@ -245,13 +270,16 @@ class PyramidVisionTransformer(PyramidBackbone):
                 num_heads=num_heads[i], downsample=i > 0, has_reduction=self.sr_ratios[i] > 1,
                 mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias, drop_path=rates[start:start + depths[i]]))
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(num_classes, global_pool)
         # timm's feature metadata (features_only, detection necks): one map per stage.
         self.feature_info = [dict(num_chs=c, reduction=patch_size * 2 ** i, module=f"stages.{i}")
                              for i, c in enumerate(self.embed_dims)]
 
-        trunc_normal_(self.mask_token, std=0.02)
+        if self.mask_token is not None:
+            trunc_normal_(self.mask_token, std=0.02)
         self.apply(self._init_weights)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -283,6 +311,8 @@ class PyramidVisionTransformer(PyramidBackbone):
         with record_function("patch_embed"):
             tokens = self.embed(x, replace)
         with record_function("position_embedding"):
+            if _is_fx_symbolic_tracing():  # the grid is symbolic: the table becomes one (wrapped) graph node
+                return add_sincos_positions(tokens)
             pos = self.position_embedding(tokens.shape[1], tokens.shape[2])
             return tokens + pos.to(device=tokens.device, dtype=tokens.dtype)
 
@@ -352,13 +382,12 @@ class PyramidVisionTransformer(PyramidBackbone):
         """Full image (fine-tuning / SimMIM), full-image SR ratios.
 
         Args:
-            x: `[B, 3, H, W]`, H and W divisible by `stride`.
+            x: `[B, 3, H, W]`, any size (see the class docstring).
             replace: `[B, H/p, W/p]` bool, patches given the mask token, or None.
 
         Returns:
-            `[B, H/stride, W/stride, C_last]`.
+            `[B, ceil(H/stride), ceil(W/stride), C_last]`.
         """
-        self._check_size(x.shape[-2], x.shape[-1], "image")
         return self.forward_tokens(self.embed_full(x, replace), self.sr_ratios)
 
     def forward_masked(self, imgs: torch.Tensor, masks: MaskSample, unit: int) -> torch.Tensor:
@@ -379,7 +408,6 @@ class PyramidVisionTransformer(PyramidBackbone):
 
     # -- per-stage maps (timm's feature API, in PyramidBackbone) --------------------------------
     def _full_image_stages(self, x: torch.Tensor, stages):
-        self._check_size(x.shape[-2], x.shape[-1], "image")
         x = self.embed_full(x)  # [B, H/p, W/p, C1]
         for stage, ratio in zip(stages, self.sr_ratios):
             x = stage(x, ratio)

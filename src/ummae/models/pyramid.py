@@ -16,29 +16,51 @@ from timm.models._features import feature_take_indices
 
 from ..errors import ConfigError
 
-__all__ = ["PyramidBackbone"]
+__all__ = ["PyramidBackbone", "GLOBAL_POOLS"]
+
+# Pooling before the head: average (timm's Swin and PVT v2 default), max, or none ("": the head,
+# if any, is applied to every position of the `[B, H, W, C]` map).
+GLOBAL_POOLS = ("avg", "max", "")
 
 
 class PyramidBackbone(nn.Module):
     """Base of `SwinTransformer` and `PyramidVisionTransformer` (attributes: `patch_embed`,
     `patch_norm`, `mask_token`, `stages`, `norm`, `head`, `embed_dims`, `patch_size`,
-    `num_features`, `stride`)."""
+    `num_features`, `stride`).
+
+    Maps stay channel-last between stages, and `forward_features` returns them so: `output_fmt`
+    says "NHWC" (as timm's Swin does), so timm's hook-based feature tools and `test_models.py`
+    read the channel axis correctly. `forward_intermediates` / `features_only` give NCHW.
+    """
+
+    output_fmt = "NHWC"
+
+    def _init_head(self, num_classes: int, global_pool: str) -> None:
+        """timm's classifier attributes: `num_classes`, `global_pool`, `head_hidden_size`, `head`."""
+        if global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"global_pool must be one of {list(GLOBAL_POOLS)}, got {global_pool!r}")
+        if num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.global_pool = global_pool
+        self.head_hidden_size = self.num_features  # what `forward_head(pre_logits=True)` returns
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def embed(self, x: torch.Tensor, replace: torch.Tensor | None = None) -> torch.Tensor:
         """Stage-1 patch embedding, `replace`d patches swapped for the mask token before the norm
         (UM-MAE's secondary masking, SimMIM's masking: the token is normalised like real patches).
 
         Args:
-            x: `[B, 3, H, W]`.
+            x: `[B, 3, H, W]`; sides that are not a multiple of the patch are zero-padded.
             replace: `[B, H/p, W/p]` bool, True = use the mask token, or None.
 
         Returns:
             `[B, H/p, W/p, C1]`.
         """
-        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
-            raise ConfigError(f"image size {tuple(x.shape[-2:])} is not divisible by patch size {self.patch_size}")
-        tokens = self.patch_embed(x)  # [B, H/p, W/p, C1]
+        tokens = self.patch_embed(x)  # [B, ceil(H/p), ceil(W/p), C1]: bottom / right zero-padded
         if replace is not None:
+            if self.mask_token is None:
+                raise ConfigError("this model was built with mask_token=False: it cannot replace patches")
             if replace.shape != tokens.shape[:3]:
                 raise ConfigError(f"replace mask of shape {tuple(replace.shape)} does not match the "
                                   f"patch grid {tuple(tokens.shape[:3])}")
@@ -118,9 +140,31 @@ class PyramidBackbone(nn.Module):
             self.stride = self.patch_size * 2 ** max_index
         return take
 
-    # -- classification ---------------------------------------------------------------------
+    # -- classification (timm's API) -----------------------------------------------------------
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh linear head for `num_classes` (0: none), on the model's device and dtype;
+        `global_pool` None keeps the current pooling."""
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ConfigError(f"global_pool must be one of {list(GLOBAL_POOLS)}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = int(num_classes)
+        ref = next(self.parameters())
+        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
+        self.head.train(self.training)  # a new module is in training mode; follow the model
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))  # global average pool: [B, C]
+        """`[B, H, W, C]` -> pooled `[B, C]` (pre_logits) or logits `[B, num_classes]`; with
+        `global_pool=""` the map is kept and the head applied at every position."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        elif self.global_pool == "max":
+            x = x.amax(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,13 @@ last three blocks for ViT (timm's ViT default); `out_indices` picks others.
 There are no hosted weights: `pretrained=True` without a `file` (or `state_dict`) overlay is an
 error, never a download.
 
+A model built here sees full images only (classification, detection, segmentation): it leaves
+out the mask token (`mask_token=True` keeps it; the filter drops it from weight files), so every
+parameter gets a gradient and DDP needs no `find_unused_parameters`; the ViT also trains its
+position table, as MAE's fine-tuning does. Swin and PVT take any input size and have timm's
+classifier API; `feature_cfg=dict(feature_cls="fx")` gives FX-traced feature extractors. timm's own
+model tests run on these three names with `scripts/timm_model_tests.py`.
+
 `import ummae` registers these names (when timm is imported, not before: see `ummae/__init__.py`).
 The model classes are imported when a model is built, so registering costs nothing more than timm.
 """
@@ -46,8 +53,10 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    "ummae_swin": _cfg(),
-    "ummae_pvt": _cfg(),
+    # Any input size runs (padding inside; see the model docstrings): 256 is the paper's
+    # fine-tuning size, and pool_size is the final map there (stride 32).
+    "ummae_swin": _cfg(pool_size=(8, 8)),
+    "ummae_pvt": _cfg(pool_size=(8, 8)),
     "ummae_vit": _cfg(input_size=(3, 224, 224), fixed_input_size=True),  # its position table fixes the size
 })
 
@@ -70,10 +79,13 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
     - ViT at another input size: MAE's position table is a fixed sin-cos function of the patch
       grid, so the model's own table (built for its `img_size`) is the exact answer; a learned
       table is resampled as timm does.
+    - A model built without the mask token (the default through timm) drops it.
     Swin and PVT have no weight that depends on the input size.
     """
     if any(k.startswith("encoder.") for k in state_dict):
         state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    if getattr(model, "mask_token", None) is None:
+        state_dict = {k: v for k, v in state_dict.items() if k != "mask_token"}
     pos, target = state_dict.get("pos_embed"), getattr(model, "pos_embed", None)
     if isinstance(pos, torch.Tensor) and isinstance(target, torch.Tensor) and pos.shape != target.shape:
         if _is_vit_sincos_table(pos):
@@ -89,16 +101,15 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 def _create(model_cls, variant: str, pretrained: bool, default_out_indices, **kwargs) -> nn.Module:
     out_indices = kwargs.pop("out_indices", default_out_indices)
-    features_only = kwargs.get("features_only", False)
-    model = build_model_with_cfg(
+    feature_cfg = dict(feature_cls="getter", out_indices=out_indices)
+    feature_cfg.update(kwargs.pop("feature_cfg", None) or {})  # e.g. feature_cls="fx"
+    # A timm-built model sees full images only (classification, detection): without the mask
+    # token every parameter gets a gradient, which DistributedDataParallel needs unless
+    # `find_unused_parameters=True`. Pass `mask_token=True` to keep it (masked pre-training).
+    kwargs.setdefault("mask_token", False)
+    return build_model_with_cfg(
         model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
-    inner = getattr(model, "model", None)
-    if features_only and isinstance(getattr(inner, "mask_token", None), nn.Parameter):
-        # A feature extractor never masks. Left in, the token would be a parameter without a
-        # gradient, which DistributedDataParallel rejects (detection / segmentation training).
-        inner.mask_token = None
-    return model
+        feature_cfg=feature_cfg, **kwargs)
 
 
 @register_model
@@ -133,7 +144,9 @@ def ummae_vit(pretrained: bool = False, **kwargs) -> nn.Module:
     at 224 px by default. Its keys are timm's plus `mask_token`."""
     from .vit import VisionTransformer
 
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
+    # Trained position table: what MAE's fine-tuning does (a timm-built model sees full images only).
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                      train_pos_embed=True)
     model_args.update(kwargs)
     # timm's ViT default: the last 3 blocks (fewer in a shallower model).
     return _create(VisionTransformer, "ummae_vit", pretrained, min(3, model_args["depth"]), **model_args)

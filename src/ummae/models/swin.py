@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models import register_notrace_function, register_notrace_module
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags, full_coordinates
@@ -49,6 +50,7 @@ def log_spaced(d: torch.Tensor) -> torch.Tensor:
     return torch.sign(d) * torch.log1p(d.abs())
 
 
+@register_notrace_function  # FX: branches on the (symbolic) grid size, so one graph node
 def merge_coordinates(coords: torch.Tensor) -> torch.Tensor:
     """Coordinates after a 2x2 patch merge: mean of the four children, halved.
 
@@ -59,9 +61,12 @@ def merge_coordinates(coords: torch.Tensor) -> torch.Tensor:
         coords: `[Bc, H, W, 2]`.
 
     Returns:
-        `[Bc, H/2, W/2, 2]`.
+        `[Bc, ceil(H/2), ceil(W/2), 2]`.
     """
     Bc, H, W, _ = coords.shape
+    if H % 2 or W % 2:  # odd grid: timm's PatchMerging pads one row / column, so do the coordinates
+        coords = extend_coordinates(coords, (H % 2, W % 2))
+        H, W = H + H % 2, W + W % 2
     return coords.reshape(Bc, H // 2, 2, W // 2, 2, 2).mean(dim=(2, 4)) / 2
 
 
@@ -72,18 +77,47 @@ def _region_labels(size: int, win: int, shift: int, device: torch.device) -> tor
     return (i >= size - win).long() + (i >= size - shift).long()
 
 
-def shifted_window_mask(H: int, W: int, win: tuple[int, int], shift: tuple[int, int],
-                        device: torch.device) -> torch.Tensor:
-    """`[nW, N, N]` bool, True where shifted-window attention must be blocked.
+def window_attention_mask(H: int, W: int, win: tuple[int, int], shift: tuple[int, int],
+                          device: torch.device) -> torch.Tensor | None:
+    """`[nW, N, N]` bool, True where attention must be blocked in the windows of an `H x W` grid
+    padded to whole windows (bottom rows, right columns) and then cyclically shifted by `shift`;
+    None when nothing is padded or shifted.
 
-    The cyclic shift brings regions of the grid together that were not neighbours before the
-    roll; tokens of different regions must not attend to each other. Built from the static
-    sizes with tensor ops on `device` (no host copy, and a constant under `torch.compile`).
+    - The cyclic shift brings regions of the grid together that were not neighbours before the
+      roll; tokens of different regions must not attend to each other.
+    - A padded token is never a key of a real one (timm and the original Swin attend the zero
+      padding instead), so real outputs do not depend on the padding.
+    Built from the static sizes with tensor ops on `device` (no host copy, and a constant under
+    `torch.compile`).
     """
-    labels = 3 * _region_labels(H, win[0], shift[0], device).view(H, 1) \
-        + _region_labels(W, win[1], shift[1], device).view(1, W)  # [H, W]
-    labels = window_partition(labels.view(1, H, W, 1), win).reshape(-1, win[0] * win[1])
-    return labels.unsqueeze(1) != labels.unsqueeze(2)  # [nW, N, N], True = blocked
+    Hp, Wp = H + -H % win[0], W + -W % win[1]
+    if (Hp, Wp) == (H, W) and not any(shift):
+        return None
+    N = win[0] * win[1]
+    labels = 3 * _region_labels(Hp, win[0], shift[0], device).view(Hp, 1) \
+        + _region_labels(Wp, win[1], shift[1], device).view(1, Wp)  # [Hp, Wp]
+    labels = window_partition(labels.view(1, Hp, Wp, 1), win).reshape(-1, N)
+    blocked = labels.unsqueeze(1) != labels.unsqueeze(2)  # [nW, N(query), N(key)]
+    padded = (torch.arange(Hp, device=device) >= H).view(Hp, 1) | (torch.arange(Wp, device=device) >= W).view(1, Wp)
+    padded = torch.roll(padded, (-shift[0], -shift[1]), dims=(0, 1))
+    padded = window_partition(padded.view(1, Hp, Wp, 1), win).reshape(-1, N)
+    return blocked | (padded.unsqueeze(1) & ~padded.unsqueeze(2))
+
+
+def extend_coordinates(coords: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
+    """Coordinates `[Bc, H, W, 2]` continued by `pad = (rows, cols)` cells at the bottom / right,
+    each axis stepping on by its last spacing (exact for a full grid, where it is the grid that
+    a larger image would have). Keeps offsets to padded cells in the range real windows see."""
+    for dim, n in ((1, pad[0]), (2, pad[1])):
+        if n == 0:
+            continue
+        size = coords.shape[dim]
+        last = coords.narrow(dim, size - 1, 1)
+        step = last - coords.narrow(dim, size - 2, 1) if size > 1 else torch.ones_like(last)
+        k = torch.arange(1, n + 1, device=coords.device, dtype=coords.dtype)
+        k = k.view([-1 if d == dim else 1 for d in range(coords.ndim)])
+        coords = torch.cat([coords, last + k * step], dim=dim)
+    return coords
 
 
 # -- where coordinates can lie: the static position-bias table ----------------------------------
@@ -328,8 +362,14 @@ class WindowAttention(nn.Module):
             return self.proj_drop(self.proj(x))
 
 
+@register_notrace_module  # FX: window, shift and padding follow the grid size, so a leaf module
 class SwinBlock(nn.Module):
-    """Pre-norm (shifted-)window attention + MLP, each with a residual and drop path."""
+    """Pre-norm (shifted-)window attention + MLP, each with a residual and drop path.
+
+    FX tracing (timm's `feature_cls="fx"`, or torchvision's `create_feature_extractor` given
+    `tracer_kwargs=dict(leaf_modules=timm.models.get_notrace_modules(),
+    autowrap_functions=timm.models.get_notrace_functions())`) keeps the block as one node.
+    """
 
     def __init__(self, dim: int, num_heads: int, shift: bool, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, pos_hidden_dim: int = 32, drop_path: float = 0.0):
@@ -347,27 +387,34 @@ class SwinBlock(nn.Module):
         B, H, W, C = x.shape
         # A window never exceeds the grid; when it covers a whole side there is nothing to shift.
         win = (min(window_size, H), min(window_size, W))
-        if H % win[0] or W % win[1]:
-            raise ConfigError(f"token grid {H}x{W} is not divisible by window {win[0]}x{win[1]}; "
-                              "change window_size or the image size")
         shift = (win[0] // 2 if self.shift and win[0] < H else 0,
                  win[1] // 2 if self.shift and win[1] < W else 0)
+        # A grid that is not a whole number of windows is padded at the bottom / right, before the
+        # shift, as the original Swin does for detection. Unlike it (and timm), padded tokens are
+        # never attended by real ones, so real outputs do not depend on the padding. (Padded cells
+        # of a compact grid get coordinates off the bias lattice; their pairs are blocked or their
+        # outputs cropped, so the clamped table entry they read never matters.)
+        pad = (-H % win[0], -W % win[1])
         with record_function("swin.window_partition"):
+            if any(pad):
+                x = F.pad(x, (0, 0, 0, pad[1], 0, pad[0]))
+                coords = extend_coordinates(coords, pad)
+            Hp, Wp = H + pad[0], W + pad[1]
             if any(shift):
                 x = torch.roll(x, (-shift[0], -shift[1]), dims=(1, 2))
                 coords = torch.roll(coords, (-shift[0], -shift[1]), dims=(1, 2))
-                blocked = shifted_window_mask(H, W, win, shift, x.device)
-            else:
-                blocked = None
+            blocked = window_attention_mask(H, W, win, shift, x.device)  # None if nothing to block
 
             N = win[0] * win[1]
             x_win = window_partition(x, win).reshape(B, -1, N, C)  # [B, nW, N, C]
             c_win = window_partition(coords, win).reshape(coords.shape[0], -1, N, 2)
         x_win = self.attn(x_win, c_win, blocked, lattice, win)
         with record_function("swin.window_partition"):
-            x = window_reverse(x_win.reshape(-1, win[0], win[1], C), win, H, W)  # [B, H, W, C]
+            x = window_reverse(x_win.reshape(-1, win[0], win[1], C), win, Hp, Wp)  # [B, Hp, Wp, C]
             if any(shift):
                 x = torch.roll(x, shift, dims=(1, 2))
+            if any(pad):
+                x = x[:, :H, :W].contiguous()
         return x
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor, window_size: int,
@@ -424,7 +471,15 @@ class SwinTransformer(PyramidBackbone):
         window_size: attention window in tokens. Pre-training on the compact grid uses 8, the
             full image 16 (at 256 px); weights do not depend on it (`set_window_size`).
         pos_hidden_dim: hidden width of the coordinate MLP (32; Swin-L 64).
-        num_classes: >0 adds a global-average-pool + linear head (fine-tuning).
+        num_classes: >0 adds a linear head (fine-tuning).
+        global_pool: pooling before the head: "avg", "max" or "" (none).
+        img_size: accepted for timm compatibility and recorded; no weight and no shape depends on
+            it: any input size runs (sides not a multiple of the patch are padded, stage grids
+            are padded to whole windows inside each block).
+        mask_token: own the learnable token of masked patches (pre-training). A model that only
+            ever sees full images (timm classifiers, feature extractors) leaves it out, so every
+            parameter gets a gradient (DDP without `find_unused_parameters`).
+        device, dtype: where to create the weights (timm's `create_model(device=, dtype=)`).
     """
 
     # Its masked path packs visible units into the compact image: only uniform masks fit.
@@ -433,11 +488,15 @@ class SwinTransformer(PyramidBackbone):
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 16, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 pos_hidden_dim: int = 32, drop_path_rate: float = 0.0, num_classes: int = 0):
+                 pos_hidden_dim: int = 32, drop_path_rate: float = 0.0, num_classes: int = 0,
+                 global_pool: str = "avg", img_size: int | tuple[int, int] | None = None,
+                 mask_token: bool = True, device=None, dtype=None):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ConfigError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
         self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.img_size = img_size
         self.window_size = window_size
         self.num_stages = len(depths)
         self.embed_dims = [embed_dim * 2 ** i for i in range(self.num_stages)]
@@ -445,11 +504,13 @@ class SwinTransformer(PyramidBackbone):
         # Total stride of the last stage, in pixels.
         self.stride = patch_size * 2 ** (self.num_stages - 1)
 
+        # Sides that are not a multiple of the patch are zero-padded at the bottom / right.
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, output_fmt="NHWC", strict_img_size=False)
+                                      embed_dim=embed_dim, output_fmt="NHWC", strict_img_size=False,
+                                      dynamic_img_pad=True)
         self.patch_norm = nn.LayerNorm(embed_dim)
         # Replaces the embedding of hidden patches (UM's secondary masking, SimMIM's masking).
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim)) if mask_token else None
 
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # stochastic depth, linear
@@ -461,13 +522,16 @@ class SwinTransformer(PyramidBackbone):
                 num_heads=num_heads[i], downsample=i > 0, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 pos_hidden_dim=pos_hidden_dim, drop_path=rates[start:start + depths[i]]))
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(num_classes, global_pool)
         # timm's feature metadata (features_only, detection necks): one map per stage.
         self.feature_info = [dict(num_chs=c, reduction=patch_size * 2 ** i, module=f"stages.{i}")
                              for i, c in enumerate(self.embed_dims)]
 
-        trunc_normal_(self.mask_token, std=0.02)
+        if self.mask_token is not None:
+            trunc_normal_(self.mask_token, std=0.02)
         self.apply(init_linear_and_norm)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def set_window_size(self, window_size: int) -> None:
         self.window_size = int(window_size)

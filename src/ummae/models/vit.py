@@ -34,6 +34,7 @@ from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import vision_transformer as timm_vit
 from timm.models._manipulate import checkpoint_seq
+from torch.fx import _symbolic_trace
 
 from ..errors import ConfigError
 from ..masking import MaskSample
@@ -45,6 +46,11 @@ __all__ = ["VisionTransformer"]
 # has its own row in the position table, and a patch grid fixed at construction.
 _FIXED_OPTIONS = {"class_token": True, "no_embed_class": False, "reg_tokens": 0, "pos_embed": "learn",
                   "dynamic_img_size": False, "dynamic_img_pad": False}
+
+
+def _is_fx_symbolic_tracing() -> bool:
+    check = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+    return check()
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -62,6 +68,12 @@ class VisionTransformer(timm_vit.VisionTransformer):
         num_classes: >0 adds a linear head on the average-pooled patch tokens (fine-tuning).
         weight_init: "mae" (xavier-uniform linears and patch projection, tokens trunc-normal .02, as
             MAE) or one of timm's modes ("", "jax", "moco", ...).
+        mask_token: own the learnable token of masked patches (pre-training). Models that only
+            see full images (timm classifiers, feature extractors) leave it out, so every
+            parameter gets a gradient (DDP without `find_unused_parameters`).
+        train_pos_embed: let the optimiser train the position table (it starts as the sin-cos
+            table either way). False in pre-training (MAE's fixed table); timm-built models set
+            it, as MAE's fine-tuning trains it (and timm expects a gradient for every parameter).
         **kwargs: other timm `VisionTransformer` options (e.g. `qkv_bias`, `fc_norm`,
             `global_pool`). Options that change the token layout are refused.
 
@@ -73,7 +85,8 @@ class VisionTransformer(timm_vit.VisionTransformer):
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-                 num_classes: int = 0, weight_init: str = "mae", **kwargs):
+                 num_classes: int = 0, weight_init: str = "mae", mask_token: bool = True,
+                 train_pos_embed: bool = False, **kwargs):
         for name, value in _FIXED_OPTIONS.items():
             if name in kwargs and kwargs[name] != value:
                 raise ConfigError(f"ViT option {name}={kwargs[name]!r} is not supported by the MAE encoder "
@@ -96,12 +109,15 @@ class VisionTransformer(timm_vit.VisionTransformer):
         self.patch_size = patch_size
         self.stride = patch_size  # one token per patch: the decoder needs no upsampling
         # Replaces the patch embedding of secondary-masked units (UM) or SimMIM-hidden patches.
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        dd = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if mask_token else None
 
         if weight_init == "mae":
             self._init_mae()
-        trunc_normal_(self.mask_token, std=0.02)
+        if self.mask_token is not None:
+            trunc_normal_(self.mask_token, std=0.02)
         self._init_pos_embed()
+        self.pos_embed.requires_grad_(train_pos_embed)
 
     # -- initialisation ----------------------------------------------------------------------
     def _init_pos_embed(self) -> None:
@@ -112,8 +128,7 @@ class VisionTransformer(timm_vit.VisionTransformer):
         table = torch.cat([table.new_zeros(1, self.embed_dim), table], dim=0)  # [1+N, C]
         with torch.no_grad():
             self.pos_embed.copy_(table.unsqueeze(0).to(self.pos_embed.dtype))
-        # Fixed, as in MAE: not trained (and so skipped by the optimiser), but saved under timm's key.
-        self.pos_embed.requires_grad_(False)
+        # Fixed in pre-training, as in MAE (see `train_pos_embed`), but saved under timm's key.
 
     def _init_mae(self) -> None:
         """MAE's initialisation: the patch projection as a linear layer, xavier-uniform linears."""
@@ -137,6 +152,8 @@ class VisionTransformer(timm_vit.VisionTransformer):
 
     # -- helpers -----------------------------------------------------------------------------
     def _check_image(self, x: torch.Tensor) -> None:
+        if _is_fx_symbolic_tracing():  # symbolic shapes; timm's patch embedding still asserts the size
+            return
         expected = tuple(self.patch_embed.img_size)
         if tuple(x.shape[-2:]) != expected:
             gh, gw = self.patch_embed.grid_size
@@ -175,6 +192,8 @@ class VisionTransformer(timm_vit.VisionTransformer):
         if tuple(replace.shape) != (x.shape[0], *grid):
             raise ConfigError(f"replace must have shape [B, {grid[0]}, {grid[1]}] (one flag per patch), "
                               f"got {list(replace.shape)}")
+        if self.mask_token is None:
+            raise ConfigError("this ViT was built with mask_token=False: it cannot replace patches")
         tokens = self.patch_embed(x)  # [B, N, C]
         hidden = replace.reshape(x.shape[0], -1, 1).to(torch.bool)  # [B, N, 1]
         tokens = torch.where(hidden, self.mask_token.to(tokens.dtype), tokens)
@@ -215,6 +234,8 @@ class VisionTransformer(timm_vit.VisionTransformer):
         ids_keep = masks.ids_keep
         index = ids_keep.unsqueeze(-1).expand(-1, -1, C)  # [B, N_vis, C]
         x = tokens.gather(1, index)  # [B, N_vis, C]: visible units only, in ids_keep order
+        if masks.secondary is not None and self.mask_token is None:
+            raise ConfigError("this ViT was built with mask_token=False: no secondary masking")
         if masks.secondary is not None:
             # Secondary-masked units keep their slot and position but not their content, so the
             # pretext task stays hard (UM-MAE); they are not in the loss (they count as visible).
