@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = _Parser(prog="ummae", description="Efficient masked-image-modeling pre-training (UM-MAE) "
-                                               "for Swin, PVT and ViT backbones.")
+                                               "for Swin, PVT, ViT and Hiera backbones.")
     parser.add_argument("--version", action="version", version=f"ummae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:

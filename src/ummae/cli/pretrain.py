@@ -24,7 +24,7 @@ examples:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "pretrain", help="pre-train an encoder (UM-MAE, MAE or SimMIM)",
+        "pretrain", help="pre-train an encoder (UM-MAE, MAE, EMAE or SimMIM)",
         description="Pre-train a Swin, PVT or ViT encoder with UM-MAE (uniform masking: the encoder "
                     "sees only the visible 25% of every image, packed into a half-size image), plain "
                     "MAE or the SimMIM baseline, as the preset says (`ummae presets`). With no "
