@@ -135,6 +135,9 @@ def _summary(result, cfg) -> str:
         f"  best checkpoint  {result.best}",
         f"  last checkpoint  {result.last}",
     ]
+    if result.skipped_images:
+        lines.append(f"  skipped          {len(result.skipped_images)} unreadable image(s), listed in "
+                     f"{result.run_dir / 'skipped_images.txt'}")
     if result.world_size > 1:
         lines.insert(2, f"  processes        {result.world_size} (DDP)")
     return "\n".join(lines)
