@@ -365,7 +365,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     if not 0 < d.min_crop_scale <= 1:
         raise ConfigError(f"data.min_crop_scale must be in (0, 1], got {d.min_crop_scale}")
     positive("data.demo_length", d.demo_length)
-    positive("data.num_workers", d.num_workers, zero=True)
+    positive("data.num_workers (--workers)", d.num_workers, zero=True)
     if d.decode not in ("fast", "plain"):
         raise ConfigError(f"data.decode must be 'fast' or 'plain', got {d.decode!r}")
     if d.path is not None and not str(d.path).strip():

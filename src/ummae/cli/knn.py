@@ -48,6 +48,8 @@ def add_feature_arguments(p: argparse.ArgumentParser, batch_flag: str = "--batch
     p.add_argument(batch_flag, type=int, default=64, metavar="N", dest="extract_batch_size",
                    help="images per forward pass of the frozen encoder (default 64)")
     p.add_argument("--workers", type=int, default=4, metavar="N", help="image loading processes (default 4)")
+    p.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, dest="workers",
+                   help=argparse.SUPPRESS)  # finetune's old spelling, accepted everywhere
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="auto (default: CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--init-random", action="store_true",

@@ -181,7 +181,7 @@ def _validate(cfg: FinetuneConfig) -> None:
     check(finite(cfg.rm_omega) and cfg.rm_omega >= 0, f"--rm-omega must be >= 0, got {cfg.rm_omega}")
     check(cfg.img_size is None or cfg.img_size >= 1, f"--img-size must be >= 1, got {cfg.img_size}")
     check(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
-    check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    check(cfg.num_workers >= 0, f"--workers must be >= 0, got {cfg.num_workers}")
     check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
           f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check(cfg.precision in ("auto", "fp32", "bf16", "fp16"),
