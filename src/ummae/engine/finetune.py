@@ -43,6 +43,7 @@ from tqdm import tqdm
 from ..config import PretrainConfig, config_to_dict
 from ..errors import ConfigError, UmmaeError
 from .checkpoint import save_checkpoint
+from .determinism import deterministic_on_cpu
 from .distributed import (DistEnv, all_reduce_mean, all_reduce_sum, any_rank, gather_strings, init_distributed,
                           shared_run_dir, shutdown_distributed)
 from .metrics import MetricsWriter
@@ -289,7 +290,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     _validate(cfg)
     env, device = init_distributed(cfg.device)
     try:
-        return _finetune(cfg, env, device, progress and env.is_main)
+        with deterministic_on_cpu(device):  # bit-identical fresh CPU runs (engine.determinism)
+            return _finetune(cfg, env, device, progress and env.is_main)
     finally:
         shutdown_distributed()
 
