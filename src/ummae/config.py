@@ -89,7 +89,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 200
-    max_steps: int | None = None  # stop after this many optimizer steps (schedule fitted to it)
+    max_steps: int | None = None  # cap on the optimizer steps (never beyond epochs; schedule fitted to the shorter)
     batch_size: int = 64  # per device, per micro-step
     accum_steps: int = 1  # micro-steps per optimizer step
     seed: int = 0

@@ -17,7 +17,7 @@ examples:
   ummae pretrain --config runs/demo-XXXX/config.yaml --epochs 50
   ummae pretrain --preset P --data DIR --out runs/x --resume auto
                                                    one job command: starts the run, continues it after a
-                                                   kill or SIGTERM (exit 143), extends it with a higher --max-steps
+                                                   kill or SIGTERM (exit 143), extends it with a higher --epochs
   torchrun --nproc_per_node=8 -m ummae pretrain --preset ummae_swin_tiny_256 --data DIR --batch-size 128 --accum-steps 4
 """
 
@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
     p.add_argument("--save-every", type=int, metavar="N",
                    help="write a checkpoint every N optimizer steps (default 1000; 0: only at the end)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="data-loading processes per training process (data.num_workers; default 4)")
+                   help="data-loading processes per training process (data.num_workers; default: the preset's)")
     p.add_argument("--keep-last", type=int, metavar="K", help="keep the newest K periodic checkpoints (default 3; 0: all)")
     p.add_argument("--no-progress", action="store_true",
                    help="plain log lines every log_every steps instead of the progress bar (the default "
