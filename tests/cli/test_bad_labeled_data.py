@@ -144,3 +144,15 @@ def test_visualize_with_no_readable_image_is_a_one_line_error(tiny_run, mixed_la
                                *(str(mixed_labeled / "mixed" / name) for name in BAD), "--out", str(out)], tmp_path)
     assert "none of the 4 image(s) could be read" in _one_line_error(result, "visualize")
     assert not out.exists()
+
+
+def test_finetune_with_no_readable_validation_image_is_a_one_line_error(checkpoints, mixed_labeled, tmp_path):
+    val = tmp_path / "val"
+    for name in ("mixed", "plain"):  # the training classes, every file unreadable
+        (val / name).mkdir(parents=True)
+        write_bad_images(val / name)
+    args = ["finetune", "--checkpoint", str(checkpoints["swin"]), "--data", str(mixed_labeled), "--val-data",
+            str(val), "--epochs", "1", "--batch-size", "6", "--workers", "0", "--no-progress", "--no-augment",
+            "--out", str(tmp_path / "run")]
+    line = _one_line_error(run_cli_captured(args, tmp_path), "finetune")
+    assert "none of the validation images could be read" in line and str(val) in line

@@ -236,10 +236,11 @@ def evaluate_classifier(model, loader, env: DistEnv, device: torch.device, preci
     """
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
+    unreadable: set[str] = set()
     for batch in loader:
         images, labels = batch[0], batch[1]
-        if len(batch) > 2 and skipped is not None:
-            skipped.update(batch[2])
+        if len(batch) > 2:
+            unreadable.update(batch[2])
         if images is None:
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -252,10 +253,12 @@ def evaluate_classifier(model, loader, env: DistEnv, device: torch.device, preci
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
         count += labels.shape[0]
+    if skipped is not None:
+        skipped.update(unreadable)
     count = all_reduce_sum(count, env, device)
     if count == 0:
         raise UmmaeError("none of the validation images could be read" + (
-            f" (e.g. '{min(skipped)}')" if skipped else ""))
+            f" (e.g. '{min(unreadable)}')" if unreadable else ""))
     loss_sum, correct1, correct5 = (all_reduce_sum(v, env, device) for v in (loss_sum, correct1, correct5))
     n = max(count, 1.0)
     return {"val_loss": loss_sum / n, "val_top1": 100.0 * correct1 / n, "val_top5": 100.0 * correct5 / n}
