@@ -16,6 +16,9 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 
 TINY_SETS: tuple[str, ...] = (
     "model.embed_dim=8",
@@ -97,3 +100,38 @@ def tiny_checkpoint(root: Path, arch: str) -> Path:
         result = run_cli_captured(args, out)
         assert result.code == 0, result.err
     return ckpt
+
+
+# ---------------------------------------------------------------- the mixed folder of bad-data tests
+
+GOOD = ("rgb.jpg", "gray.png", "cmyk.jpg", "palette_alpha.png", "rgba.png", "sixteen_bit.png", "large.jpg")
+BAD = ("zero.jpg", "truncated.png", "text.jpg", "noise.webp")
+
+
+def write_good_images(root: Path) -> None:
+    """The readable images of the mixed folder (GOOD): every awkward mode and a 3000x2000 photo."""
+    rng = np.random.default_rng(0)
+
+    def noise(*shape: int) -> np.ndarray:
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+
+    Image.fromarray(noise(80, 96, 3)).save(root / "rgb.jpg", quality=90)
+    Image.fromarray(noise(80, 96)).save(root / "gray.png")  # mode L
+    Image.fromarray(noise(80, 96, 4), "CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(noise(80, 96, 3)).quantize(16).save(root / "palette_alpha.png", transparency=0)
+    Image.fromarray(noise(80, 96, 4), "RGBA").save(root / "rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (80, 96), dtype=np.uint16)).save(root / "sixteen_bit.png")
+    # 3000 x 2000: a smooth gradient (noise would make a slow, multi-megabyte JPEG)
+    Image.linear_gradient("L").resize((3000, 2000)).convert("RGB").save(root / "large.jpg", quality=85)
+
+
+def write_bad_images(root: Path) -> None:
+    """The unreadable files of the mixed folder (BAD): empty, truncated, text, random bytes."""
+    rng = np.random.default_rng(1)
+    (root / "zero.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(buf, "PNG")
+    whole = buf.getvalue()
+    (root / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (root / "text.jpg").write_text("this is not an image\n")
+    (root / "noise.webp").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())

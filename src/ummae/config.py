@@ -89,7 +89,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 200
-    max_steps: int | None = None  # stop after this many optimizer steps (schedule fitted to it)
+    max_steps: int | None = None  # cap on the optimizer steps (never beyond epochs; schedule fitted to the shorter)
     batch_size: int = 64  # per device, per micro-step
     accum_steps: int = 1  # micro-steps per optimizer step
     seed: int = 0
@@ -367,7 +367,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     if not 0 < d.min_crop_scale <= 1:
         raise ConfigError(f"data.min_crop_scale must be in (0, 1], got {d.min_crop_scale}")
     positive("data.demo_length", d.demo_length)
-    positive("data.num_workers", d.num_workers, zero=True)
+    positive("data.num_workers (--workers)", d.num_workers, zero=True)
     if d.decode not in ("fast", "plain"):
         raise ConfigError(f"data.decode must be 'fast' or 'plain', got {d.decode!r}")
     if d.path is not None and not str(d.path).strip():

@@ -192,11 +192,28 @@ def reconstruction_grid(
     return image
 
 
-def save_reconstruction_grid(path: str | Path, *args, **kwargs) -> Path:
-    """Render `reconstruction_grid(*args, **kwargs)` to a PNG at `path` (parents created)."""
+# File formats a picture may be written in, by extension (lower case).
+PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                   ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def picture_format(path: str | Path) -> str:
+    """PIL's format name for `path`'s extension; an unsupported one is a UmmaeError."""
+    from .errors import UmmaeError
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in PICTURE_FORMATS:
+        raise UmmaeError(f"cannot write a picture as '{Path(path).name}': the extension must be one of "
+                         f"{', '.join(PICTURE_FORMATS)}")
+    return PICTURE_FORMATS[suffix]
+
+
+def save_reconstruction_grid(path: str | Path, *args, image_format: str = "PNG", **kwargs) -> Path:
+    """Render `reconstruction_grid(*args, **kwargs)` to `path` (parents created) as `image_format`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    reconstruction_grid(*args, **kwargs).save(path, format="PNG")
+    extra = {"quality": 95} if image_format in ("JPEG", "WEBP") else {}
+    reconstruction_grid(*args, **kwargs).save(path, format=image_format, **extra)
     return path
 
 

@@ -15,9 +15,9 @@ from ummae.visualize import HEADER_HEIGHT, MIN_PANEL_WIDTH, PANEL_GAP, PANEL_TIT
 
 FAST = ["--workers", "0", "--no-progress"]
 KNN_KEYS = {"command", "checkpoint", "init_random", "seed", "arch", "method", "img_size", "num_train",
-            "num_val", "num_classes", "classes", "feature_dim", "temperature", "results"}
+            "num_val", "num_classes", "classes", "feature_dim", "skipped_images", "temperature", "results"}
 LINPROBE_KEYS = {"command", "checkpoint", "init_random", "seed", "arch", "method", "img_size", "num_train",
-                 "num_val", "num_classes", "classes", "feature_dim", "epochs", "warmup_epochs", "blr", "lr",
+                 "num_val", "num_classes", "classes", "feature_dim", "skipped_images", "epochs", "warmup_epochs", "blr", "lr",
                  "batch_size", "final_top1", "final_top5", "best_top1", "best_epoch", "history", "head"}
 
 
@@ -138,14 +138,16 @@ def test_visualize_draws_one_row_per_image_and_mask(checkpoint, labeled, tmp_pat
     assert not np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[1], rows[2])
 
 
-def test_visualize_unreadable_image_is_a_one_line_error_naming_it(checkpoint, labeled, tmp_path, capsys):
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"not a jpeg")
-    out = tmp_path / "recon.png"
-    code = main(["visualize", "--checkpoint", checkpoint, str(labeled / "red" / "0.png"), str(bad),
-                 "--out", str(out)])
+def test_visualize_format_follows_the_extension(checkpoint, labeled, tmp_path, capsys):
+    image = str(labeled / "red" / "0.png")
+    for name, magic in (("recon.jpg", b"\xff\xd8\xff"), ("recon.JPEG", b"\xff\xd8\xff"), ("recon.webp", b"RIFF")):
+        assert main(["visualize", "--checkpoint", checkpoint, image, "--masks", "1", "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes()[:len(magic)] == magic, name
+    capsys.readouterr()
+    out = tmp_path / "recon.txt"  # negative control: not a picture format
+    code = main(["visualize", "--checkpoint", checkpoint, image, "--out", str(out)])
     line = one_line_error(capsys.readouterr().err, "visualize")
-    assert code == 2 and str(bad) in line and not out.exists()
+    assert code == 2 and "recon.txt" in line and ".jpg" in line and not out.exists()
 
 
 # ------------------------------------------------------------------------------- errors

@@ -5,65 +5,34 @@ is written, and a non-finite loss is skipped or stops the run without touching g
 from __future__ import annotations
 
 import gc
-import io
 import math
 import multiprocessing
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import ummae.engine.pretrain as pretrain_module
-from tiny import TINY_BATCH, run_cli_captured, tiny_pretrain_args
+from tiny import BAD, GOOD, TINY_BATCH, run_cli_captured, tiny_pretrain_args, write_bad_images, write_good_images
 from ummae.data.sampling import EpochSampler
 from ummae.engine.checkpoint import load_checkpoint, step_checkpoint_path
 
-GOOD = ("rgb.jpg", "gray.png", "cmyk.jpg", "palette_alpha.png", "rgba.png", "sixteen_bit.png", "large.jpg")
-BAD = ("zero.jpg", "truncated.png", "text.jpg", "noise.webp")
 SEED = 0
-
-
-def _write_good(root: Path) -> None:
-    rng = np.random.default_rng(0)
-
-    def noise(*shape: int) -> np.ndarray:
-        return rng.integers(0, 256, shape, dtype=np.uint8)
-
-    Image.fromarray(noise(80, 96, 3)).save(root / "rgb.jpg", quality=90)
-    Image.fromarray(noise(80, 96)).save(root / "gray.png")  # mode L
-    Image.fromarray(noise(80, 96, 4), "CMYK").save(root / "cmyk.jpg")
-    Image.fromarray(noise(80, 96, 3)).quantize(16).save(root / "palette_alpha.png", transparency=0)
-    Image.fromarray(noise(80, 96, 4), "RGBA").save(root / "rgba.png")
-    Image.fromarray(rng.integers(0, 65536, (80, 96), dtype=np.uint16)).save(root / "sixteen_bit.png")
-    # 3000 x 2000: a smooth gradient (noise would make a slow, multi-megabyte JPEG)
-    Image.linear_gradient("L").resize((3000, 2000)).convert("RGB").save(root / "large.jpg", quality=85)
-
-
-def _write_bad(root: Path) -> None:
-    rng = np.random.default_rng(1)
-    (root / "zero.jpg").write_bytes(b"")
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(buf, "PNG")
-    whole = buf.getvalue()
-    (root / "truncated.png").write_bytes(whole[: len(whole) // 2])
-    (root / "text.jpg").write_text("this is not an image\n")
-    (root / "noise.webp").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")
 def mixed_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mixed")
-    _write_good(root)
-    _write_bad(root)
+    write_good_images(root)
+    write_bad_images(root)
     return root
 
 
 @pytest.fixture(scope="module")
 def all_bad_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("allbad")
-    _write_bad(root)
+    write_bad_images(root)
     return root
 
 

@@ -17,8 +17,8 @@ from ummae.models import build_pretrain_model
     (10, 5, 1.0, None, (50, 10)),       # epochs decide the length
     (10, 5, 0.5, None, (50, 5)),        # fractional warm-up epochs
     (10, 5, 0.0, None, (50, 0)),        # no warm-up
-    (10, 5, 1.0, 30, (30, 10)),         # max_steps replaces epochs * steps_per_epoch
-    (10, 5, 1.0, 200, (200, 10)),       # ... also when it is longer
+    (10, 5, 1.0, 30, (30, 10)),         # max_steps caps epochs * steps_per_epoch
+    (10, 5, 1.0, 200, (50, 10)),        # ... and never makes the run longer (#13: a cap, not a replacement)
     (10, 5, 1.0, 7, (7, 6)),            # warm-up clipped: one update follows it
     (10, 5, 10.0, None, (50, 49)),      # warm-up longer than the run, clipped
     (10, 5, 1.0, 1, (1, 0)),            # a single update has no warm-up

@@ -43,12 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line for the user: the message only, never the source line that raised it."""
+    text = str(message).strip().splitlines()
+    text = text[0] if text else category.__name__
+    if not text.startswith("ummae"):
+        text = f"ummae: warning: {text}"
+    return text + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    # For the whole command (forked DataLoader workers inherit it); restored for in-process callers.
+    previous_format, warnings.formatwarning = warnings.formatwarning, _warning_line
     from ..engine.signals import RunInterrupted
 
     try:
@@ -62,3 +75,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ummae {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous_format

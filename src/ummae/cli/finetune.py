@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="run directory; default: runs/finetune-<checkpoint>-<timestamp>")
     p.add_argument("--epochs", type=int, default=100, metavar="N", help="training epochs (default 100)")
     p.add_argument("--max-steps", type=int, metavar="N",
-                   help="stop after N optimizer steps; the lr schedule is fitted to N")
+                   help="stop after at most N optimizer steps (a cap: never beyond --epochs); the lr schedule is "
+                        "fitted to the shorter of the two")
     p.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="images per micro-step per device (default 64)")
     p.add_argument("--accum-steps", type=int, default=1, metavar="N",
@@ -85,7 +86,9 @@ def add_parser(sub) -> None:
                    help="auto (default: CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--num-workers", type=int, default=4, metavar="N", help="data-loading processes (default 4)")
+    p.add_argument("--workers", type=int, default=4, metavar="N", help="data-loading processes (default 4)")
+    p.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, dest="workers",
+                   help=argparse.SUPPRESS)  # the old spelling, kept working
     p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines still printed)")
     p.set_defaults(run=run)
 
@@ -105,7 +108,7 @@ def config_from_args(args: argparse.Namespace):
         layer_decay=args.layer_decay, drop_path=args.drop_path, augment=not args.no_augment, re_prob=args.reprob,
         mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, recursive_mix=args.recursive_mix,
         rm_alpha=args.rm_alpha, rm_omega=args.rm_omega, img_size=args.img_size, init_random=args.init_random,
-        seed=args.seed, device=args.device, precision=args.precision, num_workers=args.num_workers)
+        seed=args.seed, device=args.device, precision=args.precision, num_workers=args.workers)
 
 
 def _summary(result, cfg) -> str:
@@ -135,6 +138,9 @@ def _summary(result, cfg) -> str:
         f"  best checkpoint  {result.best}",
         f"  last checkpoint  {result.last}",
     ]
+    if result.skipped_images:
+        lines.append(f"  skipped          {len(result.skipped_images)} unreadable image(s), listed in "
+                     f"{result.run_dir / 'skipped_images.txt'}")
     if result.world_size > 1:
         lines.insert(2, f"  processes        {result.world_size} (DDP)")
     return "\n".join(lines)

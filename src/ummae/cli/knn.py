@@ -11,18 +11,19 @@ import json
 from pathlib import Path
 
 __all__ = ["add_parser", "run", "add_feature_arguments", "features_from_args", "describe", "headline",
-           "percent", "write_json"]
+           "percent", "write_json", "skipped_line"]
 
 EPILOG = """\
 Features: global average pool of the backbone's final features (ViT: mean of the patch tokens),
 L2-normalised, from the evaluation transform (resize + centre crop) at the pre-training size.
 Each validation image is classified by its k most similar training images (cosine similarity),
 each voting with weight exp(similarity / T), as in DINO. Accuracies are percentages; top-5 is
-reported only with at least 5 classes.
+reported only with at least 5 classes. Unreadable images are left out, counted and named (as in
+pretraining); a folder with only one class, or no readable image, is refused.
 
 --json FILE writes: command, checkpoint, init_random, seed, arch, method, img_size, num_train,
-num_val, num_classes, classes, feature_dim, temperature, results = [{k, top1, top5}] (top5 null
-with fewer than 5 classes).
+num_val, num_classes, classes, feature_dim, skipped_images (unreadable files left out), temperature,
+results = [{k, top1, top5}] (top5 null with fewer than 5 classes).
 
 examples:
   ummae knn --checkpoint runs/demo/checkpoint.pt --data flowers/ --k 10 20
@@ -47,6 +48,8 @@ def add_feature_arguments(p: argparse.ArgumentParser, batch_flag: str = "--batch
     p.add_argument(batch_flag, type=int, default=64, metavar="N", dest="extract_batch_size",
                    help="images per forward pass of the frozen encoder (default 64)")
     p.add_argument("--workers", type=int, default=4, metavar="N", help="image loading processes (default 4)")
+    p.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, dest="workers",
+                   help=argparse.SUPPRESS)  # finetune's old spelling, accepted everywhere
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="auto (default: CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--init-random", action="store_true",
@@ -76,7 +79,16 @@ def describe(args: argparse.Namespace, feats) -> dict:
     return {"checkpoint": str(args.checkpoint), "init_random": bool(args.init_random), "seed": args.seed,
             "arch": feats.cfg.model.arch, "method": feats.cfg.method, "img_size": feats.img_size,
             "num_train": len(feats.train_labels), "num_val": len(feats.val_labels),
-            "num_classes": len(feats.classes), "classes": feats.classes, "feature_dim": feats.feature_dim}
+            "num_classes": len(feats.classes), "classes": feats.classes, "feature_dim": feats.feature_dim,
+            "skipped_images": feats.skipped}
+
+
+def skipped_line(paths: list[str], listing=None) -> str | None:
+    """The summary line about unreadable images left out (None if there were none)."""
+    if not paths:
+        return None
+    where = f"listed in {listing}" if listing is not None else ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
+    return f"  skipped          {len(paths)} unreadable image(s), {where}"
 
 
 def headline(command: str, info: dict) -> str:
@@ -137,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         note = f"   (k > {info['num_train']} training images: all of them vote)" if k > info["num_train"] else ""
         print(f"  k {k:<4d} T {args.temperature:<6g} top-1 {percent(results[k]['top1'])}   "
               f"top-5 {percent(results[k]['top5'])}{note}")
+    if feats.skipped:
+        print(skipped_line(feats.skipped))
     if args.json:
         write_json(args.json, {"command": "knn", **info, "temperature": args.temperature,
                                "results": [{"k": k, **results[k]} for k in ks]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .knn import add_feature_arguments, describe, features_from_args, headline, percent, write_json
+from .knn import add_feature_arguments, describe, features_from_args, headline, percent, skipped_line, write_json
 
 __all__ = ["add_parser", "run", "HEAD_FILE"]
 
@@ -18,13 +18,15 @@ no weight decay, lr = blr x batch / 256, linear warm-up then cosine, as MAE's li
 except that MAE uses LARS for its batch of 16384. Features: global average pool of the final
 features (ViT: mean of the patch tokens). Accuracies are percentages on the validation set after
 every epoch; top-5 only with at least 5 classes. The head saved with --out is the one after the
-last epoch; "best" is the highest validation top-1 seen, as MAE reports it.
+last epoch; "best" is the highest validation top-1 seen, as MAE reports it. Unreadable images are
+left out, counted and named (with --out, listed in DIR/skipped_images.txt), as in pretraining; a
+folder with only one class, or no readable image, is refused.
 
 --out DIR writes DIR/{HEAD_FILE}: model (head state dict: norm.running_mean/var, fc.weight/bias),
 classes, feature_dim, num_classes, backbone_checkpoint, init_random, arch, img_size, epochs,
 final_top1, best_top1.
 --json FILE writes: command, checkpoint, init_random, seed, arch, method, img_size, num_train,
-num_val, num_classes, classes, feature_dim, epochs, warmup_epochs, blr, lr, batch_size,
+num_val, num_classes, classes, feature_dim, skipped_images, epochs, warmup_epochs, blr, lr, batch_size,
 final_top1, final_top5, best_top1, best_epoch, history = [{{epoch, lr, loss, top1, top5}}], head.
 
 examples:
@@ -89,6 +91,13 @@ def run(args: argparse.Namespace) -> int:
             "init_random": bool(args.init_random), "arch": info["arch"], "img_size": feats.img_size,
             "epochs": args.epochs, "final_top1": result.final["top1"], "best_top1": result.best_top1})
         print(f"  head             {head_path}")
+    if feats.skipped:
+        listing = None
+        if args.out:
+            from ..data.labeled import write_skipped
+
+            listing = write_skipped(args.out, feats.skipped)
+        print(skipped_line(feats.skipped, listing))
     if args.json:
         write_json(args.json, {
             "command": "linprobe", **info, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,

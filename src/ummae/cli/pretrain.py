@@ -17,7 +17,7 @@ examples:
   ummae pretrain --config runs/demo-XXXX/config.yaml --epochs 50
   ummae pretrain --preset P --data DIR --out runs/x --resume auto
                                                    one job command: starts the run, continues it after a
-                                                   kill or SIGTERM (exit 143), extends it with a higher --max-steps
+                                                   kill or SIGTERM (exit 143), extends it with a higher --epochs
   torchrun --nproc_per_node=8 -m ummae pretrain --preset ummae_swin_tiny_256 --data DIR --batch-size 128 --accum-steps 4
 """
 
@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="run directory; default: runs/<preset>-<timestamp>")
     p.add_argument("--epochs", type=int, metavar="N", help="training epochs (sets the lr schedule)")
     p.add_argument("--max-steps", type=int, metavar="N",
-                   help="stop after N optimizer steps; the lr schedule is fitted to N")
+                   help="stop after at most N optimizer steps (a cap: never beyond --epochs); the lr schedule is "
+                        "fitted to the shorter of the two")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per micro-step (per device)")
     p.add_argument("--accum-steps", type=int, metavar="N",
                    help="micro-steps accumulated per optimizer step; effective batch = batch-size x "
@@ -62,6 +63,8 @@ def add_parser(sub) -> None:
                    help="start a new run from a checkpoint's weights only (fresh optimizer and schedule)")
     p.add_argument("--save-every", type=int, metavar="N",
                    help="write a checkpoint every N optimizer steps (default 1000; 0: only at the end)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="data-loading processes per training process (data.num_workers; default: the preset's)")
     p.add_argument("--keep-last", type=int, metavar="K", help="keep the newest K periodic checkpoints (default 3; 0: all)")
     p.add_argument("--no-progress", action="store_true",
                    help="plain log lines every log_every steps instead of the progress bar (the default "
@@ -84,6 +87,7 @@ def _flags(args: argparse.Namespace) -> dict:
         "train.init_weights": args.init_weights,
         "train.save_every": args.save_every,
         "train.keep_last": args.keep_last,
+        "data.num_workers": args.workers,
     }
 
 

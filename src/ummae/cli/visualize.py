@@ -19,7 +19,9 @@ Images are resized (shorter side) and centre-cropped to the pre-training size. R
 image by image: image 1 with mask 1..M, then image 2, ... Masks are the checkpoint's own kind
 (UM-MAE: uniform + secondary masking, shown tinted; MAE / SimMIM: random; EMAE: each draw is
 K disjoint parts, one row per part) and are seeded by --seed, so the same command draws the
-same picture.
+same picture. The picture's format follows the extension of --out (.png, .jpg/.jpeg, .webp,
+.bmp, .tif/.tiff). Unreadable images are left out and named in the summary line, as pretraining
+skips them; if none can be read, the command fails.
 
 examples:
   ummae visualize --checkpoint runs/demo/checkpoint.pt cat.jpg dog.png --out recon.png
@@ -36,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (jpg/png/webp/bmp/tif/gif)")
     p.add_argument("--checkpoint", metavar="CKPT", required=True,
                    help="an `ummae pretrain` checkpoint (it holds the decoder too)")
-    p.add_argument("--out", metavar="FILE.png", required=True, help="where to write the picture (PNG)")
+    p.add_argument("--out", metavar="FILE", required=True,
+                   help="where to write the picture; its extension chooses the format (.png, .jpg, .webp, .bmp, .tif)")
     p.add_argument("--masks", type=int, default=3, metavar="M", help="random masks per image (default 3)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the masks (default 0)")
     p.add_argument("--device", default="auto", metavar="DEV",
@@ -62,11 +65,14 @@ def load_pretrain_model(checkpoint: str | Path):
 
 
 def visualize_checkpoint(checkpoint: str | Path, images: list[str | Path], out: str | Path,
-                         masks: int = 3, seed: int = 0, device: str = "auto") -> tuple[Path, int]:
+                         masks: int = 3, seed: int = 0, device: str = "auto") -> tuple[Path, int, list[str]]:
     """Write the reconstruction grid of `images` x `masks` random masks to `out`.
 
+    Unreadable images are left out (warned about once each); none readable is a UmmaeError.
+
     Returns:
-        `(out, rows)`, `rows = len(images) * masks` (x K parts for EMAE).
+        `(out, rows, skipped)`: `rows = readable images * masks` (x K parts for EMAE), `skipped`
+        the unreadable files in the order given.
     """
     import torch  # here, not at the top: `ummae --help` must not pay torch's import
 
@@ -74,7 +80,9 @@ def visualize_checkpoint(checkpoint: str | Path, images: list[str | Path], out: 
         return _visualize(checkpoint, images, out, masks, seed, device)
 
 
-def _visualize(checkpoint, images, out, masks: int, seed: int, device: str) -> tuple[Path, int]:
+def _visualize(checkpoint, images, out, masks: int, seed: int, device: str) -> tuple[Path, int, list[str]]:
+    import warnings
+
     import torch
 
     from ..data.folder import load_rgb
@@ -82,16 +90,25 @@ def _visualize(checkpoint, images, out, masks: int, seed: int, device: str) -> t
     from ..engine.pretrain import resolve_device, training_autocast
     from ..errors import ConfigError, UmmaeError
     from ..masking import MaskSample
-    from ..visualize import picture_rows, save_reconstruction_grid
+    from ..visualize import picture_format, picture_rows, save_reconstruction_grid
 
     if masks < 1:
         raise ConfigError(f"--masks must be >= 1, got {masks}")
+    image_format = picture_format(out)  # before any work
     dev = resolve_device(device)
     model, cfg = load_pretrain_model(checkpoint)
     model.to(dev)
     transform = eval_transform(cfg.data.img_size)
-    # Read every image before running anything: a bad file is reported at once, by name.
-    pictures = [transform(load_rgb(path)) for path in images]  # each [3, H, W]
+    # Read every image before running anything; an unreadable one is left out and named.
+    pictures, skipped = [], []
+    for path in images:
+        try:
+            pictures.append(transform(load_rgb(path)))  # [3, H, W]
+        except UmmaeError as err:
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+            skipped.append(str(path))
+    if not pictures:
+        raise UmmaeError(f"none of the {len(images)} image(s) could be read (e.g. '{skipped[0]}')")
 
     generator = torch.Generator().manual_seed(seed)  # masks drawn on the CPU: the same on any device
     rows_img, rows_pred, rows_masks = [], [], []
@@ -109,14 +126,18 @@ def _visualize(checkpoint, images, out, masks: int, seed: int, device: str) -> t
     try:
         path = save_reconstruction_grid(out, torch.cat(rows_img), torch.cat(rows_pred), all_masks.mask,
                                         model.unit, secondary=all_masks.secondary,
-                                        norm_pix_loss=model.norm_pix_loss, max_rows=rows)
+                                        norm_pix_loss=model.norm_pix_loss, max_rows=rows,
+                                        image_format=image_format)
     except OSError as e:
         raise UmmaeError(f"cannot write '{out}': {e.strerror or e}") from None
-    return path, rows
+    return path, rows, skipped
 
 
 def run(args: argparse.Namespace) -> int:
-    path, rows = visualize_checkpoint(args.checkpoint, args.images, args.out, args.masks, args.seed, args.device)
-    print(f"ummae visualize: {path}  ({len(args.images)} image(s) x {args.masks} mask(s) -> {rows} rows: "
-          f"original | masked input | reconstruction | prediction)")
+    path, rows, skipped = visualize_checkpoint(args.checkpoint, args.images, args.out, args.masks, args.seed,
+                                               args.device)
+    print(f"ummae visualize: {path}  ({len(args.images) - len(skipped)} image(s) x {args.masks} mask(s) -> "
+          f"{rows} rows: original | masked input | reconstruction | prediction)")
+    if skipped:
+        print(f"  skipped          {len(skipped)} unreadable image(s): {', '.join(skipped)}")
     return 0

@@ -43,7 +43,8 @@ from tqdm import tqdm
 from ..config import PretrainConfig, config_to_dict
 from ..errors import ConfigError, UmmaeError
 from .checkpoint import save_checkpoint
-from .distributed import (DistEnv, all_reduce_mean, all_reduce_sum, any_rank, init_distributed,
+from .determinism import deterministic_on_cpu
+from .distributed import (DistEnv, all_reduce_mean, all_reduce_sum, any_rank, gather_strings, init_distributed,
                           shared_run_dir, shutdown_distributed)
 from .metrics import MetricsWriter
 from .optim import build_scheduler, schedule_lengths
@@ -119,6 +120,7 @@ class FinetuneResult:
     effective_batch: int
     settings: dict  # the resolved recipe values (layer_decay, drop_path, mixup, ...)
     world_size: int = 1
+    skipped_images: list[str] = dataclasses.field(default_factory=list)  # unreadable, passed over
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def _validate(cfg: FinetuneConfig) -> None:
     check(finite(cfg.rm_omega) and cfg.rm_omega >= 0, f"--rm-omega must be >= 0, got {cfg.rm_omega}")
     check(cfg.img_size is None or cfg.img_size >= 1, f"--img-size must be >= 1, got {cfg.img_size}")
     check(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
-    check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    check(cfg.num_workers >= 0, f"--workers must be >= 0, got {cfg.num_workers}")
     check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
           f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check(cfg.precision in ("auto", "fp32", "bf16", "fp16"),
@@ -225,11 +227,22 @@ def build_finetune_optimizer(model, lr: float, weight_decay: float, layer_decay:
 # evaluation
 
 @torch.no_grad()
-def evaluate_classifier(model, loader, env: DistEnv, device: torch.device, precision: str = "auto") -> dict:
-    """`{"val_loss", "val_top1", "val_top5"}` (top-k in %) over the loader, summed over processes."""
+def evaluate_classifier(model, loader, env: DistEnv, device: torch.device, precision: str = "auto",
+                        skipped: set[str] | None = None) -> dict:
+    """`{"val_loss", "val_top1", "val_top5"}` (top-k in %) over the loader, summed over processes.
+
+    With `collate_skipping` batches `(images, labels, passed_over)`, unreadable images are left
+    out (added to `skipped`); a batch of only unreadable images is `(None, None, ...)`.
+    """
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
-    for images, labels in loader:
+    unreadable: set[str] = set()
+    for batch in loader:
+        images, labels = batch[0], batch[1]
+        if len(batch) > 2:
+            unreadable.update(batch[2])
+        if images is None:
+            continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with training_autocast(device, precision):
             logits = model(images)
@@ -240,7 +253,12 @@ def evaluate_classifier(model, loader, env: DistEnv, device: torch.device, preci
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
         count += labels.shape[0]
+    if skipped is not None:
+        skipped.update(unreadable)
     count = all_reduce_sum(count, env, device)
+    if count == 0:
+        raise UmmaeError("none of the validation images could be read" + (
+            f" (e.g. '{min(unreadable)}')" if unreadable else ""))
     loss_sum, correct1, correct5 = (all_reduce_sum(v, env, device) for v in (loss_sum, correct1, correct5))
     n = max(count, 1.0)
     return {"val_loss": loss_sum / n, "val_top1": 100.0 * correct1 / n, "val_top5": 100.0 * correct5 / n}
@@ -275,13 +293,15 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     _validate(cfg)
     env, device = init_distributed(cfg.device)
     try:
-        return _finetune(cfg, env, device, progress and env.is_main)
+        with deterministic_on_cpu(device):  # bit-identical fresh CPU runs (engine.determinism)
+            return _finetune(cfg, env, device, progress and env.is_main)
     finally:
         shutdown_distributed()
 
 
 def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress: bool) -> FinetuneResult:
-    from ..data.labeled import train_val_datasets
+    from ..data.labeled import (SkipUnreadable, collate_skipping, require_two_classes, train_val_datasets,
+                               write_skipped)
     from ..models.classifier import build_classifier, encoder_source
 
     seed, batch, accum = cfg.seed, cfg.batch_size, cfg.accum_steps
@@ -292,9 +312,11 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
     train_tf, val_tf = finetune_transforms(img_size, cfg.augment, settings["re_prob"])
     train_set, val_set, classes = train_val_datasets(cfg.data, cfg.val_data, train_tf, val_tf,
                                                      cfg.val_fraction, seed)
+    # Unreadable images: a training one is replaced by the next readable one (full batches), a
+    # validation one is left out (nothing counted twice); all are listed in skipped_images.txt.
+    train_set, val_set = SkipUnreadable(train_set, replace=True), SkipUnreadable(val_set, replace=False)
+    require_two_classes(cfg.data, classes)
     num_classes = len(classes)
-    if num_classes < 2:
-        raise UmmaeError(f"'{cfg.data}' has {num_classes} class folder(s); classification needs at least 2")
     if len(val_set) == 0:
         raise UmmaeError(f"the validation set is empty: give --val-data, or more images per class in "
                          f"'{cfg.data}' for --val-fraction {cfg.val_fraction}")
@@ -352,10 +374,13 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
 
     workers = cfg.num_workers
     loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        collate_fn=collate_skipping)
     val_shard = Subset(val_set, list(range(env.rank, len(val_set), env.world_size)))
     val_loader = DataLoader(val_shard, batch_size=batch, shuffle=False, num_workers=workers,
-                            pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                            collate_fn=collate_skipping)
+    skipped_files: set[str] = set()
 
     train_model = model
     if env.enabled:
@@ -379,7 +404,8 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
             sampler.set_epoch(epoch - 1)
             train_model.train()
             loss_sum, loss_count, micro = 0.0, 0, 0
-            for images, labels in loader:
+            for images, labels, passed_over in loader:
+                skipped_files.update(passed_over)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if mixup_fn is not None:
                     images, targets = mixup_fn(images, labels)
@@ -415,7 +441,8 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
             optimizer.zero_grad(set_to_none=True)
 
             last_loss = all_reduce_mean(loss_sum / max(loss_count, 1), env, device)
-            scores = evaluate_classifier(model, val_loader, env, device, cfg.precision)
+            scores = evaluate_classifier(model, val_loader, env, device, cfg.precision, skipped_files)
+            skipped_files = gather_strings(skipped_files, env)  # every rank's, kept by all
             record = {"epoch": epoch, "step": step, "loss": last_loss,
                       "lr": max(group["lr"] for group in optimizer.param_groups), **scores}
             improved = scores["val_top1"] > best["val_top1"]
@@ -423,6 +450,8 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
                 best = {"val_top1": scores["val_top1"], "val_top5": scores["val_top5"], "epoch": epoch}
             if env.is_main:
                 metrics.log(record)
+                if skipped_files:  # kept on disk as we go, so a killed run keeps its list
+                    write_skipped(run_dir, skipped_files)
                 state = checkpoint_state(epoch, step, scores)
                 save_checkpoint(last_path, state)
                 if improved:
@@ -451,4 +480,5 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
         best_top1=best["val_top1"], best_top5=best["val_top5"], best_epoch=best["epoch"],
         final_top1=scores["val_top1"], final_top5=scores["val_top5"], final_loss=last_loss, steps=step,
         epochs=epoch, seconds=seconds, device=str(device), num_params=num_params, lr=lr,
-        effective_batch=effective_batch, settings=settings, world_size=env.world_size)
+        effective_batch=effective_batch, settings=settings, world_size=env.world_size,
+        skipped_images=sorted(skipped_files))

@@ -38,10 +38,11 @@ def schedule_lengths(steps_per_epoch: int, epochs: int, warmup_epochs: float,
                      max_steps: int | None) -> tuple[int, int]:
     """`(total_steps, warmup_steps)` in optimizer updates.
 
-    The run lasts `epochs * steps_per_epoch` updates, or `max_steps` when given; warm-up is
-    clipped so at least one update follows it.
+    The run lasts `epochs * steps_per_epoch` updates; `max_steps`, when given, caps that (it never
+    makes a run longer than its epochs). The schedule is fitted to the shorter of the two, and
+    warm-up is clipped so at least one update follows it.
     """
-    total = epochs * steps_per_epoch if max_steps is None else max_steps
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     total = max(1, total)
     warmup = int(round(warmup_epochs * steps_per_epoch))
     return total, max(0, min(warmup, total - 1))

@@ -42,6 +42,7 @@ from ..models import build_pretrain_model
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid
 from .checkpoint import (link_or_copy, list_step_checkpoints, load_checkpoint, prune_step_checkpoints,
                          save_checkpoint, step_checkpoint_path)
+from .determinism import deterministic_on_cpu
 from .distributed import (DistEnv, all_reduce_max, all_reduce_sum, gather_strings, init_distributed,
                           resolve_device, shared_run_dir, shutdown_distributed)
 from .guard import GRADIENTS, LOSS, WEIGHTS, GuardReport, StepGuard, state_is_finite
@@ -180,6 +181,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, resume: str | Path | No
     env, device = init_distributed(cfg.train.device)
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(deterministic_on_cpu(device))  # bit-identical fresh CPU runs
             return _pretrain(cfg, env, device, progress and env.is_main, log_lines and env.is_main, resume,
                              stack)
     finally:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data.labeled import train_val_datasets
+from ..data.labeled import SkipUnreadable, collate_skipping, require_two_classes, train_val_datasets
 from ..data.transforms import eval_transform
 from ..engine.pretrain import resolve_device, training_autocast
 from ..errors import UmmaeError
@@ -89,10 +89,13 @@ def eval_datasets(data: str | os.PathLike, val_data: str | os.PathLike | None = 
     """`(train, val, class_names)` of labeled folders, both under the evaluation transform.
 
     `val_data` is a second `DIR/<class>/...` folder with the same classes; without it a seeded,
-    stratified `val_fraction` of `data` is held out.
+    stratified `val_fraction` of `data` is held out. Both are `SkipUnreadable` (dropping): an
+    unreadable image is left out of the features, not replaced. A single class is refused.
     """
     transform = eval_transform(img_size)
     train, val, classes = train_val_datasets(data, val_data, transform, transform, val_fraction, seed)
+    require_two_classes(data, classes)
+    train, val = SkipUnreadable(train, replace=False), SkipUnreadable(val, replace=False)
     if len(train) == 0:
         raise UmmaeError(f"no training images left in '{data}' after holding out the validation split")
     if len(val) == 0:
@@ -105,7 +108,7 @@ def eval_datasets(data: str | os.PathLike, val_data: str | os.PathLike | None = 
 def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: int = 64,
                      device: str | torch.device = "cpu", num_workers: int = 0,
                      precision: str = "auto", progress: bool = False,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     desc: str = "features", skipped: set[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a frozen backbone over a labeled dataset once.
 
     Args:
@@ -115,22 +118,35 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: in
         device: where the backbone runs (it is moved there).
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16".
         progress: show a progress bar on stderr, labelled `desc`.
+        skipped: with a `SkipUnreadable` dataset, the unreadable files left out are added here.
 
     Returns:
-        `(features [N, C] float32, labels [N] int64)` on the CPU, in dataset order.
+        `(features [N, C] float32, labels [N] int64)` on the CPU, in dataset order (readable
+        images only). No readable image at all is a UmmaeError.
     """
     device = torch.device(device)
     backbone = backbone.to(device).eval()
     prefix = getattr(backbone, "num_prefix_tokens", 0)  # ViT: 1 (the class token)
+    skipping = isinstance(dataset, SkipUnreadable)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    features, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+                        pin_memory=device.type == "cuda", collate_fn=collate_skipping if skipping else None)
+    features, labels, passed_over = [], [], set()
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, targets = batch[:2]
+        if skipping:
+            passed_over.update(batch[2])
+            if images is None:  # every image of this batch was unreadable
+                continue
         with training_autocast(device, precision):
             out = backbone.forward_features(images.to(device, non_blocking=True))
         features.append(pool_features(out.float(), prefix).cpu())
         labels.append(torch.as_tensor(targets, dtype=torch.long))
+    if skipped is not None:
+        skipped.update(passed_over)
     if not features:
+        if passed_over:
+            raise UmmaeError(f"none of the {len(dataset)} images of the {desc.replace(' features', '')} set "
+                             f"could be read (e.g. '{min(passed_over)}')")
         raise UmmaeError("no images to extract features from")
     return torch.cat(features), torch.cat(labels)
 
@@ -146,6 +162,7 @@ class LabeledFeatures:
     classes: list[str]
     cfg: object  # the checkpoint's PretrainConfig
     img_size: int
+    skipped: list[str]  # unreadable images left out (sorted), train and validation
 
     @property
     def feature_dim(self) -> int:
@@ -165,6 +182,7 @@ def labeled_features(checkpoint: str | Path, data: str | Path, val_data: str | P
     train, val, classes = eval_datasets(data, val_data, val_fraction, size, seed)
     dev = resolve_device(device)
     kwargs = dict(batch_size=batch_size, device=dev, num_workers=num_workers, progress=progress)
-    train_f, train_y = extract_features(backbone, train, desc="train features", **kwargs)
-    val_f, val_y = extract_features(backbone, val, desc="val features", **kwargs)
-    return LabeledFeatures(train_f, train_y, val_f, val_y, list(classes), cfg, size)
+    skipped: set[str] = set()
+    train_f, train_y = extract_features(backbone, train, desc="train features", skipped=skipped, **kwargs)
+    val_f, val_y = extract_features(backbone, val, desc="val features", skipped=skipped, **kwargs)
+    return LabeledFeatures(train_f, train_y, val_f, val_y, list(classes), cfg, size, sorted(skipped))
