@@ -60,6 +60,15 @@ def build_encoder(cfg):
 def build_pretrain_model(cfg):
     """The pre-training model of a `PretrainConfig`: UM-MAE, MAE, EMAE or SimMIM around its encoder."""
     encoder = build_encoder(cfg)
+    if cfg.model.arch == "hiera" and cfg.method == "emae":  # EMAE on timm's Hiera: random parts
+        from .emae import HieraEMAE
+
+        e = cfg.emae
+        return HieraEMAE(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size, num_parts=e.num_parts,
+                         consistency_weight=e.consistency_weight, consistency_distance=e.consistency_distance,
+                         consistency_start_epoch=e.consistency_start_epoch, norm_pix_loss=cfg.model.norm_pix_loss,
+                         decoder_dim=cfg.model.decoder_dim, decoder_depth=cfg.model.decoder_depth,
+                         decoder_heads=cfg.model.decoder_heads)
     if cfg.model.arch == "hiera":  # MAE on timm's Hiera, masked through its own mask-unit API
         from .hiera import HieraMAE
 
