@@ -406,8 +406,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def _validate_hiera(cfg: PretrainConfig) -> None:
-    """timm's Hiera: MAE or EMAE (random parts, checked in `_validate_emae`), 4 stages (3 q-pools: stride 32), heads doubling per stage as its
-    width does, mask units of 8x8 tokens (what its unrolling makes contiguous) that tile the image."""
+    """timm's Hiera: MAE or EMAE (random parts, checked in `_validate_emae`), 4 stages (3 q-pools:
+    stride 32), heads doubling per stage as its width does, mask units of 8x8 tokens (what its
+    unrolling makes contiguous) that tile the image."""
     m, unit, size = cfg.model, cfg.masking.unit_size, cfg.data.img_size
     if cfg.method not in ("mae", "emae"):
         raise ConfigError(f"model.arch hiera is pre-trained with method mae or emae (Hiera drops masked units "
