@@ -1,6 +1,6 @@
 """Models: one file per backbone (`swin.py`, `pvt.py`, `vit.py`), the shared MAE decoder
 (`decoder.py`) and the pre-training methods around them: `mim.py` (MAE / UM-MAE), `emae.py`
-(EMAE: K disjoint parts + self-consistency, a `MaskedAutoencoder`) and `simmim.py` (the SimMIM
+(EMAE: K disjoint parts + self-consistency, on a `MaskedAutoencoder` or on Hiera) and `simmim.py` (the SimMIM
 baseline); `hiera.py` is MAE around timm's own Hiera (not a copy). Every backbone serves every
 method it supports, so the
 encoder weights of a UM-MAE run and of a SimMIM run of the same backbone are interchangeable."""
