@@ -30,7 +30,7 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    arch: str = "swin"  # backbone family: swin | pvt | vit | hiera (timm's, method mae)
+    arch: str = "swin"  # backbone family: swin | pvt | vit | hiera (timm's, method mae or emae)
     embed_dim: int = 96  # Swin: stage-1 width (doubled per stage); ViT: the width
     embed_dims: list[int] | None = None  # PVT: width of every stage
     depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])  # ViT: one entry
@@ -284,8 +284,11 @@ def _validate_emae(cfg: PretrainConfig) -> None:
     e = cfg.emae
     if e.parts not in ("uniform", "random"):
         raise ConfigError(f"emae.parts must be uniform or random, got {e.parts!r}")
-    if e.parts == "random" and cfg.model.arch != "vit":
-        raise ConfigError(f"emae.parts random needs model.arch vit: {cfg.model.arch} windows/reductions "
+    if e.parts == "uniform" and cfg.model.arch == "hiera":
+        raise ConfigError("emae.parts uniform does not apply to model.arch hiera (Hiera has no mask token "
+                          "for secondary masking and drops any units itself); use emae.parts=random")
+    if e.parts == "random" and cfg.model.arch not in ("vit", "hiera"):
+        raise ConfigError(f"emae.parts random needs model.arch vit or hiera: {cfg.model.arch} windows/reductions "
                           "need uniform parts; use emae.parts=uniform")
     if e.num_parts < 2:
         raise ConfigError(f"emae.num_parts must be >= 2, got {e.num_parts}")
@@ -403,11 +406,12 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def _validate_hiera(cfg: PretrainConfig) -> None:
-    """timm's Hiera: MAE only, 4 stages (3 q-pools: stride 32), heads doubling per stage as its
-    width does, mask units of 8x8 tokens (what its unrolling makes contiguous) that tile the image."""
+    """timm's Hiera: MAE or EMAE (random parts, checked in `_validate_emae`), 4 stages (3 q-pools:
+    stride 32), heads doubling per stage as its width does, mask units of 8x8 tokens (what its
+    unrolling makes contiguous) that tile the image."""
     m, unit, size = cfg.model, cfg.masking.unit_size, cfg.data.img_size
-    if cfg.method != "mae":
-        raise ConfigError(f"model.arch hiera is pre-trained with method mae (Hiera drops masked units "
+    if cfg.method not in ("mae", "emae"):
+        raise ConfigError(f"model.arch hiera is pre-trained with method mae or emae (Hiera drops masked units "
                           f"itself; no uniform masking or mask tokens), got method {cfg.method}")
     if len(m.depths) != 4:
         raise ConfigError(f"model.depths for hiera has 4 stages, e.g. [1, 2, 7, 2], got {m.depths}")

@@ -8,7 +8,8 @@ a method and a recipe, and named `<method>_<backbone>_<size>`:
   vs `ummae_vit_base_224`, MAE on timm's Hiera (`mae_hiera_tiny_224`, `mae_hiera_base_224`),
   and Swin-L (`ummae_swin_large_256`, `simmim_swin_large_256`);
 - EMAE (4 disjoint parts per image + self-consistency): `emae_vit_base_224` (random parts),
-  `emae_swin_tiny_256` and `emae_pvt_small_256` (uniform parts, "UM-EMAE");
+  `emae_swin_tiny_256` and `emae_pvt_small_256` (uniform parts, "UM-EMAE"), and a tiny
+  `emae_hiera_demo` (random parts of timm's Hiera mask units);
 - a tiny variant of each, `<method>_<backbone>_demo`, that trains on the built-in photographs in
   a couple of minutes on a CPU (tests, demos, quick checks); `demo` is `ummae_swin_demo`.
 """
@@ -157,6 +158,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "emae_pvt_demo": (
         "tiny PVT, UM-EMAE (4 uniform parts per image) on the demo photographs, 128 px",
         _preset("emae", PVT_DEMO, DEMO, DEMO_DECODER, emae=dict(parts="uniform"))),
+    "emae_hiera_demo": (
+        "tiny timm Hiera, EMAE with 4 disjoint random parts of the 32 px mask units (75% each), 128 px",
+        _preset("emae", HIERA_DEMO, DEMO, DEMO_DECODER, masking=dict(unit_size=32), emae=dict(parts="random"))),
 }
 PRESETS["demo"] = ("the default: " + PRESETS["ummae_swin_demo"][0], PRESETS["ummae_swin_demo"][1])
 

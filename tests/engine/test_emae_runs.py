@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny import TINY_MODELS, TINY_SETS, run_cli_captured, tiny_pretrain_args
+from tiny import TINY_HIERA_SETS, TINY_MODELS, TINY_SETS, run_cli_captured, tiny_pretrain_args
 from ummae.bench import run_benchmark
 from ummae.cli import main
 from ummae.config import resolve_config
@@ -71,7 +71,7 @@ def test_presets_list_the_method(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     for name in ("emae_vit_base_224", "emae_swin_tiny_256", "emae_pvt_small_256",
-                 "emae_vit_demo", "emae_swin_demo", "emae_pvt_demo"):
+                 "emae_vit_demo", "emae_swin_demo", "emae_pvt_demo", "emae_hiera_demo"):
         assert name in out
     assert "4 disjoint uniform parts + SM 0.25 + consistency" in out
     assert "4 disjoint random parts + consistency" in out
@@ -88,6 +88,26 @@ def test_run_counts_images_and_says_each_is_used_k_times(emae_run):
     records = [json.loads(line) for line in (emae_run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0.5, 1.0, 1.5]
     assert all(math.isfinite(r["loss"]) and r["images_per_sec"] > 0 for r in records)
+
+
+def test_hiera_run_counts_images_and_exports_timms_hiera(tmp_path):
+    """EMAE on timm's Hiera through the CLI: 64 px = 2x2 mask units of 32 px, 4 parts of one
+    visible unit each; an epoch is still one pass over the images, and the export is timm's."""
+    run_dir = tmp_path / "run"
+    sets = [a for s in TINY_HIERA_SETS for a in ("--set", s)]
+    result = run_cli_captured(tiny_pretrain_args(run_dir, "--preset", "emae_hiera_demo", *sets), run_dir)
+    assert result.code == 0, result.err
+    assert "effective batch 4 images x 4 parts" in result.out
+    config = resolve_config(config_file=run_dir / "config.yaml")
+    assert config.method == "emae" and config.model.arch == "hiera" and config.emae.parts == "random"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0.5, 1.0, 1.5]  # 8 images / batch 4: images, not parts
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert (run_dir / "reconstructions.png").exists()
+    out = tmp_path / "enc.safetensors"
+    res = run_cli_captured(["export", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(out)], tmp_path)
+    assert res.code == 0, res.err
+    assert json.loads(out.with_suffix(".json").read_text())["model"].startswith("hiera_")
 
 
 def test_reconstruction_picture_shows_the_k_parts_of_each_image(emae_run):

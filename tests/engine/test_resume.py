@@ -23,7 +23,10 @@ STEPS = 8
 MODELS = {"swin": (), "hiera": ("--preset", "mae_hiera_demo", *(a for s in TINY_HIERA_SETS for a in ("--set", s))),
           # EMAE: K parts per image drawn in the workers; its consistency term starts at epoch 1
           # (= step 5 of 8 here), so resuming before and after the switch is covered.
-          "emae": ("--set", "method=emae", "--set", "emae.consistency_start_epoch=1")}
+          "emae": ("--set", "method=emae", "--set", "emae.consistency_start_epoch=1"),
+          # EMAE on timm's Hiera: random parts of its mask units, the same switch at epoch 1.
+          "hiera_emae": ("--preset", "emae_hiera_demo", *(a for s in TINY_HIERA_SETS for a in ("--set", s)),
+                         "--set", "emae.consistency_start_epoch=1")}
 
 
 def run_args(out: Path, *extra: str, model: str = "swin") -> list[str]:

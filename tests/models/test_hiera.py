@@ -12,8 +12,9 @@ from ummae.config import resolve_config
 from ummae.errors import ConfigError, UmmaeError
 from ummae.masking import MaskSample
 from ummae.models import build_pretrain_model
+from ummae.models.emae import HieraEMAE
 from ummae.models.hiera import HieraMAE, load_backbone_weights
-from ummae.objectives import masked_mse_loss, normalize_targets, patchify
+from ummae.objectives import masked_mse_loss, normalize_targets, patchify, self_consistency_loss
 
 
 def tiny_cfg(*sets: str, preset: str = "mae_hiera_demo"):
@@ -226,3 +227,73 @@ def test_static_gather_of_visible_units_equals_timms_boolean_index():
     for a, b in zip(ours, timms):
         assert a.shape == b.shape and torch.equal(a, b)
     assert not torch.equal(other[0], timms[0])
+
+
+# ---------------------------------------------------------------- EMAE on Hiera (random parts)
+
+
+def tiny_emae(*sets: str, seed: int = 0) -> HieraEMAE:
+    torch.manual_seed(seed)
+    return build_pretrain_model(tiny_cfg(*sets, preset="emae_hiera_demo")).eval()
+
+
+def test_emae_batched_pass_equals_k_separate_hiera_mae_passes():
+    """The K parts of each image as ONE batch of B*K through Hiera == each part run on its own by a
+    plain HieraMAE holding the same weights; the loss is the mean of the K MAE losses + consistency."""
+    emae = tiny_emae()
+    assert isinstance(emae, HieraEMAE) and emae.num_parts == 4
+    mae = tiny_model(seed=1)
+    mae.load_state_dict(emae.state_dict())  # strict: EMAE adds no weights, a checkpoint is MAE's
+    imgs = images(2)
+    parts = emae.sample_masks(2, generator=torch.Generator().manual_seed(1))
+    assert parts.mask.shape == (2, 4, 16) and parts.mask.sum(-1).eq(12).all()  # 75% per part
+    assert parts.mask.logical_not().sum(1).eq(1).all()  # every unit visible in exactly one part
+    with torch.no_grad():
+        loss, pred, _ = emae(imgs, parts)
+        pred = pred.reshape(2, 4, *pred.shape[1:])
+        losses = []
+        for k in range(4):
+            loss_k, pred_k, _ = mae(imgs, MaskSample(parts.mask[:, k], parts.ids_keep[:, k], parts.grid_size))
+            torch.testing.assert_close(pred[:, k], pred_k, rtol=1e-4, atol=1e-5)
+            losses.append(loss_k)
+    # not vacuous: the parts see different units, so their predictions differ
+    assert not torch.allclose(pred[:, 0], pred[:, 1], atol=1e-3)
+    expected = torch.stack(losses).mean() + self_consistency_loss(pred, parts.mask)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_emae_consistency_is_zero_when_the_parts_agree_and_counts_from_its_start_epoch():
+    model = tiny_emae("emae.consistency_weight=0.5", "emae.consistency_start_epoch=1")
+    imgs = images(2)
+    parts = model.sample_masks(2, generator=torch.Generator().manual_seed(2))
+    perfect = normalize_targets(patchify(imgs, 32)).repeat_interleave(4, dim=0)  # [B*K, L, D], all agree
+    terms = model.loss_terms(imgs, perfect, parts)
+    assert terms["reconstruction"] == 0 and terms["consistency"] == 0
+    noisy = perfect + 0.1 * torch.randn(perfect.shape, generator=torch.Generator().manual_seed(0))
+    assert model.loss_terms(imgs, noisy, parts)["consistency"] > 0  # control: disagreeing parts
+    with torch.no_grad():
+        model.set_epoch(0)
+        loss, pred, _ = model(imgs, parts)
+        terms = model.loss_terms(imgs, pred, parts)
+        torch.testing.assert_close(loss, terms["reconstruction"])
+        model.set_epoch(1)
+        loss, _, _ = model(imgs, parts)
+    torch.testing.assert_close(loss, terms["reconstruction"] + 0.5 * terms["consistency"])
+
+
+def test_emae_on_hiera_trains_with_two_parts_and_every_parameter_gets_a_gradient():
+    model = tiny_emae("emae.num_parts=2").train()
+    loss, pred, parts = model(images(2), generator=torch.Generator().manual_seed(0))
+    assert pred.shape == (4, 16, 32 * 32 * 3) and parts.mask.sum(-1).eq(8).all()  # K = 2: 50% each
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["emae.parts=uniform"], "does not apply to model.arch hiera"),
+    (["emae.num_parts=3"], "does not divide"),  # 4x4 = 16 units
+])
+def test_emae_settings_hiera_cannot_run_are_one_line_errors(sets, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        tiny_cfg(*sets, preset="emae_hiera_demo")
+    assert "\n" not in str(e.value)

@@ -1,6 +1,6 @@
 """Models: one file per backbone (`swin.py`, `pvt.py`, `vit.py`), the shared MAE decoder
 (`decoder.py`) and the pre-training methods around them: `mim.py` (MAE / UM-MAE), `emae.py`
-(EMAE: K disjoint parts + self-consistency, a `MaskedAutoencoder`) and `simmim.py` (the SimMIM
+(EMAE: K disjoint parts + self-consistency, on a `MaskedAutoencoder` or on Hiera) and `simmim.py` (the SimMIM
 baseline); `hiera.py` is MAE around timm's own Hiera (not a copy). Every backbone serves every
 method it supports, so the
 encoder weights of a UM-MAE run and of a SimMIM run of the same backbone are interchangeable."""
@@ -60,6 +60,15 @@ def build_encoder(cfg):
 def build_pretrain_model(cfg):
     """The pre-training model of a `PretrainConfig`: UM-MAE, MAE, EMAE or SimMIM around its encoder."""
     encoder = build_encoder(cfg)
+    if cfg.model.arch == "hiera" and cfg.method == "emae":  # EMAE on timm's Hiera: random parts
+        from .emae import HieraEMAE
+
+        e = cfg.emae
+        return HieraEMAE(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size, num_parts=e.num_parts,
+                         consistency_weight=e.consistency_weight, consistency_distance=e.consistency_distance,
+                         consistency_start_epoch=e.consistency_start_epoch, norm_pix_loss=cfg.model.norm_pix_loss,
+                         decoder_dim=cfg.model.decoder_dim, decoder_depth=cfg.model.decoder_depth,
+                         decoder_heads=cfg.model.decoder_heads)
     if cfg.model.arch == "hiera":  # MAE on timm's Hiera, masked through its own mask-unit API
         from .hiera import HieraMAE
 

@@ -7,13 +7,19 @@ cover the image; each part is an ordinary MAE sample of mask ratio `1 - 1/K`. Wi
 (K = 4: each 2x2 block's units dealt to the 4 parts) every part is a valid uniform mask, so the
 compacting Swin and PVT encoders run EMAE unchanged.
 
-This is `MaskedAutoencoder` with two verbs changed:
+What EMAE adds to a masked autoencoder is `EMAEMixin`, which changes its verbs:
+    sample_masks                       K disjoint parts per image (`PartsSample`)
     forward_encoder / forward_decoder  take a `PartsSample`: the K parts of the B images run as
                                        ONE batch of B*K (image-major: row b*K + k is part k of
                                        image b), no loop over the parts
     forward_loss                       mean of the K parts' normalised-pixel MSE on their masked
                                        units + weight x self-consistency (`objectives`)
-and `forward` returns `(loss, pred [B*K, L, D], parts)`.
+and `forward` returns `(loss, pred [B*K, L, D], parts)`. It serves two models:
+    EfficientMaskedAutoencoder  = EMAEMixin + `MaskedAutoencoder` (Swin, PVT, ViT; random or
+                                  uniform parts)
+    HieraEMAE                   = EMAEMixin + `HieraMAE` (timm's Hiera; random parts only: Hiera
+                                  has no mask token, so no secondary masking, and drops any set
+                                  of mask units itself, so it needs no uniform parts)
 """
 
 from __future__ import annotations
@@ -24,42 +30,30 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..masking import DisjointPartsMasking, MaskSample, PartsSample
 from ..objectives import CONSISTENCY_DISTANCES, masked_mse_loss, normalize_targets, patchify, self_consistency_loss
+from .hiera import HieraMAE
 from .mim import MaskedAutoencoder
 
-__all__ = ["EfficientMaskedAutoencoder"]
+__all__ = ["EMAEMixin", "EfficientMaskedAutoencoder", "HieraEMAE"]
 
 
-class EfficientMaskedAutoencoder(MaskedAutoencoder):
-    """EMAE around any encoder of `MaskedAutoencoder`.
+def _check_consistency(weight: float, distance: str, start_epoch: float) -> None:
+    if distance not in CONSISTENCY_DISTANCES:
+        raise ConfigError(f"consistency distance must be one of {', '.join(CONSISTENCY_DISTANCES)}, "
+                          f"got {distance!r}")
+    if not weight >= 0 or not start_epoch >= 0:
+        raise ConfigError(f"consistency weight and start epoch must be >= 0, got {weight} and {start_epoch}")
 
-    Args:
-        encoder, img_size, unit, norm_pix_loss, decoder_dim, decoder_depth, decoder_heads: as
-            `MaskedAutoencoder`.
-        num_parts: K (4 = MAE's 75% mask ratio per part).
-        uniform: uniform parts (Swin/PVT need them; K must be 4) or random parts (ViT).
-        secondary_ratio: uniform parts: secondary masking of each part's visible units.
-        consistency_weight: weight of the self-consistency term (0 = off).
-        consistency_distance: "l1" or "l2" (see `objectives.self_consistency_loss`).
-        consistency_start_epoch: the term counts from this epoch on (`set_epoch`); before, its
-            weight is 0 (it is still computed, so the graph and DDP's reduction do not change).
+
+class EMAEMixin:
+    """EMAE's verbs over a masked autoencoder's (put before it in the bases: `super()` is the
+    autoencoder, whose `forward_encoder` / `forward_decoder` take one `MaskSample`).
+
+    The host class calls `_setup_emae` after its own `__init__`; it needs `grid_size`, `unit`,
+    `norm_pix_loss` and `img_size`, as `MaskedAutoencoder` and `HieraMAE` both have.
     """
 
-    def __init__(self, encoder: nn.Module, img_size: int | tuple[int, int] = 256, unit: int = 16,
-                 num_parts: int = 4, uniform: bool = True, secondary_ratio: float = 0.25,
-                 consistency_weight: float = 1.0, consistency_distance: str = "l1",
-                 consistency_start_epoch: float = 0.0, norm_pix_loss: bool = True,
-                 decoder_dim: int = 512, decoder_depth: int = 2, decoder_heads: int = 16):
-        if consistency_distance not in CONSISTENCY_DISTANCES:
-            raise ConfigError(f"consistency distance must be one of {', '.join(CONSISTENCY_DISTANCES)}, "
-                              f"got {consistency_distance!r}")
-        if not consistency_weight >= 0 or not consistency_start_epoch >= 0:
-            raise ConfigError("consistency weight and start epoch must be >= 0, got "
-                              f"{consistency_weight} and {consistency_start_epoch}")
-        # The parent checks sizes, refuses random masks for compacting encoders, freezes the
-        # unused secondary token for random parts, and builds the decoder.
-        super().__init__(encoder, img_size, unit, masking="uniform" if uniform else "random",
-                         mask_ratio=0.75, secondary_ratio=secondary_ratio, norm_pix_loss=norm_pix_loss,
-                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
+    def _setup_emae(self, num_parts: int, uniform: bool, secondary_ratio: float, consistency_weight: float,
+                    consistency_distance: str, consistency_start_epoch: float) -> None:
         self.masking = DisjointPartsMasking(self.grid_size, num_parts, uniform, secondary_ratio)
         self.num_parts = self.masking.num_parts
         self.consistency_weight = float(consistency_weight)
@@ -84,7 +78,7 @@ class EfficientMaskedAutoencoder(MaskedAutoencoder):
                 to meet its flattened parts), or `[B*K, 3, H, W]` with an already flat `MaskSample`.
 
         Returns:
-            the encoder's output for the `B*K` part samples (see `MaskedAutoencoder`).
+            the autoencoder's encoder output for the `B*K` part samples.
         """
         if isinstance(masks, PartsSample):
             imgs, masks = imgs.repeat_interleave(masks.num_parts, dim=0), masks.flatten()  # [B*K, 3, H, W]
@@ -138,3 +132,61 @@ class EfficientMaskedAutoencoder(MaskedAutoencoder):
         features = self.forward_encoder(imgs, masks)  # B*K part samples in one pass
         pred = self.forward_decoder(features, masks)  # [B*K, L, D]
         return self.forward_loss(imgs, pred, masks), pred, masks
+
+
+class EfficientMaskedAutoencoder(EMAEMixin, MaskedAutoencoder):
+    """EMAE around any encoder of `MaskedAutoencoder`.
+
+    Args:
+        encoder, img_size, unit, norm_pix_loss, decoder_dim, decoder_depth, decoder_heads: as
+            `MaskedAutoencoder`.
+        num_parts: K (4 = MAE's 75% mask ratio per part).
+        uniform: uniform parts (Swin/PVT need them; K must be 4) or random parts (ViT).
+        secondary_ratio: uniform parts: secondary masking of each part's visible units.
+        consistency_weight: weight of the self-consistency term (0 = off).
+        consistency_distance: "l1" or "l2" (see `objectives.self_consistency_loss`).
+        consistency_start_epoch: the term counts from this epoch on (`set_epoch`); before, its
+            weight is 0 (it is still computed, so the graph and DDP's reduction do not change).
+    """
+
+    def __init__(self, encoder: nn.Module, img_size: int | tuple[int, int] = 256, unit: int = 16,
+                 num_parts: int = 4, uniform: bool = True, secondary_ratio: float = 0.25,
+                 consistency_weight: float = 1.0, consistency_distance: str = "l1",
+                 consistency_start_epoch: float = 0.0, norm_pix_loss: bool = True,
+                 decoder_dim: int = 512, decoder_depth: int = 2, decoder_heads: int = 16):
+        _check_consistency(consistency_weight, consistency_distance, consistency_start_epoch)
+        # The parent checks sizes, refuses random masks for compacting encoders, freezes the
+        # unused secondary token for random parts, and builds the decoder.
+        super().__init__(encoder, img_size, unit, masking="uniform" if uniform else "random",
+                         mask_ratio=0.75, secondary_ratio=secondary_ratio, norm_pix_loss=norm_pix_loss,
+                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
+        self._setup_emae(num_parts, uniform, secondary_ratio, consistency_weight, consistency_distance,
+                         consistency_start_epoch)
+
+
+class HieraEMAE(EMAEMixin, HieraMAE):
+    """EMAE around timm's Hiera: K random disjoint parts of the mask-unit grid per image.
+
+    Random parts only: every part is a plain set of visible mask units, which Hiera drops and
+    runs as it does MAE's masks (it has no mask token, so uniform parts' secondary masking has
+    nothing to act on, and it does not need the uniform layout the compacting encoders do).
+    K parts mask `1 - 1/K` of the units each (K = 4: 75%, K = 2: 50%); K must divide the grid.
+
+    Args:
+        encoder, img_size, unit, norm_pix_loss, decoder_dim, decoder_depth, decoder_heads: as
+            `HieraMAE`.
+        num_parts, consistency_weight, consistency_distance, consistency_start_epoch: as
+            `EfficientMaskedAutoencoder`.
+    """
+
+    def __init__(self, encoder: nn.Module, img_size: int, unit: int = 32, num_parts: int = 4,
+                 consistency_weight: float = 1.0, consistency_distance: str = "l1",
+                 consistency_start_epoch: float = 0.0, norm_pix_loss: bool = True,
+                 decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16):
+        _check_consistency(consistency_weight, consistency_distance, consistency_start_epoch)
+        # The parent checks the encoder and unit and builds fusion and decoder; its RandomMasking
+        # is replaced by the parts (the same ratio, 1 - 1/K, per part).
+        super().__init__(encoder, img_size, unit, mask_ratio=0.75, norm_pix_loss=norm_pix_loss,
+                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
+        self._setup_emae(num_parts, False, 0.0, consistency_weight, consistency_distance,
+                         consistency_start_epoch)

@@ -34,6 +34,9 @@ exported weights are used with) and the decoder predicts each unit's 32x32 pixel
 one mask-unit grid for masks, decoder and loss, and pre-trains the very forward pass that is
 exported (q-pooling has no weights, so either geometry loads the other's weights).
 
+EMAE on Hiera (K random disjoint parts per image in one batch of B*K) is `emae.HieraEMAE`, this
+class with EMAE's verbs; `visible_units` accepts its parts' ids in any order.
+
 Shapes: `B` batch, `L` mask units, `N_vis` visible units, `C` the last stage's width.
 """
 
