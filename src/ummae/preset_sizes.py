@@ -28,5 +28,6 @@ ENCODER_PARAMS: dict[str, tuple[str, int]] = {
     'emae_vit_demo': ('7bf5cffbb0b23b6a', 527808),
     'emae_swin_demo': ('f2ffbcd7676ef64e', 1426099),
     'emae_pvt_demo': ('9751dc57e03fa6be', 593760),
+    'emae_hiera_demo': ('e468401043b9c157', 1200992),
     'demo': ('ac4cc7e035a3bf0c', 1426099),
 }
