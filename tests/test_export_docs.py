@@ -4,7 +4,6 @@ feature maps have strides 4-32 like Swin-T's)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from pathlib import Path

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["patchify", "unpatchify", "normalize_targets", "masked_mse_loss", "masked_l1_loss",
+__all__ = ["patchify", "unpatchify", "normalize_targets", "pixel_targets", "masked_mse_loss", "masked_l1_loss",
            "self_consistency_loss", "CONSISTENCY_DISTANCES"]
 
 CONSISTENCY_DISTANCES = ("l1", "l2")
@@ -70,6 +70,13 @@ def normalize_targets(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True, unbiased=False)
     return (target - mean) / (var + eps) ** 0.5
+
+
+def pixel_targets(imgs: torch.Tensor, unit: int, norm_pix_loss: bool = True) -> torch.Tensor:
+    """The reconstruction targets of MAE-style objectives: `imgs` `[B, 3, H, W]` cut into units,
+    each normalised (`normalize_targets`) when `norm_pix_loss`; `[B, L, unit*unit*3]`."""
+    target = patchify(imgs, unit)
+    return normalize_targets(target) if norm_pix_loss else target
 
 
 def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

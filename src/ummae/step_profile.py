@@ -51,7 +51,7 @@ def _known_labels() -> set[str]:
 @contextlib.contextmanager
 def _vit_block_labels(model: torch.nn.Module):
     """Label timm ViT blocks' attention / MLP / norms (their code has no labels of its own)."""
-    from timm.models.vision_transformer import Attention, Block
+    from timm.models.vision_transformer import Block
 
     handles, stack = [], []
 

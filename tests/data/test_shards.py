@@ -19,7 +19,7 @@ from tiny import run_cli_captured
 from ummae.data import ImageFolderUnlabeled, TarShards, build_pretrain_dataset, pretrain_transform
 from ummae.data.sampling import EpochSampler, SeededSamples
 from ummae.data.shards import find_shards, image_field, is_shard_spec
-from ummae.errors import ConfigError, UmmaeError
+from ummae.errors import UmmaeError
 
 N_IMAGES = 7
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import pytest
 
 from tiny import TINY_HIERA_SETS, TINY_SETS, run_cli_captured
 

@@ -11,7 +11,7 @@ from ummae.masking import MaskSample
 from ummae.models import EfficientMaskedAutoencoder, MaskedAutoencoder, SwinTransformer
 from ummae.models.pvt import PyramidVisionTransformer
 from ummae.models.vit import VisionTransformer
-from ummae.objectives import masked_mse_loss, normalize_targets, patchify, self_consistency_loss
+from ummae.objectives import normalize_targets, patchify, self_consistency_loss
 
 
 def _encoder(arch: str):

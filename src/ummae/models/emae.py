@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..masking import DisjointPartsMasking, MaskSample, PartsSample
-from ..objectives import CONSISTENCY_DISTANCES, masked_mse_loss, normalize_targets, patchify, self_consistency_loss
+from ..objectives import CONSISTENCY_DISTANCES, masked_mse_loss, pixel_targets, self_consistency_loss
 from .hiera import HieraMAE
 from .mim import MaskedAutoencoder
 
@@ -97,9 +97,7 @@ class EMAEMixin:
             imgs: `[B, 3, H, W]`; pred: `[B*K, L, D]` image-major; masks: the `PartsSample`.
         """
         B, K = masks.mask.shape[:2]
-        target = patchify(imgs, self.unit)  # [B, L, D], computed once per image, not per part
-        if self.norm_pix_loss:
-            target = normalize_targets(target)
+        target = pixel_targets(imgs, self.unit, self.norm_pix_loss)  # [B, L, D], once per image, not per part
         pred = pred.float().reshape(B, K, *pred.shape[1:])  # [B, K, L, D]
         # Every part masks the same number of units, so the masked-unit mean over all B*K parts
         # equals the mean over k of the K per-part losses.

@@ -48,7 +48,7 @@ import torch.utils.checkpoint
 
 from ..errors import ConfigError, UmmaeError
 from ..masking import MaskSample, RandomMasking
-from ..objectives import masked_mse_loss, normalize_targets, patchify
+from ..objectives import masked_mse_loss, pixel_targets
 from .decoder import MAEDecoder
 
 __all__ = ["build_hiera", "HieraMAE", "hiera_timm_model", "load_backbone_weights", "HIERA_VARIANTS"]
@@ -222,9 +222,7 @@ class HieraMAE(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE over the masked units (`mask` `[B, L]`, True = masked), as `MaskedAutoencoder`'s."""
-        target = patchify(imgs, self.unit)
-        if self.norm_pix_loss:
-            target = normalize_targets(target)
+        target = pixel_targets(imgs, self.unit, self.norm_pix_loss)
         return masked_mse_loss(pred.float(), target.float(), mask)
 
     def forward(self, imgs: torch.Tensor, masks: MaskSample | None = None,

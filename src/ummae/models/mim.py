@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from ..errors import ConfigError
 from ..masking import MaskSample, RandomMasking, UniformMasking
-from ..objectives import masked_mse_loss, normalize_targets, patchify
+from ..objectives import masked_mse_loss, pixel_targets
 from .decoder import MAEDecoder
 
 __all__ = ["MaskedAutoencoder"]
@@ -112,9 +112,7 @@ class MaskedAutoencoder(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE over masked units (`mask` `[B, L]`, True = masked); secondary units do not count."""
-        target = patchify(imgs, self.unit)
-        if self.norm_pix_loss:
-            target = normalize_targets(target)
+        target = pixel_targets(imgs, self.unit, self.norm_pix_loss)
         return masked_mse_loss(pred.float(), target.float(), mask)
 
     def forward(self, imgs: torch.Tensor, masks: MaskSample | None = None,
