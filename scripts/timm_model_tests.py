@@ -54,8 +54,10 @@ def unpack(sdist: Path, dest: Path) -> None:
 
 def fetch(version: str, dest: Path) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
+        # Not --no-build-isolation: pip reads the sdist's metadata with timm's own build backend,
+        # which it installs in an isolated environment (the venv need not have it).
         cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-               "--no-build-isolation", "-q", "-d", tmp, f"timm=={version}"]
+               "-q", "-d", tmp, f"timm=={version}"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         found = list(Path(tmp).glob("timm-*.tar.gz"))
         if res.returncode != 0 or not found:

@@ -230,3 +230,12 @@ def test_masks_from_uniform_masking_are_trusted_hand_made_ones_are_checked(monke
     bad = RandomMasking((8, 8), 0.75)(2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(UmmaeError, match="uniform mask"):
         model.forward_masked(imgs, MaskSample(bad.mask, bad.ids_keep[:, :16], bad.grid_size), UNIT)
+
+
+def test_forward_runs_on_the_meta_device():
+    """Shape inference without memory (timm's `test_model_default_cfgs` builds on `meta`): no op
+    may need values or a device-specific context (the bias MLP's autocast switch)."""
+    with torch.device("meta"):
+        model = SwinTransformer(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4)
+        out = model.forward_features(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 2, 2, 64) and out.device.type == "meta"

@@ -22,6 +22,7 @@ Shapes: tokens are kept channel-last, `[B, H, W, C]`; coordinates `[Bc, H, W, 2]
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -254,8 +255,11 @@ class CoordinatePositionBias(nn.Module):
                                  nn.Linear(hidden_dim, num_heads))
 
     def _mlp(self, offsets: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=offsets.device.type, enabled=False):
-            return self.mlp(log_spaced(offsets.float()))  # float32 even under autocast
+        # float32 even under autocast. Meta tensors (shape inference, e.g. timm's default-cfg
+        # test) have no autocast to switch off.
+        device = offsets.device.type
+        with contextlib.nullcontext() if device == "meta" else torch.autocast(device, enabled=False):
+            return self.mlp(log_spaced(offsets.float()))
 
     def direct(self, coords: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP on every pair: `[..., N, 2]` -> `[..., heads, N, N]` (`blocked` pairs -inf)."""
