@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +138,16 @@ def write_bad_images(root: Path) -> None:
     (root / "truncated.png").write_bytes(whole[: len(whole) // 2])
     (root / "text.jpg").write_text("this is not an image\n")
     (root / "noise.webp").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def sigkill_after_checkpoints(victim: subprocess.Popen, run_dir: Path, count: int = 2,
+                              timeout: float = 120) -> None:
+    """SIGKILL a running `ummae pretrain` once `run_dir` holds `count` periodic checkpoints
+    (mid-run, between two later steps), or when it has ended; wait for it to die."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list((run_dir / "checkpoints").glob("step-*.pt"))) >= count or victim.poll() is not None:
+            break
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 
-from tiny import TINY_HIERA_SETS, TINY_SETS, run_cli_captured
+from tiny import TINY_HIERA_SETS, TINY_SETS, run_cli_captured, sigkill_after_checkpoints
 
 STEPS = 8
 # The tiny Swin (UM-MAE) and timm's Hiera (MAE, masked by Hiera itself).
@@ -85,14 +83,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(tmp_path):
     reference = _cli(run_args(reference_dir))
     victim = _cli(run_args(killed_dir, "--set", "train.log_every=1"))
     # Kill it mid-run: after its second periodic checkpoint, between two later steps.
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ckpts = list((killed_dir / "checkpoints").glob("step-*.pt"))
-        if len(ckpts) >= 2 or victim.poll() is not None:
-            break
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    sigkill_after_checkpoints(victim, killed_dir, 2)
     assert reference.wait(timeout=120) == 0, reference.stderr.read()
     assert not (killed_dir / "checkpoint.pt").exists(), "killed before the end"
 

@@ -8,19 +8,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from tiny import TINY_SETS, run_cli_captured
+from tiny import TINY_SETS, run_cli_captured, sigkill_after_checkpoints
 from ummae.data.demo import DEMO_IMAGE_FILES, demo_image_dir
 
 N = len(DEMO_IMAGE_FILES)  # 13 photographs
@@ -119,13 +117,7 @@ def test_a_run_on_shards_killed_with_sigkill_resumes_to_the_same_losses(demo_sha
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference, victim = run(reference_dir), run(killed_dir)
-    deadline = time.monotonic() + 120  # kill it after its second periodic checkpoint (step 4 of 8)
-    while time.monotonic() < deadline:
-        if len(list((killed_dir / "checkpoints").glob("step-*.pt"))) >= 2 or victim.poll() is not None:
-            break
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    sigkill_after_checkpoints(victim, killed_dir, 2)  # after its second checkpoint (step 4 of 8)
     assert reference.wait(timeout=120) == 0, reference.stderr.read()
     assert not (killed_dir / "checkpoint.pt").exists(), "killed before the end"
 
