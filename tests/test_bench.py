@@ -77,6 +77,25 @@ def test_flops_of_linear_layers_match_the_hand_count():
     assert flops["train_step"] == enc + dec + 2 * dec + enc
 
 
+def test_cpu_attention_is_counted_like_the_same_attention_written_as_matmuls():
+    """`F.scaled_dot_product_attention` on the CPU (timm's fused path) must count the FLOPs of
+    its two matmuls, as the unfused path (q @ k^T, attn @ v) does (torch 2.14 alone counts 0 there)."""
+    from timm.layers import Attention
+
+    attn = Attention(dim=16, num_heads=2).eval()
+    x = torch.randn(3, 10, 16)
+    counts = {}
+    for fused in (True, False):
+        attn.fused_attn = fused
+        with torch.no_grad(), bench.flop_counter() as counter:
+            attn(x)
+        counts[fused] = counter.get_total_flops()
+    qkv_and_proj = 2 * 3 * 10 * 16 * (3 * 16 + 16)
+    attention_matmuls = 2 * 2 * 3 * 2 * 10 * 10 * 8  # 2 matmuls, B 3, 2 heads, 10x10 pairs, head dim 8
+    assert counts[False] == qkv_and_proj + attention_matmuls
+    assert counts[True] == counts[False]
+
+
 def test_report_of_known_flops_and_fallback_without_forward_encoder():
     B = 2
     report = run_benchmark([fake_config("enc"), fake_config("noenc")], batch_size=B, steps=3,

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .config import PretrainConfig, apply_overrides, config_to_dict
 from .engine.optim import build_optimizer
@@ -67,7 +67,7 @@ from .engine.pretrain import training_autocast, resolve_device
 from .errors import ConfigError, UmmaeError
 from .models import build_pretrain_model
 
-__all__ = ["run_benchmark", "count_flops", "measure_matmul_flops", "format_table", "write_json",
+__all__ = ["run_benchmark", "count_flops", "flop_counter", "measure_matmul_flops", "format_table", "write_json",
            "MATMUL_N", "MEMORY_STEPS"]
 
 MATMUL_N = {"cpu": 2048, "cuda": 8192}  # square matmul size per device type
@@ -302,6 +302,31 @@ def _device_name(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 # FLOPs and the reference matmul rate
 
+# `FlopCounterMode` knows the CUDA attention kernels (flash, memory-efficient, cuDNN) but not the
+# CPU one that `F.scaled_dot_product_attention` dispatches to on the CPU (torch 2.14), which it
+# then counts as 0 FLOPs: every timm block (ViT, Hiera) and Swin's attention would lose their
+# attention matmuls. Same formulas as torch's own for the CUDA kernels: 2 matmuls forward
+# (QK^T, PV), 5 backward, 2 FLOPs per multiply-add.
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                             out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent `FlopCounterMode` that also counts CPU attention (see `_CPU_ATTENTION_FLOPS`)."""
+    return FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+
+
 def count_flops(model: torch.nn.Module, imgs: torch.Tensor, autocast: Callable | None = None,
                 seed: int = 0) -> dict:
     """FLOPs of one training step on `imgs`, counted by `FlopCounterMode` (nothing is updated).
@@ -313,7 +338,7 @@ def count_flops(model: torch.nn.Module, imgs: torch.Tensor, autocast: Callable |
     """
     autocast = autocast or contextlib.nullcontext
     gen = torch.Generator().manual_seed(seed + 1)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         with autocast():
             loss, _, masks = model(imgs, generator=gen)
         forward = counter.get_total_flops()
@@ -322,7 +347,7 @@ def count_flops(model: torch.nn.Module, imgs: torch.Tensor, autocast: Callable |
     model.zero_grad(set_to_none=True)  # counting must not leak gradients into the first step
 
     if hasattr(model, "forward_encoder"):
-        with torch.no_grad(), autocast(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), autocast(), flop_counter() as counter:
             model.forward_encoder(imgs, masks)
         encoder, scope = counter.get_total_flops(), "encoder_forward"
     else:

@@ -1,0 +1,393 @@
+"""Every table of docs/benchmarks.md's digits sections, in one command.
+
+    pip install scikit-learn                     # the data only
+    python scripts/digits_tables.py --out runs/digits_tables            # ~2.5 h on 2 CPU cores
+    python scripts/digits_tables.py --out runs/digits_quick --quick     # minutes: checks the plumbing
+
+What it runs, on scikit-learn's handwritten digits (1797 real scans, 1437 train / 360 validation,
+upscaled to 64 px; made by scripts/make_digits_folder.py if `--data` does not exist):
+
+- pre-training (`ummae pretrain`, training images only, labels unused), seeds `--seeds`:
+  UM-MAE / UM-EMAE / SimMIM on the tiny Swin, MAE / EMAE on the tiny ViT, MAE on timm's tiny Hiera.
+  "Equal epochs": every method `--epochs` epochs. "Equal wall-clock": MAE and UM-MAE get as many
+  epochs as fit in the time their EMAE counterpart took (ratio of the seed-0 runs' measured
+  wall-clock), Hiera as many as fit in UM-MAE Swin's time.
+- frozen evaluation of every checkpoint, of the same architectures randomly initialised, and of
+  raw pixels: k-NN (k 10, 20; cosine, T 0.07), linear probe (`ummae linprobe` protocol, final
+  epoch, 3 probe seeds), and few labels (10 per class, `--draws` random draws).
+- fine-tuning (`ummae finetune`) of the UM-MAE and SimMIM Swin and of random init, `--ft-epochs`
+  epochs: the paper's recipe (layer decay, drop path, RandAugment, random erasing, label smoothing)
+  without mixup and cutmix, which on 1437 images slow convergence far beyond this budget; blr 2e-3.
+  Final-epoch validation accuracy (no selection on the validation set) and the curve.
+- `ummae bench` of the six pre-training configurations (step time, peak memory, FLOPs).
+
+Runs go `--jobs` at a time, each on one thread (`OMP_NUM_THREADS=1`), so that the runs compared
+share the machine alike; every run's wall-clock is recorded. Everything is cached under `--out`
+(a run that finished is not run again), so an interrupted invocation continues where it stopped.
+The results: `OUT/results.json` (every figure, raw) and `OUT/tables.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The digits settings shared by every pre-training run: 64 px inputs, batch 64, crops of at least
+# 40% of the image (smaller crops of an 8x8 scan upscaled hold almost nothing), no periodic saves.
+COMMON = ["--batch-size", "64", "--set", "data.img_size=64", "--set", "data.min_crop_scale=0.4",
+          "--set", "train.save_every=0", "--no-progress", "--workers", "1", "--device", "cpu"]
+# Per configuration: preset and overrides. Swin and ViT use 8 px units (an 8x8 unit grid); the
+# ViT's patch is the unit. Hiera masks whole mask units of 8x8 tokens: patch stride 2 makes them
+# 16 px, a 4x4 unit grid on 64 px (its own 32 px units would leave a 2x2 grid).
+CONFIGS = {
+    "ummae_swin": ("ummae_swin_demo", ["--set", "masking.unit_size=8"]),
+    "emae_swin": ("emae_swin_demo", ["--set", "masking.unit_size=8"]),
+    "simmim_swin": ("simmim_swin_demo", ["--set", "masking.unit_size=8"]),
+    "mae_vit": ("mae_vit_demo", ["--set", "masking.unit_size=8", "--set", "model.patch_size=8"]),
+    "emae_vit": ("emae_vit_demo", ["--set", "masking.unit_size=8", "--set", "model.patch_size=8"]),
+    "mae_hiera": ("mae_hiera_demo", ["--set", "masking.unit_size=16", "--set", "model.patch_size=2"]),
+}
+# Equal wall-clock: (run that gets more epochs, the run whose time it gets).
+EQUAL_TIME = {"ummae_swin": "emae_swin", "mae_vit": "emae_vit", "mae_hiera": "ummae_swin"}
+
+
+@dataclass
+class Job:
+    """One subprocess; `argv` may be computed when the job starts (from finished jobs' records)."""
+
+    name: str
+    argv: list[str] | Callable[[], list[str]]
+    deps: list[str] = field(default_factory=list)
+
+
+class Runner:
+    """Runs jobs `jobs` at a time in list order (a job waits for its deps), caching each record."""
+
+    def __init__(self, out: Path, jobs: int, deadline: float | None):
+        self.out, self.slots, self.deadline = out, jobs, deadline
+        (out / "jobs").mkdir(parents=True, exist_ok=True)
+
+    def record_path(self, name: str) -> Path:
+        return self.out / "jobs" / f"{name}.json"
+
+    def record(self, name: str) -> dict | None:
+        path = self.record_path(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def run(self, jobs: list[Job]) -> None:
+        pending = [j for j in jobs if self.record(j.name) is None]
+        running: dict[str, tuple[subprocess.Popen, float, list[str]]] = {}
+        failed: set[str] = set()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        while pending or running:
+            for name, (proc, start, argv) in list(running.items()):
+                # wait4, not Popen.poll: it also returns the CPU time the run used (its data
+                # workers included), which other programs on the machine do not inflate.
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid == 0:
+                    continue
+                del running[name]
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                seconds = time.time() - start
+                if proc.returncode != 0:
+                    failed.add(name)
+                    print(f"[{time.strftime('%H:%M:%S')}] FAILED {name} (exit {proc.returncode}); "
+                          f"see {self.out / 'jobs' / (name + '.log')}", flush=True)
+                    continue
+                cpu = usage.ru_utime + usage.ru_stime
+                self.record_path(name).write_text(json.dumps({"argv": argv, "seconds": seconds, "cpu_seconds": cpu}))
+                print(f"[{time.strftime('%H:%M:%S')}] done {name} in {seconds:.0f} s ({cpu:.0f} s CPU)", flush=True)
+            blocked = [j for j in pending if any(d in failed for d in j.deps)]
+            for j in blocked:
+                pending.remove(j)
+                failed.add(j.name)
+                print(f"skipped {j.name}: a run it needs failed", flush=True)
+            late = self.deadline is not None and time.time() > self.deadline
+            while not late and len(running) < self.slots:
+                ready = next((j for j in pending if all(self.record(d) for d in j.deps)), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                argv = ready.argv() if callable(ready.argv) else ready.argv
+                log = open(self.out / "jobs" / f"{ready.name}.log", "w")
+                running[ready.name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                        env=env, cwd=REPO), time.time(), argv)
+                print(f"[{time.strftime('%H:%M:%S')}] start {ready.name}", flush=True)
+            if late and not running:
+                print(f"deadline reached: {len(pending)} job(s) not started", flush=True)
+                return
+            time.sleep(1)
+
+
+def pretrain_argv(cfg: str, out: Path, seed: int, epochs: int, data: Path) -> list[str]:
+    preset, sets = CONFIGS[cfg]
+    return [sys.executable, "-m", "ummae", "pretrain", "--preset", preset, "--data", str(data / "train"), "--out", str(out),
+            "--seed", str(seed), "--epochs", str(epochs), *COMMON, *sets]
+
+
+def build_jobs(args, runner: Runner) -> list[Job]:
+    data, out, E = args.data, args.out, args.epochs
+    me = [sys.executable, str(Path(__file__).resolve())]
+    jobs: list[Job] = []
+
+    def run_dir(name: str) -> Path:
+        return out / "runs" / name
+
+    def equal_time_epochs(cfg: str) -> int:
+        # Epochs of `cfg` that cost as much as `--epochs` of its partner, from the seed-0 runs'
+        # measured CPU time (both at --epochs, one thread each, so the ratio is per epoch; CPU
+        # time, unlike wall-clock, does not grow when other programs share the machine).
+        partner, s0 = EQUAL_TIME[cfg], args.seeds[0]
+        ratio = (runner.record(f"pre_{partner}_e{E}_s{s0}")["cpu_seconds"]
+                 / runner.record(f"pre_{cfg}_e{E}_s{s0}")["cpu_seconds"])
+        return max(1, round(E * ratio))
+
+    def eval_job(name: str, source: list[str], deps: list[str]) -> Job:
+        return Job(f"eval_{name}", [*me, "--eval-one", *source, "--eval-json", str(out / "eval" / f"{name}.json"),
+                                    "--data", str(data), "--draws", str(args.draws)] + (["--quick"] if args.quick else []),
+                   deps)
+
+    # 1. pre-training at equal epochs, seed-major (a complete seed first), EMAE runs first
+    order = ["emae_swin", "ummae_swin", "emae_vit", "mae_vit", "simmim_swin", "mae_hiera"]
+    for s in args.seeds:
+        for cfg in order:
+            if cfg == "mae_hiera" and s != args.seeds[0]:
+                continue  # Hiera at equal epochs: one seed, to calibrate its equal-time budget
+            name = f"pre_{cfg}_e{E}_s{s}"
+            jobs.append(Job(name, pretrain_argv(cfg, run_dir(name), s, E, data)))
+            jobs.append(eval_job(name, ["--checkpoint", str(run_dir(name) / "checkpoint.pt")], [name]))
+        # 2. equal wall-clock: the cheaper method runs as long as its partner took (seed-0 ratio)
+        for cfg, partner in EQUAL_TIME.items():
+            calib = [f"pre_{cfg}_e{E}_s{args.seeds[0]}", f"pre_{partner}_e{E}_s{args.seeds[0]}"]
+            name = f"pre_{cfg}_eqtime_s{s}"
+            jobs.append(Job(name, lambda cfg=cfg, name=name, s=s: pretrain_argv(
+                cfg, run_dir(name), s, equal_time_epochs(cfg), data), calib))
+            jobs.append(eval_job(name, ["--checkpoint", str(run_dir(name) / "checkpoint.pt")], [name]))
+    # 3. baselines: random init of each architecture (seeds), raw pixels
+    for s in args.seeds:
+        for cfg in ("ummae_swin", "mae_vit", "mae_hiera"):
+            ref = f"pre_{cfg}_e{E}_s{args.seeds[0]}"
+            jobs.append(eval_job(f"random_{cfg.split('_')[1]}_s{s}",
+                                 ["--checkpoint", str(run_dir(ref) / "checkpoint.pt"), "--init-random", "--seed", str(s)],
+                                 [ref]))
+    jobs.append(eval_job("raw_pixels", ["--raw-pixels"], []))
+    # 4. the cost of one step of each configuration (interleaved in one process)
+    for arch, cfgs in (("swin", ["ummae_swin", "simmim_swin", "emae_swin"]), ("vit", ["mae_vit", "emae_vit"]),
+                       ("hiera", ["mae_hiera"])):
+        sets = CONFIGS[cfgs[0]][1]
+        jobs.append(Job(f"bench_{arch}", [sys.executable, "-m", "ummae", "bench", *[CONFIGS[c][0] for c in cfgs], "--batch-size", "64",
+                                          "--steps", "2" if args.quick else "5", "--warmup", "1", "--device", "cpu",
+                                          "--set", "data.img_size=64", *sets,
+                                          "--json", str(out / "bench" / f"{arch}.json")]))
+    # 5. fine-tuning: UM-MAE vs SimMIM Swin vs random init, to the end of a long schedule
+    for s in args.seeds:
+        for src in ("ummae_swin", "simmim_swin", "random"):
+            ref = f"pre_{'ummae_swin' if src == 'random' else src}_e{E}_s{s}"
+            name = f"ft_{src}_s{s}"
+            jobs.append(Job(name, [sys.executable, "-m", "ummae", "finetune", "--checkpoint", str(run_dir(ref) / "checkpoint.pt"),
+                                   "--data", str(data / "train"), "--val-data", str(data / "val"),
+                                   "--out", str(run_dir(name)), "--epochs", str(args.ft_epochs),
+                                   "--warmup-epochs", str(max(1, args.ft_epochs // 10)), "--batch-size", "64",
+                                   "--blr", "2e-3", "--mixup", "0", "--cutmix", "0", "--seed", str(s),
+                                   "--device", "cpu", "--workers", "1",
+                                   "--no-progress"] + (["--init-random"] if src == "random" else []), [ref]))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------
+# frozen evaluation of one feature source (run as a job: --eval-one)
+
+def evaluate_one(args) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from ummae.evaluate.features import labeled_features, raw_pixel_features
+    from ummae.evaluate.few_label import few_label, summarize
+    from ummae.evaluate.knn import knn_evaluate
+    from ummae.evaluate.linprobe import linear_probe
+
+    train, val = args.data / "train", args.data / "val"
+    if args.raw_pixels:
+        f = raw_pixel_features(train, val, img_size=64)
+    else:
+        f = labeled_features(args.checkpoint, train, val, device="cpu", init_random=args.init_random,
+                             seed=args.seed)
+    n = len(f.classes)
+    probe_epochs = 10 if args.quick else 90  # `ummae linprobe`'s protocol: 90 epochs, final epoch
+
+    def knn_top1(features, labels, k=10):
+        return knn_evaluate(features, labels, f.val_features, f.val_labels, [k], 0.07, num_classes=n)[k]["top1"]
+
+    def probe_top1(features, labels, seed=0):
+        return linear_probe(features, labels, f.val_features, f.val_labels, num_classes=n, epochs=probe_epochs,
+                            seed=seed).final["top1"]
+
+    knn = {str(k): knn_top1(f.train_features, f.train_labels, k) for k in (10, 20)}
+    probes = [probe_top1(f.train_features, f.train_labels, s) for s in (0, 1, 2)]
+    few = {}  # 10 labeled images per class, `--draws` stratified draws (`ummae knn --labels-per-class`)
+    for name, evaluate in (("knn", knn_top1), ("linprobe", probe_top1)):
+        values = [d.result for d in few_label(f.train_features, f.train_labels, 10, args.draws, 0, evaluate, f.classes)]
+        few[name] = {**summarize(values), "values": values}
+    # The recipe search's criterion: the same probe, trained on 80% of the TRAINING images and
+    # scored on the other 20% (stratified, seed 0), so that choosing a recipe never looks at the
+    # reported validation set. (Baselines need no choosing: random init skips it.)
+    select = None
+    if not args.init_random:
+        if args.raw_pixels:
+            g = raw_pixel_features(train, None, val_fraction=0.2, img_size=64)
+        else:
+            g = labeled_features(args.checkpoint, train, None, val_fraction=0.2, device="cpu")
+        select = linear_probe(g.train_features, g.train_labels, g.val_features, g.val_labels, num_classes=n,
+                              epochs=probe_epochs, seed=0).final["top1"]
+    record = {"source": "raw_pixels" if args.raw_pixels else str(args.checkpoint), "init_random": args.init_random,
+              "select_linprobe_top1": select,
+              "seed": args.seed, "feature_dim": f.feature_dim, "knn": knn,
+              "linprobe_final_top1": probes, "few_label_10": few}
+    args.eval_json.parent.mkdir(parents=True, exist_ok=True)
+    args.eval_json.write_text(json.dumps(record, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+def summarise(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": values}
+
+
+def fmt(s: dict | None) -> str:
+    if not s:
+        return "not run"
+    if s["n"] == 1:
+        return f"{s['mean']:.1f}"
+    return f"{s['mean']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+
+
+def report(args, runner: Runner) -> None:
+    out, E = args.out, args.epochs
+
+    def evals(prefix: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((out / "eval").glob(f"{prefix}_s*.json"))]
+
+    def row(prefix: str) -> dict:
+        es = evals(prefix)
+        if not es:
+            return {}
+        recs = [runner.record(f"{prefix}_s{s}") for s in args.seeds]
+        seconds = [r["seconds"] for r in recs if r]
+        cpu = [r["cpu_seconds"] for r in recs if r]
+        epochs = [int(r["argv"][r["argv"].index("--epochs") + 1]) for r in recs if r]
+        return {"runs": len(es),
+                "epochs": sorted(set(epochs)),
+                "wall_clock_s": summarise(seconds) if seconds else None,
+                "cpu_s": summarise(cpu) if cpu else None,
+                "knn10": summarise([e["knn"]["10"] for e in es]),
+                "knn20": summarise([e["knn"]["20"] for e in es]),
+                # probe seeds averaged per run, then summarised over the runs
+                "linprobe": summarise([statistics.fmean(e["linprobe_final_top1"]) for e in es]),
+                "select_linprobe": (summarise([e["select_linprobe_top1"] for e in es])
+                                    if es[0].get("select_linprobe_top1") is not None else None),
+                "few10_knn": summarise([e["few_label_10"]["knn"]["mean"] for e in es]),
+                "few10_linprobe": summarise([e["few_label_10"]["linprobe"]["mean"] for e in es])}
+
+    rows = {}
+    for cfg in CONFIGS:
+        rows[f"{cfg} ({E} ep)"] = row(f"pre_{cfg}_e{E}")
+        if cfg in EQUAL_TIME:
+            rows[f"{cfg} (equal time to {EQUAL_TIME[cfg]})"] = row(f"pre_{cfg}_eqtime")
+    for arch in ("swin", "vit", "hiera"):
+        rows[f"{arch}, random init"] = row(f"random_{arch}")
+    raw = out / "eval" / "raw_pixels.json"
+    if raw.exists():
+        e = json.loads(raw.read_text())
+        rows["raw pixels"] = {"runs": 1, "knn10": summarise([e["knn"]["10"]]), "knn20": summarise([e["knn"]["20"]]),
+                              "select_linprobe": summarise([e["select_linprobe_top1"]]),
+                              "linprobe": summarise(e["linprobe_final_top1"]),
+                              "few10_knn": summarise(e["few_label_10"]["knn"]["values"]),
+                              "few10_linprobe": summarise(e["few_label_10"]["linprobe"]["values"])}
+    finetune = {}
+    for src in ("ummae_swin", "simmim_swin", "random"):
+        curves = []
+        for s in args.seeds:
+            metrics = out / "runs" / f"ft_{src}_s{s}" / "metrics.jsonl"
+            if runner.record(f"ft_{src}_s{s}") and metrics.exists():
+                lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+                curves.append([x["val_top1"] for x in lines if "val_top1" in x])
+        if curves:
+            finetune[src] = {"final_top1": summarise([c[-1] for c in curves]), "curves": curves}
+    bench = {arch: json.loads((out / "bench" / f"{arch}.json").read_text())
+             for arch in ("swin", "vit", "hiera") if (out / "bench" / f"{arch}.json").exists()}
+    results = {"epochs": E, "seeds": args.seeds, "rows": rows, "finetune": finetune, "bench": bench}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    lines = ["| validation top-1 (%), mean (min-max) over seeds | runs | epochs | pre-training CPU time (s) | wall-clock (s) "
+             "| k-NN k=10 | k-NN k=20 | linear probe | 10 labels/class, k-NN | 10 labels/class, linear "
+             "| linear probe on a split of train (selection) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if not r:
+            lines.append(f"| {name} | not run | | | | | | | | | |")
+            continue
+        wall = fmt(r.get("wall_clock_s")) if r.get("wall_clock_s") else "-"
+        cpu = fmt(r.get("cpu_s")) if r.get("cpu_s") else "-"
+        lines.append(f"| {name} | {r['runs']} | {','.join(map(str, r.get('epochs', []))) or '-'} | {cpu} | {wall} | "
+                     f"{fmt(r['knn10'])} | {fmt(r['knn20'])} | {fmt(r['linprobe'])} | {fmt(r['few10_knn'])} | "
+                     f"{fmt(r['few10_linprobe'])} | {fmt(r['select_linprobe']) if r.get('select_linprobe') else '-'} |")
+    lines += ["", "| fine-tuning, final epoch | val top-1 (%), mean (min-max) | runs |", "|---|---|---|"]
+    for src, r in finetune.items():
+        lines.append(f"| {src} | {fmt(r['final_top1'])} | {r['final_top1']['n']} |")
+    (out / "tables.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("data/digits"), help="digits folder (made if missing)")
+    p.add_argument("--out", type=Path, default=Path("runs/digits_tables"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=20, help="pre-training epochs at 'equal epochs' (default 20)")
+    p.add_argument("--ft-epochs", type=int, default=30, help="fine-tuning epochs (default 30)")
+    p.add_argument("--draws", type=int, default=5, help="random draws of the 10-labels-per-class subsets")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    p.add_argument("--deadline", type=float, help="start no job after this many minutes; finish the running ones")
+    p.add_argument("--only", nargs="+", help="run only jobs whose name starts with one of these")
+    p.add_argument("--report", action="store_true", help="only write the tables from what has run")
+    p.add_argument("--quick", action="store_true", help="1 seed, 1 pre-training epoch, 2 fine-tuning epochs")
+    # internal: one frozen evaluation (a job of the runner)
+    p.add_argument("--eval-one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--eval-json", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--init-random", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--raw-pixels", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.data, args.out = args.data.resolve(), args.out.resolve()
+    if args.eval_one:
+        return evaluate_one(args)
+    if args.quick:
+        args.seeds, args.epochs, args.ft_epochs, args.draws = args.seeds[:1], 1, 2, 2
+    if not (args.data / "train").is_dir():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_digits_folder.py"), str(args.data),
+                        "--size", "64"], check=True)
+    deadline = time.time() + 60 * args.deadline if args.deadline else None
+    runner = Runner(args.out, args.jobs, deadline)
+    if not args.report:
+        jobs = build_jobs(args, runner)
+        if args.only:
+            jobs = [j for j in jobs if any(j.name.startswith(o) for o in args.only)]
+        runner.run(jobs)
+    report(args, runner)
+
+
+if __name__ == "__main__":
+    main()
