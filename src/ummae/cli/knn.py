@@ -89,7 +89,9 @@ def add_feature_arguments(p: argparse.ArgumentParser, batch_flag: str = "--batch
 
 
 def check_feature_arguments(args: argparse.Namespace) -> None:
-    """The feature and few-label options' own checks: before any work, so a typo costs nothing."""
+    """The feature and few-label options' own checks: before any work, so a typo costs nothing.
+
+    Also fills in the default `--draws` when `--labels-per-class` is given (None otherwise)."""
     from ..errors import ConfigError
 
     if args.raw_pixels:
