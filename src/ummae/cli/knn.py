@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 __all__ = ["add_parser", "run", "add_feature_arguments", "check_feature_arguments", "features_from_args",
-           "describe", "headline", "few_label_line", "range_text", "percent", "write_json", "skipped_line"]
+           "describe", "headline", "few_label_line", "summary_fields", "range_text", "percent", "write_json", "skipped_line"]
 
 DEFAULT_DRAWS = 5
 
@@ -157,6 +157,13 @@ def few_label_line(info: dict) -> str:
             f"validation set")
 
 
+def summary_fields(key: str, summary: dict | None) -> dict:
+    """A `summarize` result as flat JSON fields: `key` (the mean over the draws), `key_min`, `key_max`."""
+    if summary is None:
+        return {key: None, f"{key}_min": None, f"{key}_max": None}
+    return {key: summary["mean"], f"{key}_min": summary["min"], f"{key}_max": summary["max"]}
+
+
 def range_text(summary: dict | None) -> str:
     """`mean  93.10%  (min  91.00%, max  94.50%)` of a `summarize` result ("-" for None)."""
     if summary is None:
@@ -259,11 +266,7 @@ def run(args: argparse.Namespace) -> int:
             top5 = summarize([d.result[k]["top5"] for d in draws])
             note = f"   (k > {n} training images: all of them vote)" if k > n else ""
             print(f"  k {k:<4d} T {args.temperature:<6g} top-1 {range_text(top1)}   top-5 {range_text(top5)}{note}")
-            entry = {"k": k, "top1": top1["mean"], "top5": None if top5 is None else top5["mean"],
-                     "top1_min": top1["min"], "top1_max": top1["max"],
-                     "top5_min": None if top5 is None else top5["min"],
-                     "top5_max": None if top5 is None else top5["max"]}
-            record["results"].append(entry)
+            record["results"].append({"k": k, **summary_fields("top1", top1), **summary_fields("top5", top5)})
     if feats.skipped:
         print(skipped_line(feats.skipped))
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .knn import (add_feature_arguments, check_feature_arguments, describe, features_from_args, few_label_line,
-                  headline, percent, range_text, skipped_line, write_json)
+                  headline, percent, range_text, skipped_line, summary_fields, write_json)
 
 __all__ = ["add_parser", "run", "HEAD_FILE"]
 
@@ -134,9 +134,7 @@ def run(args: argparse.Namespace) -> int:
               f"lr {first.lr:.4g}{clip_note(first)})")
         record.update(lr=first.lr, batch_size=first.batch_size)
         for key, value in summary.items():
-            record[key] = None if value is None else value["mean"]
-            record[f"{key}_min"] = None if value is None else value["min"]
-            record[f"{key}_max"] = None if value is None else value["max"]
+            record.update(summary_fields(key, value))
         record.update(best_epoch=None, history=None, head=None)
         record["draws"] = [{"draw": d.draw, "num_train": len(d.indices), **_draw_record(d.result),
                             "history": d.result.history} for d in draws]
