@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 __all__ = ["add_parser", "run", "add_feature_arguments", "check_feature_arguments", "features_from_args",
-           "describe", "headline", "few_label_line", "summary_fields", "range_text", "percent", "write_json", "skipped_line"]
+           "describe", "headline", "few_label_line", "summary_fields", "range_text", "percent", "write_json",
+           "skipped_line"]
 
 DEFAULT_DRAWS = 5
 
