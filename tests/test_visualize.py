@@ -134,3 +134,21 @@ def test_save_loss_curve_empty_file(tmp_path):
     out = tmp_path / "loss.png"
     assert vis.save_loss_curve(metrics, out) is None
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- which images a picture shows
+
+
+@pytest.mark.parametrize("total, n", [(16, 4), (10, 3), (7, 7), (100, 8), (5, 1)])
+def test_spread_indices_are_distinct_increasing_and_reach_every_part_of_the_list(total, n):
+    picked = vis.spread_indices(total, n)
+    assert len(picked) == n and picked == sorted(set(picked))
+    assert all(0 <= i < total for i in picked)
+    # One index in each of the n equal slices of the list (not the first n files).
+    assert [i * n // total for i in picked] == list(range(n))
+    assert picked == vis.spread_indices(total, n)  # deterministic
+
+
+def test_spread_indices_with_fewer_files_than_asked_takes_them_all():
+    assert vis.spread_indices(3, 8) == [0, 1, 2]
+    assert vis.spread_indices(0, 8) == [] and vis.spread_indices(5, 0) == []

@@ -33,6 +33,7 @@ __all__ = [
     "reconstruction_grid",
     "save_reconstruction_grid",
     "save_loss_curve",
+    "spread_indices",
 ]
 
 PANEL_TITLES = ("original", "masked input", "reconstruction", "prediction")
@@ -78,6 +79,17 @@ def denormalize_prediction(
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True, unbiased=False)
     return pred.float() * (var + eps) ** 0.5 + mean
+
+
+def spread_indices(total: int, n: int) -> list[int]:
+    """`min(n, total)` indices spread evenly over `range(total)`: the middle of each of n equal parts.
+
+    Which images a picture shows: data sets are listed in sorted order, which for a class-sorted
+    folder (`train/<class>/...`) means the first few files are all of one class; the middles of
+    n equal slices reach across the whole list. Deterministic, distinct, increasing.
+    """
+    n = min(n, total)
+    return [((2 * i + 1) * total) // (2 * n) for i in range(n)]
 
 
 def picture_rows(imgs: torch.Tensor, masks):

@@ -14,9 +14,9 @@ from ummae.engine.checkpoint import load_checkpoint
 from ummae.visualize import HEADER_HEIGHT, MIN_PANEL_WIDTH, PANEL_GAP, PANEL_TITLES
 
 FAST = ["--workers", "0", "--no-progress"]
-KNN_KEYS = {"command", "checkpoint", "init_random", "seed", "arch", "method", "img_size", "num_train",
+KNN_KEYS = {"command", "features", "checkpoint", "init_random", "seed", "arch", "method", "img_size", "num_train",
             "num_val", "num_classes", "classes", "feature_dim", "skipped_images", "temperature", "results"}
-LINPROBE_KEYS = {"command", "checkpoint", "init_random", "seed", "arch", "method", "img_size", "num_train",
+LINPROBE_KEYS = {"command", "features", "checkpoint", "init_random", "seed", "arch", "method", "img_size", "num_train",
                  "num_val", "num_classes", "classes", "feature_dim", "skipped_images", "epochs", "warmup_epochs", "blr", "lr",
                  "batch_size", "final_top1", "final_top5", "best_top1", "best_epoch", "history", "head"}
 
@@ -62,6 +62,7 @@ def test_knn_prints_accuracy_for_every_k_and_writes_json(checkpoint, labeled, tm
     record = json.loads(out.read_text())
     assert set(record) == KNN_KEYS
     assert record["command"] == "knn" and record["init_random"] is False and record["arch"] == "swin"
+    assert record["features"] == "pretrained"
     assert record["classes"] == ["green", "red", "striped_blue"] and record["temperature"] == 0.07
     assert [r["k"] for r in record["results"]] == [1, 3]
     for r in record["results"]:
@@ -78,6 +79,7 @@ def test_knn_init_random_baseline_with_a_separate_val_folder(checkpoint, labeled
     assert "random init, seed 3" in captured.out
     record = json.loads(out.read_text())
     assert record["init_random"] is True and record["num_train"] == 15 and record["num_val"] == 15
+    assert record["features"] == "random_init"
     # Every validation image is also a training image: at similarity 1, it is its own nearest neighbour.
     assert record["results"][0]["top1"] == 100.0
 

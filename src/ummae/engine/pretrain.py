@@ -39,7 +39,7 @@ from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
 from ..errors import ConfigError, UmmaeError
 from ..masking import MaskSample, UniformMasking
 from ..models import build_pretrain_model
-from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid
+from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid, spread_indices
 from .checkpoint import (link_or_copy, list_step_checkpoints, load_checkpoint, prune_step_checkpoints,
                          save_checkpoint, step_checkpoint_path)
 from .determinism import deterministic_on_cpu
@@ -495,14 +495,14 @@ def _shutdown_workers(loader: DataLoader) -> None:
 @torch.no_grad()
 def _save_reconstructions(model, dataset, cfg: PretrainConfig, device: torch.device,
                           path: Path) -> Path | None:
-    """Reconstructions of the first `vis_images` images under fixed masks and crops."""
-    n = min(cfg.train.vis_images, len(dataset))
-    if n == 0:
+    """Reconstructions of `vis_images` images spread over the data set, under fixed masks and crops."""
+    picked = spread_indices(len(dataset), cfg.train.vis_images)  # not the first files: one class if class-sorted
+    if not picked:
         return None
     samples = SeededSamples(dataset, cfg.train.seed)
-    imgs = to_model_input(torch.stack([samples[(0, i)]["image"] for i in range(n)]), device)
+    imgs = to_model_input(torch.stack([samples[(0, i)]["image"] for i in picked]), device)
     model.eval()
-    masks = draw_masks(model.masking, cfg.train.seed, 0, list(range(n))).to(device)
+    masks = draw_masks(model.masking, cfg.train.seed, 0, picked).to(device)
     with training_autocast(device, cfg.train.precision):
         _, pred, _ = model(imgs, masks)
     imgs, masks = picture_rows(imgs, masks)  # EMAE: one row per part (the K parts of an image in turn)

@@ -8,28 +8,39 @@ those cached vectors only, so they take tensors and know nothing about images or
     knn.py       weighted k-nearest-neighbour vote on cosine similarity (DINO's protocol)
     linprobe.py  BatchNorm (no affine) + linear head trained with SGD (MAE's protocol)
 
-`ummae knn` and `ummae linprobe` are the command-line front ends; `--init-random` evaluates the
-same architecture randomly initialised, the baseline any pre-training has to beat.
+`ummae knn` and `ummae linprobe` are the command-line front ends. Two baselines any pre-training
+has to beat come with them: `--init-random` (the same architecture randomly initialised) and
+`--raw-pixels` (`raw_pixel_features`: the flattened input pixels, same images, split and
+transform). `few_label.py` repeats either evaluation on small stratified subsets of the training
+labels (`--labels-per-class N --draws D`), reusing the one feature pass.
 """
 
 from __future__ import annotations
 
-from .features import (LabeledFeatures, eval_datasets, extract_features, labeled_features,
-                       load_frozen_backbone, pool_features)
+from .features import (LabeledFeatures, eval_datasets, extract_features, flatten_pixels, labeled_features,
+                       load_frozen_backbone, pool_features, raw_pixel_features)
+from .few_label import FewLabelDraw, draw_generator, few_label, per_class_subset, summarize
 from .knn import knn_accuracy, knn_evaluate, knn_scores
 from .linprobe import LinearProbeHead, ProbeResult, linear_probe
 
 __all__ = [
+    "FewLabelDraw",
     "LabeledFeatures",
     "LinearProbeHead",
     "ProbeResult",
+    "draw_generator",
     "eval_datasets",
     "extract_features",
+    "few_label",
+    "flatten_pixels",
     "knn_accuracy",
     "knn_evaluate",
     "knn_scores",
     "labeled_features",
     "linear_probe",
     "load_frozen_backbone",
+    "per_class_subset",
     "pool_features",
+    "raw_pixel_features",
+    "summarize",
 ]

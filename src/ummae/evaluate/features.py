@@ -11,6 +11,9 @@ final features:
 
 The vectors are returned as they come (not L2-normalised): k-NN normalises them itself, the
 linear probe's BatchNorm whitens them.
+
+`raw_pixel_features` is the baseline every table needs beside them: the same images, split and
+transform, with the flattened input pixels standing in for the encoder's output.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,8 +33,8 @@ from ..engine.pretrain import resolve_device, training_autocast
 from ..errors import UmmaeError
 from ..models.loading import build_backbone, load_backbone, load_pretrain_checkpoint
 
-__all__ = ["pool_features", "load_frozen_backbone", "eval_datasets", "extract_features",
-           "LabeledFeatures", "labeled_features"]
+__all__ = ["pool_features", "load_frozen_backbone", "eval_datasets", "extract_features", "flatten_pixels",
+           "LabeledFeatures", "labeled_features", "raw_pixel_features"]
 
 
 def pool_features(features: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
@@ -105,6 +109,36 @@ def eval_datasets(data: str | os.PathLike, val_data: str | os.PathLike | None = 
 
 
 @torch.no_grad()  # not inference_mode: the linear probe trains on these tensors with autograd
+def _encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
+                    device: torch.device, num_workers: int, progress: bool, desc: str,
+                    skipped: set[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one pass over a labeled dataset: `encode([B, 3, H, W] on device) -> [B, D]` per batch.
+
+    Returns `(features [N, D] float32, labels [N] int64)` on the CPU, in dataset order; the files
+    a `SkipUnreadable` dataset passed over are added to `skipped`.
+    """
+    skipping = isinstance(dataset, SkipUnreadable)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", collate_fn=collate_skipping if skipping else None)
+    features, labels, passed_over = [], [], set()
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, targets = batch[:2]
+        if skipping:
+            passed_over.update(batch[2])
+            if images is None:  # every image of this batch was unreadable
+                continue
+        features.append(encode(images.to(device, non_blocking=True)).float().cpu())
+        labels.append(torch.as_tensor(targets, dtype=torch.long))
+    if skipped is not None:
+        skipped.update(passed_over)
+    if not features:
+        if passed_over:
+            raise UmmaeError(f"none of the {len(dataset)} images of the {desc.replace(' features', '')} set "
+                             f"could be read (e.g. '{min(passed_over)}')")
+        raise UmmaeError("no images to extract features from")
+    return torch.cat(features), torch.cat(labels)
+
+
 def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: int = 64,
                      device: str | torch.device = "cpu", num_workers: int = 0,
                      precision: str = "auto", progress: bool = False,
@@ -127,28 +161,18 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: in
     device = torch.device(device)
     backbone = backbone.to(device).eval()
     prefix = getattr(backbone, "num_prefix_tokens", 0)  # ViT: 1 (the class token)
-    skipping = isinstance(dataset, SkipUnreadable)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", collate_fn=collate_skipping if skipping else None)
-    features, labels, passed_over = [], [], set()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        images, targets = batch[:2]
-        if skipping:
-            passed_over.update(batch[2])
-            if images is None:  # every image of this batch was unreadable
-                continue
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
         with training_autocast(device, precision):
-            out = backbone.forward_features(images.to(device, non_blocking=True))
-        features.append(pool_features(out.float(), prefix).cpu())
-        labels.append(torch.as_tensor(targets, dtype=torch.long))
-    if skipped is not None:
-        skipped.update(passed_over)
-    if not features:
-        if passed_over:
-            raise UmmaeError(f"none of the {len(dataset)} images of the {desc.replace(' features', '')} set "
-                             f"could be read (e.g. '{min(passed_over)}')")
-        raise UmmaeError("no images to extract features from")
-    return torch.cat(features), torch.cat(labels)
+            out = backbone.forward_features(images)
+        return pool_features(out.float(), prefix)
+
+    return _encode_dataset(encode, dataset, batch_size, device, num_workers, progress, desc, skipped)
+
+
+def flatten_pixels(images: torch.Tensor) -> torch.Tensor:
+    """`[B, 3, H, W]` normalised images -> `[B, 3*H*W]`: the raw-pixel "features"."""
+    return images.flatten(1)
 
 
 @dataclass
@@ -160,9 +184,10 @@ class LabeledFeatures:
     val_features: torch.Tensor  # [N_val, C]
     val_labels: torch.Tensor  # [N_val]
     classes: list[str]
-    cfg: object  # the checkpoint's PretrainConfig
+    cfg: object  # the checkpoint's PretrainConfig; None for raw pixels
     img_size: int
     skipped: list[str]  # unreadable images left out (sorted), train and validation
+    source: str = "pretrained"  # what made the features: "pretrained", "random_init" or "raw_pixels"
 
     @property
     def feature_dim(self) -> int:
@@ -185,4 +210,27 @@ def labeled_features(checkpoint: str | Path, data: str | Path, val_data: str | P
     skipped: set[str] = set()
     train_f, train_y = extract_features(backbone, train, desc="train features", skipped=skipped, **kwargs)
     val_f, val_y = extract_features(backbone, val, desc="val features", skipped=skipped, **kwargs)
-    return LabeledFeatures(train_f, train_y, val_f, val_y, list(classes), cfg, size, sorted(skipped))
+    return LabeledFeatures(train_f, train_y, val_f, val_y, list(classes), cfg, size, sorted(skipped),
+                           source="random_init" if init_random else "pretrained")
+
+
+def raw_pixel_features(data: str | Path, val_data: str | Path | None = None, val_fraction: float = 0.2,
+                       img_size: int = 224, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                       progress: bool = False) -> LabeledFeatures:
+    """Labeled folder(s) -> the raw-pixel baseline: each image's flattened input tensor as its "features".
+
+    Exactly the images `labeled_features` sees: the same evaluation transform (resize + centre crop
+    to `img_size`, ImageNet normalisation), the same train / validation split for the same `seed`,
+    the same unreadable images left out. Each vector is `[3 * img_size * img_size]`, channel-major
+    (`image.flatten()`). Whatever k-NN or a linear probe reaches on these, an encoder's features
+    have to beat to show that pre-training learned something the pixels do not already hold.
+    """
+    train, val, classes = eval_datasets(data, val_data, val_fraction, img_size, seed)
+    cpu = torch.device("cpu")  # nothing to compute: the loader's tensors are the features
+    skipped: set[str] = set()
+    train_f, train_y = _encode_dataset(flatten_pixels, train, batch_size, cpu, num_workers, progress,
+                                       "train features", skipped)
+    val_f, val_y = _encode_dataset(flatten_pixels, val, batch_size, cpu, num_workers, progress,
+                                   "val features", skipped)
+    return LabeledFeatures(train_f, train_y, val_f, val_y, list(classes), None, img_size, sorted(skipped),
+                           source="raw_pixels")
