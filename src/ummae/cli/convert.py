@@ -44,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     options = " ".join(f"model.{k}={getattr(cfg.model, k)}" for k in OFFICIAL_OPTIONS[cfg.model.arch])
     print(f"wrote {args.out} ({cfg.model.arch}, preset {cfg.preset}; {result.converted} official tensors "
           f"converted{'; architecture options ' + options if options else ''})")
-    if result.dropped:
-        print(f"dropped: {', '.join(sorted(result.dropped))} ({'; '.join(sorted(set(result.dropped.values())))})")
+    for reason in sorted(set(result.dropped.values())):  # one line per reason
+        keys = sorted(k for k, why in result.dropped.items() if why == reason)
+        shown = ", ".join(keys) if len(keys) <= 4 else f"{len(keys)} tensors ({', '.join(keys[:3])} ...)"
+        print(f"dropped: {shown}: {reason}")
     if result.initialised:
         shown = ", ".join(result.initialised[:3]) + (" ..." if len(result.initialised) > 3 else "")
         print(f"initialised afresh (not in the file): {len(result.initialised)} tensors ({shown})")

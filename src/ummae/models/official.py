@@ -270,6 +270,22 @@ def _check_sincos(t: torch.Tensor, key: str, rows_skipped: int = 0) -> None:
 
 # -- the conversion -----------------------------------------------------------------------------
 
+def _size_hint(official: dict[str, torch.Tensor], m) -> str:
+    """`--set` items for the sizes in which the file visibly differs from the preset (the released
+    Swin-L comes with a 2- or an 8-block decoder and a 32- or 64-wide position MLP), or ''."""
+    found = {}
+    blocks = [int(k.split(".")[1]) for k in official if _DECODER_BLOCK.fullmatch(k)]
+    if blocks and max(blocks) + 1 != m.decoder_depth:
+        found["decoder_depth"] = max(blocks) + 1
+    token = official.get("mask_token")
+    if token is not None and token.ndim == 3 and token.shape[-1] != m.decoder_dim:
+        found["decoder_dim"] = token.shape[-1]
+    posmlp = official.get("blocks.0.attn.posmlp.0.weight")
+    if m.arch == "swin" and posmlp is not None and posmlp.shape[0] != m.pos_hidden_dim:
+        found["pos_hidden_dim"] = posmlp.shape[0]
+    return "; the file has " + " ".join(f"--set model.{k}={v}" for k, v in found.items()) if found else ""
+
+
 def convert_state_dict(official: dict[str, torch.Tensor], cfg, source: str = "the checkpoint",
                        seed: int = 0) -> ConversionResult:
     """Map an official UM-MAE state dict onto the pre-training model `cfg` describes.
@@ -332,17 +348,18 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg, source: str = "th
     extra = [k for k in mapped if k not in own]
     if extra:
         raise UmmaeError(f"{source}: official keys {', '.join(origin[k] for k in extra[:4])} have no place in preset "
-                         f"'{cfg.preset}' (wrong --preset, or e.g. --set model.decoder_depth=N?)")
+                         f"'{cfg.preset}' (wrong --preset?{_size_hint(official, m)})")
     for k, t in mapped.items():
         if tuple(t.shape) != tuple(own[k].shape):
             raise UmmaeError(f"{source}: official '{origin[k]}' has shape {tuple(official[origin[k]].shape)}, "
-                             f"preset '{cfg.preset}' needs {tuple(own[k].shape)} for {k} (wrong --preset?)")
+                             f"preset '{cfg.preset}' needs {tuple(own[k].shape)} for {k} "
+                             f"(wrong --preset?{_size_hint(official, m)})")
     fresh = [k for k in own if k not in mapped]
     allowed = lambda k: (arch == "vit" and k.startswith("decoder.")) or k == "encoder.mask_token"  # noqa: E731
     missing = [k for k in fresh if not allowed(k)]
     if missing:
         raise UmmaeError(f"{source}: {len(missing)} weights of preset '{cfg.preset}' are not in the file, e.g. "
-                         f"{', '.join(missing[:4])} (wrong --preset?)")
+                         f"{', '.join(missing[:4])} (wrong --preset?{_size_hint(official, m)})")
 
     # Renumber the channels that meet a sin-cos table (see the module docstring).
     if arch == "pvt":
