@@ -96,6 +96,34 @@ def test_pretraining_continues_from_a_converted_checkpoint(converted, tmp_path):
     assert res.code == 2 and "another architecture" in res.err and len(res.err.strip().splitlines()) == 1
 
 
+def test_pretrain_init_weights_takes_an_official_file_directly(official_files, tmp_path):
+    def pretrain(out, options, preset="ummae_pvt_demo", sets=PVT_SETS):
+        return run_cli_captured(
+            ["pretrain", "--no-progress", "--out", str(out), "--preset", preset, "--batch-size", "2",
+             "--max-steps", "1", *_sets(sets + options + ["data.num_workers=0", "data.demo_length=4"]),
+             "--init-weights", str(official_files["pvt"])], out)
+
+    options = ["model.embed_norm=false", "model.sr_every_stage=true", "model.norm_eps=1e-6",
+               "model.decoder_norm_eps=1e-6"]
+    res = pretrain(tmp_path / "pt", options)
+    assert res.code == 0, res.err
+    # Without the official options: one line naming what to add.
+    res = pretrain(tmp_path / "pt2", [])
+    assert res.code == 2 and len(res.err.strip().splitlines()) == 1, res.err
+    assert "--set model.embed_norm=false" in res.err and "ummae convert" in res.err
+
+
+def test_init_weights_conversion_is_the_same_as_ummae_convert(official_files, converted):
+    from ummae.models.official import official_config, read_init_weights
+
+    cfg = official_config("ummae_pvt_demo", PVT_SETS)
+    direct = read_init_weights(official_files["pvt"], cfg)["model"]
+    written = load_checkpoint(converted["pvt"])["model"]
+    assert direct.keys() == written.keys()
+    assert all(torch.equal(direct[k], written[k]) for k in direct)
+    assert read_init_weights(converted["pvt"], cfg)["config"]  # an ummae checkpoint passes through
+
+
 def _one_line_error(res) -> str:
     assert res.code == 2, (res.out, res.err)
     lines = res.err.strip().splitlines()

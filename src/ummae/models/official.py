@@ -54,7 +54,8 @@ import torch
 from ..errors import ConfigError, UmmaeError
 
 __all__ = ["OFFICIAL_OPTIONS", "ConversionResult", "official_config", "read_official",
-           "convert_state_dict", "convert_official", "sincos_channel_order", "is_official_state_dict"]
+           "convert_state_dict", "convert_official", "sincos_channel_order", "is_official_state_dict",
+           "read_init_weights"]
 
 # The architecture options under which ummae computes what the official code does (config keys of
 # the `model` section). Presets leave them at their defaults; `ummae convert` sets them.
@@ -104,6 +105,11 @@ def _mae_sincos_table(side: int, dim: int) -> torch.Tensor:
     return table
 
 
+def _value(v) -> str:
+    """A `--set` value as one would type it (`false`, not `False`)."""
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
 def official_config(preset: str, sets: Sequence[str] = ()):
     """The `PretrainConfig` of `preset` with the official architecture options (then `sets`,
     `--set KEY=VALUE` items, which win)."""
@@ -113,8 +119,7 @@ def official_config(preset: str, sets: Sequence[str] = ()):
     if arch not in OFFICIAL_OPTIONS:
         raise ConfigError(f"preset '{preset}' is model.arch {arch}: the official UM-MAE checkpoints are "
                           f"Swin, PVT and ViT ({', '.join(OFFICIAL_OPTIONS)})")
-    options = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}"
-               for k, v in OFFICIAL_OPTIONS[arch].items()]
+    options = [f"model.{k}={_value(v)}" for k, v in OFFICIAL_OPTIONS[arch].items()]
     cfg = resolve_config(preset, sets=options + list(sets))
     if cfg.method not in ("ummae", "mae"):
         raise ConfigError(f"preset '{preset}' is method {cfg.method}: the official checkpoints are UM-MAE "
@@ -309,7 +314,7 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg, source: str = "th
     wrong = {k: v for k, v in OFFICIAL_OPTIONS[arch].items() if getattr(m, k) != v}
     if wrong:
         raise ConfigError(f"{source} is an official UM-MAE checkpoint: it computes its function in ummae only "
-                          f"with the official options ({' '.join(f'--set model.{k}={v}' for k, v in wrong.items())}); "
+                          f"with the official options ({' '.join(f'--set model.{k}={_value(v)}' for k, v in wrong.items())}); "
                           "or convert it first with `ummae convert`")
     torch.manual_seed(seed)
     model = build_pretrain_model(cfg)
@@ -392,3 +397,21 @@ def convert_official(path: str | Path, preset: str, out: str | Path, sets: Seque
                            "dropped": sorted(result.dropped), "initialised": result.initialised},
     })
     return result, cfg
+
+
+def read_init_weights(path: str | Path, cfg) -> dict:
+    """`pretrain --init-weights` for Swin, PVT and ViT runs: an ummae checkpoint as
+    `load_checkpoint` reads it, or an official UM-MAE checkpoint converted on the fly for `cfg`
+    (which must carry `OFFICIAL_OPTIONS`; the error says which `--set` items are missing)."""
+    from ..engine.checkpoint import load_checkpoint
+
+    source = f"--init-weights '{path}'"
+    try:
+        state = load_checkpoint(path)
+    except UmmaeError:  # e.g. MAE-style training arguments stored as a Namespace: try the official reader
+        state = {"model": read_official(path)}
+    if "config" in state or not is_official_state_dict(state["model"]):
+        return state
+    official = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state["model"].items()}
+    return {"model": convert_state_dict(official, cfg, source).state_dict}
+
