@@ -38,10 +38,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.official import OFFICIAL_OPTIONS, _value, convert_official
+    from ..models.official import OFFICIAL_OPTIONS, convert_official, set_value
 
     result, cfg = convert_official(args.official, args.preset, args.out, args.sets)
-    options = " ".join(f"model.{k}={_value(getattr(cfg.model, k))}" for k in OFFICIAL_OPTIONS[cfg.model.arch])
+    options = " ".join(f"model.{k}={set_value(getattr(cfg.model, k))}" for k in OFFICIAL_OPTIONS[cfg.model.arch])
     print(f"wrote {args.out} ({cfg.model.arch}, preset {cfg.preset}; {result.converted} official tensors "
           f"converted{'; architecture options ' + options if options else ''})")
     for reason in sorted(set(result.dropped.values())):  # one line per reason

@@ -55,7 +55,7 @@ from ..errors import ConfigError, UmmaeError
 
 __all__ = ["OFFICIAL_OPTIONS", "ConversionResult", "official_config", "read_official",
            "convert_state_dict", "convert_official", "sincos_channel_order", "is_official_state_dict",
-           "read_init_weights"]
+           "read_init_weights", "set_value"]
 
 # The architecture options under which ummae computes what the official code does (config keys of
 # the `model` section). Presets leave them at their defaults; `ummae convert` sets them.
@@ -105,7 +105,7 @@ def _mae_sincos_table(side: int, dim: int) -> torch.Tensor:
     return table
 
 
-def _value(v) -> str:
+def set_value(v) -> str:
     """A `--set` value as one would type it (`false`, not `False`)."""
     return str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -119,7 +119,7 @@ def official_config(preset: str, sets: Sequence[str] = ()):
     if arch not in OFFICIAL_OPTIONS:
         raise ConfigError(f"preset '{preset}' is model.arch {arch}: the official UM-MAE checkpoints are "
                           f"Swin, PVT and ViT ({', '.join(OFFICIAL_OPTIONS)})")
-    options = [f"model.{k}={_value(v)}" for k, v in OFFICIAL_OPTIONS[arch].items()]
+    options = [f"model.{k}={set_value(v)}" for k, v in OFFICIAL_OPTIONS[arch].items()]
     cfg = resolve_config(preset, sets=options + list(sets))
     if cfg.method not in ("ummae", "mae"):
         raise ConfigError(f"preset '{preset}' is method {cfg.method}: the official checkpoints are UM-MAE "
@@ -313,11 +313,12 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg, source: str = "th
         raise ConfigError(f"model.arch {arch} has no official UM-MAE checkpoint (Swin, PVT, ViT)")
     wrong = {k: v for k, v in OFFICIAL_OPTIONS[arch].items() if getattr(m, k) != v}
     if wrong:
+        needed = " ".join(f"--set model.{k}={set_value(v)}" for k, v in wrong.items())
         raise ConfigError(f"{source} is an official UM-MAE checkpoint: it computes its function in ummae only "
-                          f"with the official options ({' '.join(f'--set model.{k}={_value(v)}' for k, v in wrong.items())}); "
-                          "or convert it first with `ummae convert`")
-    torch.manual_seed(seed)
-    model = build_pretrain_model(cfg)
+                          f"with the official options ({needed}); or convert it first with `ummae convert`")
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's generator
+        torch.manual_seed(seed)
+        model = build_pretrain_model(cfg)
     own = model.state_dict()
     where = [(i, j) for i, d in enumerate(m.depths) for j in range(d)]  # flat block K -> (stage, block)
 
