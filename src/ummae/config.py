@@ -41,6 +41,12 @@ class ModelConfig:
     mlp_ratios: list[float] | None = None  # PVT: per stage
     sr_ratios: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # PVT, full image; halved when compact
     pos_hidden_dim: int = 32  # Swin: coordinate-MLP width of the position bias (Swin-L: 64)
+    # Options for the official UM-MAE checkpoints (`ummae convert` sets them; docs/fidelity.md):
+    merge: str = "linear"  # Swin patch merging: linear (timm's, the paper's) | conv (official: LayerNorm + 2x2 conv)
+    embed_norm: bool = True  # PVT: LayerNorm after each patch embedding (official: none)
+    sr_every_stage: bool = False  # PVT: reduction weights in every stage, ratio-1 ones too (official)
+    norm_eps: float = 1e-5  # Swin, PVT: eps of the embedding, merging and final LayerNorms (official: 1e-6)
+    decoder_norm_eps: float = 1e-5  # eps of the decoder's LayerNorms (official, MAE: 1e-6)
     drop_path_rate: float = 0.0
     decoder_dim: int = 512
     decoder_depth: int = 2
@@ -352,6 +358,11 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"model.decoder_dim {m.decoder_dim} must be divisible by 4 and by model.decoder_heads")
     if not 0 <= m.drop_path_rate < 1:
         raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    if m.merge not in ("linear", "conv"):
+        raise ConfigError(f"model.merge must be linear or conv, got {m.merge!r}")
+    for key in ("norm_eps", "decoder_norm_eps"):
+        if not 0 < getattr(m, key) < 1:
+            raise ConfigError(f"model.{key} must be in (0, 1), got {getattr(m, key)}")
 
     positive("masking.unit_size", k.unit_size)
     if not 0 <= k.mask_ratio < 1:

@@ -55,6 +55,15 @@ def card_path(weights: str | Path) -> Path:
     return weights.with_name(weights.name[:-len(SUFFIX)] + ".json")
 
 
+def _non_default(m, *keys: str) -> dict[str, Any]:
+    """The architecture options among `keys` that differ from their defaults (e.g. those of a
+    converted official checkpoint), so that cards of ordinary models stay as they were."""
+    from .config import ModelConfig
+
+    default = ModelConfig()
+    return {k: getattr(m, k) for k in keys if getattr(m, k) != getattr(default, k)}
+
+
 def timm_model_args(cfg) -> tuple[str, dict[str, Any]]:
     """`(timm model name, create_model kwargs)` of the full-image backbone of a `PretrainConfig`.
 
@@ -73,9 +82,11 @@ def timm_model_args(cfg) -> tuple[str, dict[str, Any]]:
         args = dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depths=list(m.depths),
                     num_heads=list(m.num_heads), window_size=full_image_window(cfg),
                     mlp_ratio=m.mlp_ratio, pos_hidden_dim=m.pos_hidden_dim)
+        args.update(_non_default(m, "merge", "norm_eps"))
     elif m.arch == "pvt":
         args = dict(patch_size=m.patch_size, embed_dims=list(m.embed_dims), depths=list(m.depths),
                     num_heads=list(m.num_heads), mlp_ratios=list(m.mlp_ratios), sr_ratios=list(m.sr_ratios))
+        args.update(_non_default(m, "embed_norm", "sr_every_stage", "norm_eps"))
     elif m.arch == "vit":
         args = dict(img_size=cfg.data.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
                     depth=m.depths[0], num_heads=m.num_heads[0], mlp_ratio=m.mlp_ratio)

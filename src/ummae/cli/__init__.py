@@ -11,6 +11,7 @@ import sys
 
 from ..errors import UmmaeError, one_line
 from . import bench as bench_cmd
+from . import convert as convert_cmd
 from . import export as export_cmd
 from . import finetune as finetune_cmd
 from . import knn as knn_cmd
@@ -23,7 +24,7 @@ from . import visualize as visualize_cmd
 __all__ = ["main", "build_parser"]
 
 COMMANDS = (pretrain_cmd, shards_cmd, finetune_cmd, linprobe_cmd, knn_cmd, visualize_cmd, export_cmd,
-            presets_cmd, bench_cmd)
+            convert_cmd, presets_cmd, bench_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
                         "checkpoint's except --epochs/--max-steps (extend a run), --save-every, --keep-last, "
                         "logging, --device, --compile and workers; other differences are refused, naming them")
     p.add_argument("--init-weights", metavar="PATH",
-                   help="start a new run from a checkpoint's weights only (fresh optimizer and schedule)")
+                   help="start a new run from a checkpoint's weights only (fresh optimizer and schedule); "
+                        "also the paper's released UM-MAE weights, converted on the fly (see `ummae convert`)")
     p.add_argument("--save-every", type=int, metavar="N",
                    help="write a checkpoint every N optimizer steps (default 1000; 0: only at the end)")
     p.add_argument("--workers", type=int, metavar="N",

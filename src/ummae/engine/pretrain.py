@@ -217,8 +217,10 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
             from ..models.hiera import read_init_weights
 
             init_state = read_init_weights(cfg.train.init_weights)
-        else:
-            init_state = load_checkpoint(cfg.train.init_weights)
+        else:  # an ummae checkpoint, or the paper's released weights (converted for this run)
+            from ..models.official import read_init_weights
+
+            init_state = read_init_weights(cfg.train.init_weights, cfg)
 
     with torch.device("meta"):  # the model's own checks (e.g. image size vs stride), at no cost
         build_pretrain_model(cfg)

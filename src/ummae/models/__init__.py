@@ -21,7 +21,7 @@ def _swin(m, img_size: int):
     return SwinTransformer(
         patch_size=m.patch_size, embed_dim=m.embed_dim, depths=m.depths, num_heads=m.num_heads,
         window_size=m.window_size, mlp_ratio=m.mlp_ratio, pos_hidden_dim=m.pos_hidden_dim,
-        drop_path_rate=m.drop_path_rate)
+        drop_path_rate=m.drop_path_rate, merge=m.merge, norm_eps=m.norm_eps)
 
 
 def _pvt(m, img_size: int):
@@ -29,7 +29,8 @@ def _pvt(m, img_size: int):
 
     return PyramidVisionTransformer(
         patch_size=m.patch_size, embed_dims=m.embed_dims, depths=m.depths, num_heads=m.num_heads,
-        mlp_ratios=m.mlp_ratios, sr_ratios=m.sr_ratios, drop_path_rate=m.drop_path_rate)
+        mlp_ratios=m.mlp_ratios, sr_ratios=m.sr_ratios, drop_path_rate=m.drop_path_rate,
+        embed_norm=m.embed_norm, sr_every_stage=m.sr_every_stage, norm_eps=m.norm_eps)
 
 
 def _vit(m, img_size: int):
@@ -87,10 +88,11 @@ def build_pretrain_model(cfg):
             consistency_weight=e.consistency_weight, consistency_distance=e.consistency_distance,
             consistency_start_epoch=e.consistency_start_epoch, norm_pix_loss=cfg.model.norm_pix_loss,
             decoder_dim=cfg.model.decoder_dim, decoder_depth=cfg.model.decoder_depth,
-            decoder_heads=cfg.model.decoder_heads)
+            decoder_heads=cfg.model.decoder_heads, decoder_norm_eps=cfg.model.decoder_norm_eps)
     return MaskedAutoencoder(
         encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
         masking="uniform" if cfg.method == "ummae" else "random",
         mask_ratio=cfg.masking.mask_ratio, secondary_ratio=cfg.masking.secondary_ratio,
         norm_pix_loss=cfg.model.norm_pix_loss, decoder_dim=cfg.model.decoder_dim,
-        decoder_depth=cfg.model.decoder_depth, decoder_heads=cfg.model.decoder_heads)
+        decoder_depth=cfg.model.decoder_depth, decoder_heads=cfg.model.decoder_heads,
+        decoder_norm_eps=cfg.model.decoder_norm_eps)

@@ -40,11 +40,13 @@ class MAEDecoder(nn.Module):
         upsample: `r`, how many units one encoder token spans along a side (1 for ViT).
         decoder_dim, depth, num_heads, mlp_ratio: the decoder ViT (default 512-d, 2 blocks, 16 heads).
         in_chans: image channels to predict.
+        norm_eps: eps of its LayerNorms (PyTorch's 1e-5; MAE's and the official UM-MAE decoders
+            use 1e-6).
     """
 
     def __init__(self, grid_size: tuple[int, int], unit: int, encoder_dim: int, upsample: int = 1,
                  decoder_dim: int = 512, depth: int = 2, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 in_chans: int = 3):
+                 in_chans: int = 3, norm_eps: float = 1e-5):
         super().__init__()
         self.grid_size = tuple(grid_size)
         self.upsample = upsample
@@ -54,9 +56,10 @@ class MAEDecoder(nn.Module):
         pos = build_sincos2d_pos_embed(list(self.grid_size), decoder_dim)
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList([
-            Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)
+            Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True,
+                  norm_layer=functools.partial(nn.LayerNorm, eps=norm_eps)) for _ in range(depth)
         ])
-        self.norm = nn.LayerNorm(decoder_dim)
+        self.norm = nn.LayerNorm(decoder_dim, eps=norm_eps)
         self.pred = nn.Linear(decoder_dim, unit * unit * in_chans)
 
         trunc_normal_(self.mask_token, std=0.02)

@@ -136,8 +136,8 @@ class EfficientMaskedAutoencoder(EMAEMixin, MaskedAutoencoder):
     """EMAE around any encoder of `MaskedAutoencoder`.
 
     Args:
-        encoder, img_size, unit, norm_pix_loss, decoder_dim, decoder_depth, decoder_heads: as
-            `MaskedAutoencoder`.
+        encoder, img_size, unit, norm_pix_loss, decoder_dim, decoder_depth, decoder_heads,
+            decoder_norm_eps: as `MaskedAutoencoder`.
         num_parts: K (4 = MAE's 75% mask ratio per part).
         uniform: uniform parts (Swin/PVT need them; K must be 4) or random parts (ViT).
         secondary_ratio: uniform parts: secondary masking of each part's visible units.
@@ -151,13 +151,15 @@ class EfficientMaskedAutoencoder(EMAEMixin, MaskedAutoencoder):
                  num_parts: int = 4, uniform: bool = True, secondary_ratio: float = 0.25,
                  consistency_weight: float = 1.0, consistency_distance: str = "l1",
                  consistency_start_epoch: float = 0.0, norm_pix_loss: bool = True,
-                 decoder_dim: int = 512, decoder_depth: int = 2, decoder_heads: int = 16):
+                 decoder_dim: int = 512, decoder_depth: int = 2, decoder_heads: int = 16,
+                 decoder_norm_eps: float = 1e-5):
         _check_consistency(consistency_weight, consistency_distance, consistency_start_epoch)
         # The parent checks sizes, refuses random masks for compacting encoders, freezes the
         # unused secondary token for random parts, and builds the decoder.
         super().__init__(encoder, img_size, unit, masking="uniform" if uniform else "random",
                          mask_ratio=0.75, secondary_ratio=secondary_ratio, norm_pix_loss=norm_pix_loss,
-                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
+                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
+                         decoder_norm_eps=decoder_norm_eps)
         self._setup_emae(num_parts, uniform, secondary_ratio, consistency_weight, consistency_distance,
                          consistency_start_epoch)
 

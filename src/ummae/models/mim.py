@@ -42,12 +42,13 @@ class MaskedAutoencoder(nn.Module):
         secondary_ratio: uniform masking's fraction of visible units given the secondary token.
         norm_pix_loss: normalise each target unit (mean 0, unit variance) before the MSE.
         decoder_dim, decoder_depth, decoder_heads: the decoder ViT.
+        decoder_norm_eps: eps of the decoder's LayerNorms.
     """
 
     def __init__(self, encoder: nn.Module, img_size: int | tuple[int, int] = 256, unit: int = 16,
                  masking: str = "uniform", mask_ratio: float = 0.75, secondary_ratio: float = 0.25,
                  norm_pix_loss: bool = True, decoder_dim: int = 512, decoder_depth: int = 2,
-                 decoder_heads: int = 16):
+                 decoder_heads: int = 16, decoder_norm_eps: float = 1e-5):
         super().__init__()
         H, W = _pair(img_size)
         if H % unit or W % unit:
@@ -85,7 +86,7 @@ class MaskedAutoencoder(nn.Module):
         self.encoder = encoder
         self.decoder = MAEDecoder(self.grid_size, unit, encoder.num_features,
                                   upsample=encoder.stride // unit, decoder_dim=decoder_dim,
-                                  depth=decoder_depth, num_heads=decoder_heads)
+                                  depth=decoder_depth, num_heads=decoder_heads, norm_eps=decoder_norm_eps)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -36,6 +36,7 @@ Shapes: tokens are kept channel-last, `[B, H, W, C]`, between blocks; attention 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -171,11 +172,12 @@ class PvtStage(nn.Module):
     """
 
     def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, downsample: bool,
-                 has_reduction: bool, mlp_ratio: float, qkv_bias: bool, drop_path: Sequence[float]):
+                 has_reduction: bool, mlp_ratio: float, qkv_bias: bool, drop_path: Sequence[float],
+                 norm_layer=nn.LayerNorm):
         super().__init__()
-        if downsample:
+        if downsample:  # norm_layer None: a bare conv (the official UM-MAE code's merging)
             self.downsample = PatchEmbed(img_size=None, patch_size=2, in_chans=dim, embed_dim=out_dim,
-                                         norm_layer=nn.LayerNorm, output_fmt="NHWC",
+                                         norm_layer=norm_layer, output_fmt="NHWC",
                                          strict_img_size=False, dynamic_img_pad=True)
         else:
             self.downsample = nn.Identity()
@@ -215,6 +217,13 @@ class PyramidVisionTransformer(PyramidBackbone):
             runs: sides are padded to the patch, odd stage grids by one row / column).
         mask_token: own the learnable token of masked patches (pre-training); left out by models
             that only see full images, so every parameter gets a gradient (DDP).
+        embed_norm: LayerNorm after every patch embedding (PVT's). False: bare convs, as the
+            official UM-MAE code (for its released weights, `ummae convert`).
+        sr_every_stage: reduction weights (Linear + LayerNorm) in every stage, ratio-1 stages
+            too, where they act unpooled, as the official UM-MAE code. False: PVT's rule (only
+            stages whose full-image ratio is > 1).
+        norm_eps: eps of the LayerNorms outside the blocks (embedding norms, final norm); the
+            official UM-MAE code's final norm uses 1e-6.
         device, dtype: where to create the weights (timm's `create_model(device=, dtype=)`).
     """
 
@@ -226,6 +235,7 @@ class PyramidVisionTransformer(PyramidBackbone):
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True,
                  drop_path_rate: float = 0.0, num_classes: int = 0, global_pool: str = "avg",
                  img_size: int | tuple[int, int] | None = None, mask_token: bool = True,
+                 embed_norm: bool = True, sr_every_stage: bool = False, norm_eps: float = 1e-5,
                  device=None, dtype=None):
         super().__init__()
         per_stage = dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads,
@@ -252,7 +262,8 @@ class PyramidVisionTransformer(PyramidBackbone):
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=self.embed_dims[0], output_fmt="NHWC",
                                       strict_img_size=False, dynamic_img_pad=True)
-        self.patch_norm = nn.LayerNorm(self.embed_dims[0])
+        norm_layer = functools.partial(nn.LayerNorm, eps=norm_eps)
+        self.patch_norm = norm_layer(self.embed_dims[0]) if embed_norm else nn.Identity()
         # Replaces the embedding of hidden patches (UM's secondary masking, SimMIM's masking).
         self.mask_token = (nn.Parameter(torch.zeros(1, 1, 1, self.embed_dims[0])) if mask_token
                            else None)
@@ -267,9 +278,11 @@ class PyramidVisionTransformer(PyramidBackbone):
             start = sum(depths[:i])
             self.stages.append(PvtStage(
                 dim=self.embed_dims[max(i - 1, 0)], out_dim=self.embed_dims[i], depth=depths[i],
-                num_heads=num_heads[i], downsample=i > 0, has_reduction=self.sr_ratios[i] > 1,
-                mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias, drop_path=rates[start:start + depths[i]]))
-        self.norm = nn.LayerNorm(self.num_features)
+                num_heads=num_heads[i], downsample=i > 0,
+                has_reduction=sr_every_stage or self.sr_ratios[i] > 1, mlp_ratio=mlp_ratios[i],
+                qkv_bias=qkv_bias, drop_path=rates[start:start + depths[i]],
+                norm_layer=norm_layer if embed_norm else None))
+        self.norm = norm_layer(self.num_features)
         self._init_head(num_classes, global_pool)
         # timm's feature metadata (features_only, detection necks): one map per stage.
         self.feature_info = [dict(num_chs=c, reduction=patch_size * 2 ** i, module=f"stages.{i}")

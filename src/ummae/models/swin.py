@@ -43,7 +43,11 @@ from ..masking import MaskSample, require_uniform
 from .pyramid import PyramidBackbone
 from .weight_init import init_linear_and_norm
 
-__all__ = ["SwinTransformer", "CoordinatePositionBias", "CoordinateLattice", "merge_coordinates"]
+__all__ = ["SwinTransformer", "CoordinatePositionBias", "CoordinateLattice", "ConvPatchMerging", "merge_coordinates"]
+
+# Patch merging: "linear" = timm's PatchMerging (the Swin paper's: concatenate the 2x2 neighbours,
+# LayerNorm, Linear without bias); "conv" = the official UM-MAE code's (`ConvPatchMerging`).
+MERGES = ("linear", "conv")
 
 
 def log_spaced(d: torch.Tensor) -> torch.Tensor:
@@ -434,13 +438,40 @@ class SwinBlock(nn.Module):
         return x
 
 
+class ConvPatchMerging(nn.Module):
+    """2x2 patch merging as the official UM-MAE code does it (`merge="conv"`): LayerNorm on each
+    token, then a 2x2 stride-2 conv with bias. Not timm's `PatchMerging` (the Swin paper's: LayerNorm
+    over the concatenated 2x2 neighbours, linear without bias), so written here; it exists to load
+    the paper's released weights exactly (`ummae convert`). An odd grid is zero-padded by one row /
+    column at the bottom / right after the norm, as timm's merging pads.
+    """
+
+    def __init__(self, dim: int, out_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.proj = nn.Conv2d(dim, out_dim, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, H, W, C]` -> `[B, ceil(H/2), ceil(W/2), C_out]`."""
+        x = self.norm(x)
+        x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
+        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 class SwinStage(nn.Module):
-    """Optional 2x2 patch merging (timm's: LayerNorm + linear over the 2x2 neighbours) + blocks."""
+    """Optional 2x2 patch merging (`merge`: timm's LayerNorm + linear over the 2x2 neighbours, or
+    the official UM-MAE conv, see `ConvPatchMerging`) + blocks."""
 
     def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, downsample: bool,
-                 mlp_ratio: float, qkv_bias: bool, pos_hidden_dim: int, drop_path: Sequence[float]):
+                 mlp_ratio: float, qkv_bias: bool, pos_hidden_dim: int, drop_path: Sequence[float],
+                 merge: str = "linear", norm_eps: float = 1e-5):
         super().__init__()
-        self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
+        if not downsample:
+            self.downsample = nn.Identity()
+        elif merge == "conv":
+            self.downsample = ConvPatchMerging(dim, out_dim, eps=norm_eps)
+        else:
+            self.downsample = PatchMerging(dim, out_dim, norm_layer=functools.partial(nn.LayerNorm, eps=norm_eps))
         self.blocks = nn.ModuleList([
             SwinBlock(out_dim, num_heads, shift=i % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                       pos_hidden_dim=pos_hidden_dim, drop_path=drop_path[i])
@@ -483,6 +514,10 @@ class SwinTransformer(PyramidBackbone):
         mask_token: own the learnable token of masked patches (pre-training). A model that only
             ever sees full images (timm classifiers, feature extractors) leaves it out, so every
             parameter gets a gradient (DDP without `find_unused_parameters`).
+        merge: patch merging, "linear" (timm's, the Swin paper's) or "conv" (the official UM-MAE
+            code's LayerNorm + 2x2 conv with bias, `ConvPatchMerging`; for its released weights).
+        norm_eps: eps of the LayerNorms outside the blocks (patch embedding, merging, final);
+            the blocks' own norms keep PyTorch's 1e-5. The official UM-MAE code uses 1e-6.
         device, dtype: where to create the weights (timm's `create_model(device=, dtype=)`).
     """
 
@@ -494,10 +529,13 @@ class SwinTransformer(PyramidBackbone):
                  window_size: int = 16, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  pos_hidden_dim: int = 32, drop_path_rate: float = 0.0, num_classes: int = 0,
                  global_pool: str = "avg", img_size: int | tuple[int, int] | None = None,
-                 mask_token: bool = True, device=None, dtype=None):
+                 mask_token: bool = True, merge: str = "linear", norm_eps: float = 1e-5,
+                 device=None, dtype=None):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ConfigError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
+        if merge not in MERGES:
+            raise ConfigError(f"merge must be one of {list(MERGES)}, got {merge!r}")
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.img_size = img_size
@@ -512,7 +550,7 @@ class SwinTransformer(PyramidBackbone):
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, output_fmt="NHWC", strict_img_size=False,
                                       dynamic_img_pad=True)
-        self.patch_norm = nn.LayerNorm(embed_dim)
+        self.patch_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         # Replaces the embedding of hidden patches (UM's secondary masking, SimMIM's masking).
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim)) if mask_token else None
 
@@ -524,8 +562,9 @@ class SwinTransformer(PyramidBackbone):
             self.stages.append(SwinStage(
                 dim=self.embed_dims[max(i - 1, 0)], out_dim=self.embed_dims[i], depth=depths[i],
                 num_heads=num_heads[i], downsample=i > 0, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                pos_hidden_dim=pos_hidden_dim, drop_path=rates[start:start + depths[i]]))
-        self.norm = nn.LayerNorm(self.num_features)
+                pos_hidden_dim=pos_hidden_dim, drop_path=rates[start:start + depths[i]],
+                merge=merge, norm_eps=norm_eps))
+        self.norm = nn.LayerNorm(self.num_features, eps=norm_eps)
         self._init_head(num_classes, global_pool)
         # timm's feature metadata (features_only, detection necks): one map per stage.
         self.feature_info = [dict(num_chs=c, reduction=patch_size * 2 ** i, module=f"stages.{i}")
