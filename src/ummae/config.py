@@ -24,7 +24,7 @@ from .errors import ConfigError
 __all__ = [
     "ModelConfig", "MaskingConfig", "EmaeConfig", "DataConfig", "OptimConfig", "TrainConfig", "PretrainConfig",
     "resolve_config", "config_to_dict", "apply_overrides", "parse_set_option", "absolute_paths",
-    "check_resumable", "RESUMABLE_KEYS",
+    "check_resumable", "RESUMABLE_KEYS", "refuse_changed_keys",
 ]
 
 
@@ -549,13 +549,23 @@ def check_resumable(saved: dict[str, Any], cfg: PretrainConfig, source: str) -> 
         saved: the checkpoint's configuration dict.
     """
     old = _flat(config_to_dict(absolute_paths(apply_overrides(PretrainConfig(), saved, source))))
-    new = _flat(config_to_dict(cfg))
-    differ = [k for k in new if k != "preset" and k not in RESUMABLE_KEYS and old.get(k) != new[k]]
+    refuse_changed_keys(old, _flat(config_to_dict(cfg)), RESUMABLE_KEYS, source, ("method", "model", "masking"))
+
+
+def refuse_changed_keys(old: dict[str, Any], new: dict[str, Any], resumable: tuple[str, ...], source: str,
+                        architecture: tuple[str, ...] = ()) -> None:
+    """One-line ConfigError naming every key (old -> new) outside `resumable` that differs.
+
+    Args:
+        old, new: flat `{dotted key: value}` of the checkpoint's and this run's configuration.
+        architecture: key prefixes that mean another architecture (said so in the message).
+    """
+    differ = [k for k in new if k != "preset" and k not in resumable and old.get(k) != new[k]]
     if differ:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         kind = ("a checkpoint of another architecture: "
-                if any(k.split(".")[0] in ("method", "model", "masking") for k in differ) else "")
+                if any(k.split(".")[0] in architecture for k in differ) else "")
         raise ConfigError(f"{source}: {kind}this configuration differs from the checkpoint's in {shown}{more}; "
-                          f"only {', '.join(k.split('.')[-1] for k in RESUMABLE_KEYS[:2])} and output/machine "
+                          f"only {', '.join(k.split('.')[-1] for k in resumable[:2])} and output/machine "
                           f"settings may change on resume (docs/reliability.md)")

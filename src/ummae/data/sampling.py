@@ -13,24 +13,46 @@ seeded by `(run seed, epoch, dataset index)` alone. Two things follow:
 `EpochSampler` orders the dataset per epoch (a seeded permutation) and deals it to ranks like
 `torch.utils.data.DistributedSampler` does, but can start mid-epoch. `SeededSamples` wraps a
 dataset so that each item is drawn under its own seed and reports the unreadable files it had to
-skip.
+skip; `SeededLabeledSamples` does the same for fine-tuning's labeled folders. Both seed torch's,
+Python's and NumPy's global generators per item (`seeded_draws`): timm's RandAugment, random
+erasing and random-resized crop draw from Python's `random` and NumPy, torchvision's flip from
+torch, and inside DataLoader workers those generators' states could never be saved or restored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import random
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["seed_for", "draw_masks", "EpochSampler", "SeededSamples"]
+__all__ = ["seed_for", "seeded_draws", "draw_masks", "EpochSampler", "SeededSamples", "SeededLabeledSamples"]
 
 
 def seed_for(*parts: int | str) -> int:
     """A 63-bit seed from any mix of ints and strings, identical in every process and run."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded_draws(seed: int) -> Iterator[None]:
+    """Inside the block torch's, Python's and NumPy's global generators are seeded with `seed`;
+    their previous states are restored after, so nothing else in the process is disturbed."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def draw_masks(masking, seed: int, epoch: int, indices: list[int]):
@@ -98,8 +120,8 @@ class SeededSamples(Dataset):
     masking); with EMAE's disjoint parts each has a leading `K` axis (`[K, L]`, ...). Drawing masks here puts that CPU work in the DataLoader workers, overlapped with
     the model, instead of between steps.
 
-    The wrapped dataset's transform draws from torch's global generator; it is forked, seeded
-    for this one item and restored, so nothing else in the process is disturbed.
+    The wrapped dataset's transform draws from the global generators; they are seeded for this
+    one item and restored (`seeded_draws`), so nothing else in the process is disturbed.
     """
 
     def __init__(self, dataset: Dataset, seed: int, masking=None):
@@ -112,8 +134,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_for(self.seed, "augment", epoch, index))
+        with seeded_draws(seed_for(self.seed, "augment", epoch, index)):
             if hasattr(self.dataset, "load"):
                 image, skipped = self.dataset.load(index)
             else:
@@ -124,3 +145,21 @@ class SeededSamples(Dataset):
             secondary = m.secondary if m.secondary is not None else torch.zeros_like(m.mask)
             sample.update(mask=m.mask[0], ids_keep=m.ids_keep[0], secondary=secondary[0])
         return sample
+
+
+class SeededLabeledSamples(Dataset):
+    """`dataset[(epoch, index)]` -> `dataset[index]` of a labeled dataset (fine-tuning), drawn under
+    seed `(seed, epoch, index)`: its crop, flip, RandAugment and random erasing are a pure function
+    of the run's seed and the sample, whichever worker or process loads it."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with seeded_draws(seed_for(self.seed, "augment", epoch, index)):
+            return self.dataset[index]

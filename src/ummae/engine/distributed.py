@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 
 __all__ = ["DistEnv", "resolve_device", "init_distributed", "shutdown_distributed", "all_reduce_mean",
-           "all_reduce_sum", "all_reduce_max", "any_rank", "gather_strings", "shared_run_dir"]
+           "all_reduce_sum", "all_reduce_max", "any_rank", "gather_strings", "gather_objects", "shared_run_dir"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,15 @@ def gather_strings(items: set[str], env: DistEnv) -> set[str]:
     gathered: list[set[str] | None] = [None] * env.world_size
     dist.all_gather_object(gathered, set(items))
     return set().union(*[g for g in gathered if g])
+
+
+def gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's `obj` (picklable; tensors on the CPU), in rank order, on every rank."""
+    if not env.enabled:
+        return [obj]
+    gathered: list = [None] * env.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def shared_run_dir(out: str | None, default_stem: str, env: DistEnv) -> Path:

@@ -102,6 +102,15 @@ class StepGuard:
                              kind.double(), self._group_loss])
         self._bad = torch.where(first, entry, self._bad)
 
+    def window_state(self) -> list[float]:
+        """This process's running loss sum and count (a checkpoint taken in the middle of a window)."""
+        return [float(self._loss_sum.item()), float(self._loss_count.item())]
+
+    def restore_window(self, state: list[float]) -> None:
+        """Continue the window a checkpoint was taken in (`window_state`)."""
+        self._loss_sum.fill_(state[0])
+        self._loss_count.fill_(state[1])
+
     def collect(self, env: DistEnv, reset_window: bool) -> GuardReport:
         """Read the counters (the one host sync of a check point), agreed over ranks."""
         sums = torch.stack([self._loss_sum, self._loss_count])

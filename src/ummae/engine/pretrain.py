@@ -444,7 +444,7 @@ def _agreed_signal(received: int | None, env: DistEnv, device: torch.device) -> 
 def _stop_on_signal(signum: int, step: int, save, run_dir: Path, env: DistEnv) -> None:
     import signal as _signal
 
-    path = save() if save is not None else step_checkpoint_path(run_dir, step)
+    path = (save() if save is not None else None) or step_checkpoint_path(run_dir, step)  # DDP: rank 0 wrote it
     name = _signal.Signals(signum).name
     raise RunInterrupted(f"stopped by {name} at step {step}; checkpoint '{path}' written; the same command "
                          f"with --resume auto (and --out '{run_dir}') continues the run exactly", signum)

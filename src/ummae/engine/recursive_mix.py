@@ -106,6 +106,19 @@ class RecursiveMix:
         """Forget the history: the next `mix` returns its inputs unchanged."""
         self._images = self._targets = self._logits = None
 
+    def state_dict(self) -> dict:
+        """The history (previous mixed batch, targets, logits) on the CPU, for a checkpoint; {} if none."""
+        if self._images is None:
+            return {}
+        return {"images": self._images.cpu(), "targets": self._targets.cpu(), "logits": self._logits.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue with the history of `state_dict()` (the next `mix` pastes that batch)."""
+        if not state:
+            self.reset()
+            return
+        self._images, self._targets, self._logits = state["images"], state["targets"], state["logits"]
+
     @property
     def has_history(self) -> bool:
         return self._images is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import weakref
 from pathlib import Path
 
 from ..errors import UmmaeError
@@ -46,6 +47,7 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd: int | None = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -60,13 +62,31 @@ class RunDirLock:
         self.release()
 
 
+_HELD: "weakref.WeakSet[RunDirLock]" = weakref.WeakSet()
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) lets go of the run's lock: a flock belongs to the open
+    file, which fork shares, so workers outliving a SIGKILLed run (they notice their parent's death
+    only after a few seconds) would keep the directory locked. The parent still holds it."""
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            os.close(lock._fd)
+            lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 def remove_orphaned_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete the temporary files of checkpoint writes that a kill interrupted.
 
     Call only while holding the run's lock: then no write is in progress.
     """
     run_dir = Path(run_dir)
-    found = list((run_dir / CHECKPOINT_DIR).glob(".step-*.pt.*.tmp")) + list(run_dir.glob(".checkpoint.pt*.tmp"))
+    # checkpoints/.step-*.pt.*.tmp; .checkpoint.pt.tmp (pretrain), .best.pt.*.tmp / .last.pt.*.tmp (finetune)
+    found = list((run_dir / CHECKPOINT_DIR).glob(".step-*.pt.*.tmp")) + list(run_dir.glob(".*.pt*.tmp"))
     for path in found:
         path.unlink(missing_ok=True)
     return found
