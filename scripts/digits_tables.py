@@ -75,7 +75,8 @@ class Runner:
 
     def __init__(self, out: Path, jobs: int, deadline: float | None):
         self.out, self.slots, self.deadline = out, jobs, deadline
-        (out / "jobs").mkdir(parents=True, exist_ok=True)
+        for sub in ("jobs", "bench", "eval"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
 
     def record_path(self, name: str) -> Path:
         return self.out / "jobs" / f"{name}.json"
