@@ -1,7 +1,8 @@
 """`ummae finetune` on long runs (#13 items 9 and 11): periodic checkpoints of the whole state,
 `--resume auto` bit-identical after SIGKILL or SIGTERM (RandAugment, random erasing, mixup/cutmix,
-RecursiveMix and drop path on; 0 and 2 DataLoader workers), the requeue pattern, one run per
-directory, leftovers of killed runs, absolute paths, nothing non-finite written."""
+RecursiveMix and drop path on; 0 and 2 DataLoader workers; 2 gloo processes), the requeue
+pattern, one run per directory, leftovers of killed runs, absolute paths, nothing non-finite
+written."""
 
 from __future__ import annotations
 
@@ -279,3 +280,42 @@ def test_an_lr_that_breaks_the_run_never_reaches_a_checkpoint(tmp_path, checkpoi
     for name in ("last.pt", "best.pt"):
         if (out / name).exists():
             assert state_is_finite(torch.load(out / name, weights_only=True)["model"]), name
+
+
+# ---------------------------------------------------------------- two processes (DDP)
+
+
+def test_two_gloo_processes_stopped_by_sigterm_resume_bit_identically(tmp_path, checkpoints, folders):
+    """The guarantee under torchrun: SIGTERM to the launcher (a scheduler's preemption) makes both
+    ranks checkpoint at the same step boundary; the same command then replays the uninterrupted
+    2-process run exactly (records, weights after every step, optimizer, last/best)."""
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "ummae", *job(out, checkpoints["swin"], folders, epochs=3)]
+
+    def start(out: Path) -> subprocess.Popen:
+        return subprocess.Popen(command(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    reference_dir, out = tmp_path / "reference", tmp_path / "run"
+    reference, victim = start(reference_dir), start(out)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and victim.poll() is None:
+        if len(list((out / "checkpoints").glob("step-*.pt"))) >= 2:
+            break
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGTERM)
+    _, err = victim.communicate(timeout=240)
+    lines = [line for line in err.splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(lines) == 2, err[-3000:]  # both ranks, one line each
+    stopped_at = int(lines[0].split("at step ")[1].split(";")[0])
+    assert load_checkpoint(step_checkpoint_path(out, stopped_at))["world_size"] == 2
+    _, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err[-3000:]
+    total = records(reference_dir)[-1]["step"]
+    assert 2 <= stopped_at < total, "stopped mid-run"
+
+    resumed = start(out)  # the same command
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-3000:]
+    assert_same_run(reference_dir, out, stopped_at)
