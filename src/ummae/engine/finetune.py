@@ -55,7 +55,7 @@ from tqdm import tqdm
 from ..config import PretrainConfig, config_to_dict
 from ..data.sampling import EpochSampler, SeededLabeledSamples, seed_for
 from ..errors import ConfigError, UmmaeError
-from .checkpoint import (list_step_checkpoints, load_checkpoint, prune_step_checkpoints, save_checkpoint,
+from .checkpoint import (load_checkpoint, prune_step_checkpoints, save_checkpoint,
                          step_checkpoint_path)
 from .determinism import deterministic_on_cpu
 from .distributed import (DistEnv, all_reduce_sum, gather_objects, gather_strings, init_distributed, shared_run_dir,
@@ -66,7 +66,7 @@ from .optim import build_scheduler, schedule_lengths
 from .pretrain import (NonFiniteLossError, _agreed_signal, _load_weights, _log_line, _shutdown_workers, _stop_on_signal,
                        _truncate_metrics, training_autocast)
 from .recursive_mix import RecursiveMix, smooth_one_hot, soft_cross_entropy
-from .rundir import RunDirLock, remove_orphaned_temporaries
+from .rundir import take_run_dir
 from .signals import StopSignals, ignore_stop_signals_in_worker
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "recipe_defaults", "build_finetune_optimizer",
@@ -451,12 +451,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
 
     run_dir = shared_run_dir(cfg.out, f"finetune-{Path(cfg.checkpoint).stem}", env)
     if env.is_main:
-        stack.enter_context(RunDirLock(run_dir))  # one run per directory (DDP ranks: rank 0 holds it)
-        remove_orphaned_temporaries(run_dir)
-        if resume_state is None and list_step_checkpoints(run_dir):
-            raise ConfigError(f"--out '{run_dir}' already holds a run (checkpoints up to step "
-                              f"{list_step_checkpoints(run_dir)[-1].stem[5:].lstrip('0') or 0}); continue it with "
-                              f"--resume auto or choose another --out")
+        take_run_dir(stack, run_dir, resuming=resume_state is not None)
     effective_batch = batch * accum * env.world_size
     lr = cfg.blr * effective_batch / 256
     encoder_dict = _encoder_config(encoder_cfg, img_size, settings["drop_path"])

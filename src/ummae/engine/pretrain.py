@@ -40,7 +40,7 @@ from ..errors import ConfigError, UmmaeError
 from ..masking import MaskSample, UniformMasking
 from ..models import build_pretrain_model
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid, spread_indices
-from .checkpoint import (link_or_copy, list_step_checkpoints, load_checkpoint, prune_step_checkpoints,
+from .checkpoint import (link_or_copy, load_checkpoint, prune_step_checkpoints,
                          save_checkpoint, step_checkpoint_path)
 from .determinism import deterministic_on_cpu
 from .distributed import (DistEnv, all_reduce_max, all_reduce_sum, gather_strings, init_distributed,
@@ -48,7 +48,7 @@ from .distributed import (DistEnv, all_reduce_max, all_reduce_sum, gather_string
 from .guard import GRADIENTS, LOSS, WEIGHTS, GuardReport, StepGuard, state_is_finite
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler, schedule_lengths
-from .rundir import RunDirLock, remove_orphaned_temporaries
+from .rundir import take_run_dir
 from .signals import RunInterrupted, StopSignals, ignore_stop_signals_in_worker
 
 __all__ = ["pretrain", "RunResult", "resolve_device", "training_autocast", "NonFiniteLossError",
@@ -227,12 +227,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
 
     run_dir = shared_run_dir(cfg.train.out, cfg.preset, env)
     if env.is_main:
-        stack.enter_context(RunDirLock(run_dir))  # one run per directory (DDP ranks: rank 0 holds it)
-        remove_orphaned_temporaries(run_dir)
-        if resume_state is None and list_step_checkpoints(run_dir):
-            raise ConfigError(f"--out '{run_dir}' already holds a run (checkpoints up to step "
-                              f"{list_step_checkpoints(run_dir)[-1].stem[5:].lstrip('0') or 0}); continue it with "
-                              f"--resume auto or choose another --out")
+        take_run_dir(stack, run_dir, resuming=resume_state is not None)
     config_path = run_dir / "config.yaml"
     if env.is_main:
         config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

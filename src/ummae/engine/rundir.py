@@ -10,16 +10,17 @@ network file systems); two hosts writing one directory are not detected.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
 import weakref
 from pathlib import Path
 
-from ..errors import UmmaeError
-from .checkpoint import CHECKPOINT_DIR
+from ..errors import ConfigError, UmmaeError
+from .checkpoint import CHECKPOINT_DIR, list_step_checkpoints
 
-__all__ = ["RunDirLock", "remove_orphaned_temporaries"]
+__all__ = ["RunDirLock", "remove_orphaned_temporaries", "take_run_dir"]
 
 
 class RunDirLock:
@@ -90,3 +91,15 @@ def remove_orphaned_temporaries(run_dir: str | Path) -> list[Path]:
     for path in found:
         path.unlink(missing_ok=True)
     return found
+
+
+def take_run_dir(stack: contextlib.ExitStack, run_dir: Path, resuming: bool) -> None:
+    """Make `run_dir` this run's (pretrain and finetune; rank 0 only, the other DDP ranks do not
+    lock): hold its lock until `stack` closes, remove what killed writes left, and refuse a fresh
+    run into a directory that already holds one's step checkpoints (it would prune them as its own)."""
+    stack.enter_context(RunDirLock(run_dir))
+    remove_orphaned_temporaries(run_dir)
+    if not resuming and list_step_checkpoints(run_dir):
+        last = list_step_checkpoints(run_dir)[-1].stem[5:].lstrip("0") or 0
+        raise ConfigError(f"--out '{run_dir}' already holds a run (checkpoints up to step {last}); continue it "
+                          f"with --resume auto or choose another --out")
