@@ -344,11 +344,39 @@ def report(args, runner: Runner) -> None:
         lines.append(f"| {name} | {r['runs']} | {','.join(map(str, r.get('epochs', []))) or '-'} | {cpu} | {wall} | "
                      f"{fmt(r['knn10'])} | {fmt(r['knn20'])} | {fmt(r['linprobe'])} | {fmt(r['few10_knn'])} | "
                      f"{fmt(r['few10_linprobe'])} | {fmt(r['select_linprobe']) if r.get('select_linprobe') else '-'} |")
-    lines += ["", "| fine-tuning, final epoch | val top-1 (%), mean (min-max) | runs |", "|---|---|---|"]
+    lines += ["", "| fine-tuning, final epoch | val top-1 (%), mean (min-max) | runs | mean curve, every 5th epoch |",
+              "|---|---|---|---|"]
     for src, r in finetune.items():
-        lines.append(f"| {src} | {fmt(r['final_top1'])} | {r['final_top1']['n']} |")
+        n = min(len(c) for c in r["curves"])
+        mean = [statistics.fmean(c[e] for c in r["curves"]) for e in range(n)]
+        curve = " ".join(f"{mean[e]:.1f}" for e in range(4, n, 5))
+        lines.append(f"| {src} | {fmt(r['final_top1'])} | {r['final_top1']['n']} | {curve} |")
+    if finetune:
+        plot_curves(finetune, out / "finetune_curves.png")
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def plot_curves(finetune: dict, path: Path) -> None:
+    """Validation top-1 per fine-tuning epoch: the mean over seeds, the band from min to max."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for src, r in finetune.items():
+        n = min(len(c) for c in r["curves"])
+        epochs = range(1, n + 1)
+        per_epoch = [[c[e] for c in r["curves"]] for e in range(n)]
+        ax.plot(epochs, [statistics.fmean(v) for v in per_epoch], label=f"{src} ({len(r['curves'])} seeds)")
+        ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], alpha=0.2)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main() -> None:
