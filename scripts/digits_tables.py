@@ -2,7 +2,7 @@
 
     pip install scikit-learn                     # the data only
     python scripts/digits_tables.py --out runs/digits_tables            # 2.8 CPU-hours
-    python scripts/digits_tables.py --out runs/digits_quick --quick     # 1 seed, 1 epoch: checks the plumbing
+    python scripts/digits_tables.py --out runs/digits_quick --quick     # 1 seed, 1 epoch: 10 CPU-minutes, checks the plumbing
 
 What it runs, on scikit-learn's handwritten digits (1797 real scans, 1437 train / 360 validation,
 upscaled to 64 px; made by scripts/make_digits_folder.py if `--data` does not exist):
