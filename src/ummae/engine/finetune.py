@@ -585,15 +585,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
                     continue
 
                 # The optimizer step, skipped on the device when anything is non-finite: no host sync.
-                found_inf = guard.found_inf(params, step + 1, check_grads=not scaler.is_enabled())
-                if scaler.is_enabled():
-                    scaler.step(optimizer)  # fp16: the scaler skips non-finite gradients itself
-                    scaler.update()
-                else:
-                    optimizer.grad_scale, optimizer.found_inf = None, found_inf
-                    optimizer.step()
-                guard.check_weights(params, step + 1)
-                optimizer.zero_grad(set_to_none=True)
+                guard.step(optimizer, scaler, params, step + 1)
                 micro = 0
                 step += 1
                 scheduler.step_update(step)

@@ -91,6 +91,22 @@ class StepGuard:
         self._group_bad.zero_()
         return bad.float()
 
+    def step(self, optimizer: torch.optim.Optimizer, scaler, params: list[torch.Tensor], step: int,
+             grad_norm: torch.Tensor | None = None) -> None:
+        """The optimizer step of `step` (pretrain and finetune), skipped ON THE DEVICE when the
+        losses or gradients were non-finite (no host sync), then the weights checked and the
+        gradients cleared. With an enabled fp16 `scaler`, the scaler skips overflowing steps itself.
+        """
+        found_inf = self.found_inf(params, step, grad_norm, check_grads=not scaler.is_enabled())
+        if scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.grad_scale, optimizer.found_inf = None, found_inf  # fused AdamW skips on found_inf
+            optimizer.step()
+        self.check_weights(params, step)
+        optimizer.zero_grad(set_to_none=True)
+
     def check_weights(self, params: list[torch.Tensor], step: int) -> None:
         """Record (on device) whether the update of `step` left a non-finite parameter."""
         peak = torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf"))).max()

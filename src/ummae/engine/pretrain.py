@@ -333,15 +333,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
                 if cfg.optim.clip_grad is not None:
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-                found_inf = guard.found_inf(params, step + 1, grad_norm, check_grads=not scaler.is_enabled())
-                if scaler.is_enabled():
-                    scaler.step(optimizer)  # fp16: the scaler skips non-finite gradients itself
-                    scaler.update()
-                else:
-                    optimizer.grad_scale, optimizer.found_inf = None, found_inf
-                    optimizer.step()
-                guard.check_weights(params, step + 1)
-                optimizer.zero_grad(set_to_none=True)
+                guard.step(optimizer, scaler, params, step + 1, grad_norm)
                 step += 1
                 micro = 0
                 scheduler.step_update(step)
