@@ -62,6 +62,32 @@ CONFIGS = {
 # Equal time: {run that gets more epochs: the run whose CPU time it gets}.
 EQUAL_TIME = {"ummae_swin": "emae_swin", "mae_vit": "emae_vit", "mae_hiera": "ummae_swin"}
 
+# Fine-tuning recipes tried on a split of the training images (80/20, seed 0), one chosen by the
+# mean final-epoch accuracy there of the UM-MAE Swin and random init, then run on the full
+# training set for the reported table. All: blr 2e-3, no mixup/cutmix, label smoothing 0.1.
+FT_RECIPES = {
+    "paper": [],  # RandAugment m9, random erasing 0.25, crops of 8-100%, flips
+    "light": ["--auto-augment", "none", "--reprob", "0", "--hflip", "0", "--min-crop-scale", "0.4"],
+    "none": ["--no-augment"],  # centre crops only
+}
+FT_COMMON = ["--batch-size", "64", "--blr", "2e-3", "--mixup", "0", "--cutmix", "0", "--device", "cpu",
+             "--workers", "1", "--no-progress"]
+
+# The UM-MAE recipe search (issue: beat raw pixels on the linear probe): one knob at a time away
+# from `ummae_swin` at `--epochs` epochs, seed 0, judged by the selection probe only. Per knob
+# (group) the best variant is kept if it beats the base there; the kept ones are combined and the
+# combination pre-trained for the CPU time of `--search-epochs` epochs of the base, 3 seeds.
+SEARCH = {
+    "crop": {"crop0.2": ["--set", "data.min_crop_scale=0.2"], "crop0.8": ["--set", "data.min_crop_scale=0.8"]},
+    "unit": {"unit4": ["--set", "masking.unit_size=4"], "unit16": ["--set", "masking.unit_size=16"]},
+    "width": {"dim64": ["--set", "model.embed_dim=64"]},
+    "depth": {"depth2242": ["--set", "model.depths=[2,2,4,2]"]},
+    "decoder": {"dec2x128": ["--set", "model.decoder_depth=2"], "dec1x64": ["--set", "model.decoder_dim=64"]},
+    "loss": {"rawpixloss": ["--set", "model.norm_pix_loss=false"]},
+    "secondary": {"sm0": ["--set", "masking.secondary_ratio=0"]},
+    "lr": {"lr2e-3": ["--set", "optim.lr=0.002"], "lr5e-4": ["--set", "optim.lr=0.0005"]},
+}
+
 
 @dataclass
 class Job:
@@ -138,6 +164,50 @@ def pretrain_argv(cfg: str, out: Path, seed: int, epochs: int, data: Path) -> li
             "--seed", str(seed), "--epochs", str(epochs), *COMMON, *sets]
 
 
+def finetune_argv(checkpoint: Path, data: Path, out: Path, epochs: int, seed: int, recipe: str,
+                  random_init: bool, split: bool) -> list[str]:
+    """`ummae finetune` of the digits; `split`: on 80% of the training images, scored on the other 20%."""
+    where = ["--val-fraction", "0.2"] if split else ["--val-data", str(data / "val")]
+    return [*UMMAE, "finetune", "--checkpoint", str(checkpoint), "--data", str(data / "train"), *where,
+            "--out", str(out), "--epochs", str(epochs), "--warmup-epochs", str(max(1, epochs // 10)),
+            "--seed", str(seed), *FT_COMMON, *FT_RECIPES[recipe]] + (["--init-random"] if random_init else [])
+
+
+def val_curve(run: Path) -> list[float]:
+    """Validation top-1 per epoch of a fine-tuning run."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [x["val_top1"] for x in lines if "val_top1" in x]
+
+
+def chosen_ft_recipe(out: Path) -> tuple[str, dict]:
+    """The fine-tuning recipe with the best mean final-epoch accuracy on the training split."""
+    scores = {r: statistics.fmean(val_curve(out / "runs" / f"ftsel_{r}_{arm}")[-1] for arm in FT_SELECT_ARMS)
+              for r in FT_RECIPES}
+    return max(scores, key=scores.get), scores
+
+
+FT_SELECT_ARMS = ("ummae_swin", "random")
+
+
+def select_score(out: Path, name: str) -> float:
+    return json.loads((out / "eval" / f"{name}.json").read_text())["select_linprobe_top1"]
+
+
+def chosen_search(out: Path, E: int, s0: int) -> tuple[list[str], list[str], dict]:
+    """(variant names, their --set arguments, every variant's selection score) of the combination."""
+    base = select_score(out, f"pre_ummae_swin_e{E}_s{s0}")
+    scores = {"base": base}
+    names, sets = [], []
+    for group in SEARCH.values():
+        for v in group:
+            scores[v] = select_score(out, f"search_{v}_e{E}_s{s0}")
+        best = max(group, key=lambda v: scores[v])
+        if scores[best] > base:
+            names.append(best)
+            sets += group[best]
+    return names, sets, scores
+
+
 def build_jobs(args, runner: Runner) -> list[Job]:
     data, out, E = args.data, args.out, args.epochs
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -203,6 +273,51 @@ def build_jobs(args, runner: Runner) -> list[Job]:
                                    "--blr", "2e-3", "--mixup", "0", "--cutmix", "0", "--seed", str(s),
                                    "--device", "cpu", "--workers", "1",
                                    "--no-progress"] + (["--init-random"] if src == "random" else []), [ref]))
+    # 6. a fine-tuning recipe for 1437 images, chosen on a split of the training images
+    s0 = args.seeds[0]
+    select_jobs = []
+    for recipe in FT_RECIPES:
+        for arm in FT_SELECT_ARMS:
+            ref = f"pre_ummae_swin_e{E}_s{s0}"
+            name = f"ftsel_{recipe}_{arm}"
+            select_jobs.append(name)
+            jobs.append(Job(name, finetune_argv(run_dir(ref) / "checkpoint.pt", data, run_dir(name),
+                                                args.ft_select_epochs, s0, recipe, arm == "random", True), [ref]))
+    # 7. ... and run with it to convergence: UM-MAE vs SimMIM Swin vs random init, all seeds
+    for s in args.seeds:
+        for src in ("ummae_swin", "simmim_swin", "random"):
+            ref = f"pre_{'ummae_swin' if src == 'random' else src}_e{E}_s{s}"
+            name = f"ftlong_{src}_s{s}"
+            jobs.append(Job(name, lambda ref=ref, name=name, s=s, src=src: finetune_argv(
+                run_dir(ref) / "checkpoint.pt", data, run_dir(name), args.ft_long_epochs, s,
+                chosen_ft_recipe(out)[0], src == "random", False), [ref, *select_jobs]))
+    # 8. the UM-MAE recipe search: one knob at a time, seed 0, judged on the selection probe
+    base = f"pre_ummae_swin_e{E}_s{s0}"
+    search_evals = [f"eval_{base}"]
+    for group in SEARCH.values():
+        for v, sets in group.items():
+            name = f"search_{v}_e{E}_s{s0}"
+            argv = pretrain_argv("ummae_swin", run_dir(name), s0, E, data) + sets
+            jobs.append(Job(name, argv))
+            jobs.append(eval_job(name, ["--checkpoint", str(run_dir(name) / "checkpoint.pt")], [name]))
+            search_evals.append(f"eval_{name}")
+    # 9. the kept knobs combined: at --epochs (seed 0: its cost per epoch and a selection check),
+    # then for the CPU time of --search-epochs epochs of the base recipe, every seed
+    combo = f"search_combined_e{E}_s{s0}"
+    jobs.append(Job(combo, lambda: pretrain_argv("ummae_swin", run_dir(combo), s0, E, data)
+                    + chosen_search(out, E, s0)[1], search_evals))
+    jobs.append(eval_job(combo, ["--checkpoint", str(run_dir(combo) / "checkpoint.pt")], [combo]))
+
+    def combined_epochs() -> int:
+        ratio = runner.record(base)["cpu_seconds"] / runner.record(combo)["cpu_seconds"]
+        return max(1, round(args.search_epochs * ratio))
+
+    for s in args.seeds:
+        name = f"search_combined_long_s{s}"
+        jobs.append(Job(name, lambda name=name, s=s: pretrain_argv("ummae_swin", run_dir(name), s, combined_epochs(),
+                                                                   data) + chosen_search(out, E, s0)[1],
+                        [combo, f"eval_{combo}"]))
+        jobs.append(eval_job(name, ["--checkpoint", str(run_dir(name) / "checkpoint.pt")], [name]))
     return jobs
 
 
@@ -317,19 +432,41 @@ def report(args, runner: Runner) -> None:
                               "linprobe": summarise(e["linprobe_final_top1"]),
                               "few10_knn": summarise(e["few_label_10"]["knn"]["values"]),
                               "few10_linprobe": summarise(e["few_label_10"]["linprobe"]["values"])}
-    finetune = {}
-    for src in ("ummae_swin", "simmim_swin", "random"):
-        curves = []
-        for s in args.seeds:
-            metrics = out / "runs" / f"ft_{src}_s{s}" / "metrics.jsonl"
-            if runner.record(f"ft_{src}_s{s}") and metrics.exists():
-                lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-                curves.append([x["val_top1"] for x in lines if "val_top1" in x])
-        if curves:
-            finetune[src] = {"final_top1": summarise([c[-1] for c in curves]), "curves": curves}
+    def finetune_runs(prefix: str) -> dict:
+        table = {}
+        for src in ("ummae_swin", "simmim_swin", "random"):
+            curves = [val_curve(out / "runs" / f"{prefix}_{src}_s{s}") for s in args.seeds
+                      if runner.record(f"{prefix}_{src}_s{s}")]
+            if curves:
+                table[src] = {"final_top1": summarise([c[-1] for c in curves]), "curves": curves,
+                              "cpu_s": summarise([runner.record(f"{prefix}_{src}_s{s}")["cpu_seconds"]
+                                                  for s in args.seeds if runner.record(f"{prefix}_{src}_s{s}")])}
+        return table
+
+    finetune, finetune_long = finetune_runs("ft"), finetune_runs("ftlong")
+    ft_selection = {r: {arm: val_curve(out / "runs" / f"ftsel_{r}_{arm}") for arm in FT_SELECT_ARMS
+                        if runner.record(f"ftsel_{r}_{arm}")} for r in FT_RECIPES}
+    chosen = chosen_ft_recipe(out)[0] if all(len(v) == len(FT_SELECT_ARMS) for v in ft_selection.values()) else None
+    # the UM-MAE recipe search
+    s0 = args.seeds[0]
+    search = None
+    if all((out / "eval" / f"search_{v}_e{E}_s{s0}.json").exists() for g in SEARCH.values() for v in g):
+        kept, _, scores = chosen_search(out, E, s0)
+        search = {"scores": scores, "kept": kept,
+                  "cpu_s": {v: runner.record(f"search_{v}_e{E}_s{s0}")["cpu_seconds"]
+                            for g in SEARCH.values() for v in g},
+                  "base_cpu_s": runner.record(f"pre_ummae_swin_e{E}_s{s0}")["cpu_seconds"]}
+        combo = out / "eval" / f"search_combined_e{E}_s{s0}.json"
+        if combo.exists():
+            search["combined_select"] = json.loads(combo.read_text())["select_linprobe_top1"]
+            search["combined_cpu_s"] = runner.record(f"search_combined_e{E}_s{s0}")["cpu_seconds"]
+        rows[f"ummae_swin, search's combined recipe ({', '.join(kept) or 'base'}), "
+             f"CPU time of {args.search_epochs} base epochs"] = row("search_combined_long")
     bench = {arch: json.loads((out / "bench" / f"{arch}.json").read_text())
              for arch in ("swin", "vit", "hiera") if (out / "bench" / f"{arch}.json").exists()}
-    results = {"epochs": E, "seeds": args.seeds, "rows": rows, "finetune": finetune, "bench": bench}
+    results = {"epochs": E, "seeds": args.seeds, "rows": rows, "finetune": finetune,
+               "finetune_recipe_selection": {"curves": ft_selection, "chosen": chosen},
+               "finetune_long": finetune_long, "search": search, "bench": bench}
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
     lines = ["| validation top-1 (%), mean (min-max) over seeds | runs | epochs | pre-training CPU time (s) "
@@ -346,15 +483,38 @@ def report(args, runner: Runner) -> None:
         lines.append(f"| {name} | {r['runs']} | {','.join(map(str, r.get('epochs', []))) or '-'} | {cpu} | {wall} | "
                      f"{fmt(r['knn10'])} | {fmt(r['knn20'])} | {fmt(r['linprobe'])} | {fmt(r['few10_knn'])} | "
                      f"{fmt(r['few10_linprobe'])} | {fmt(r['select_linprobe']) if r.get('select_linprobe') else '-'} |")
-    lines += ["", "| fine-tuning, final epoch | val top-1 (%), mean (min-max) | runs | mean curve, every 5th epoch |",
-              "|---|---|---|---|"]
-    for src, r in finetune.items():
-        n = min(len(c) for c in r["curves"])
-        mean = [statistics.fmean(c[e] for c in r["curves"]) for e in range(n)]
-        curve = " ".join(f"{mean[e]:.1f}" for e in range(4, n, 5))
-        lines.append(f"| {src} | {fmt(r['final_top1'])} | {r['final_top1']['n']} | {curve} |")
+    for title, table in ((f"paper recipe without mixing, {args.ft_epochs} epochs", finetune),
+                         (f"recipe chosen on the training split ({chosen}), {args.ft_long_epochs} epochs", finetune_long)):
+        lines += ["", f"| fine-tuning, {title}: final epoch | val top-1 (%), mean (min-max) | runs | CPU time (s) "
+                      f"| mean curve, every 5th epoch |", "|---|---|---|---|---|"]
+        for src, r in table.items():
+            n = min(len(c) for c in r["curves"])
+            mean = [statistics.fmean(c[e] for c in r["curves"]) for e in range(n)]
+            curve = " ".join(f"{mean[e]:.1f}" for e in range(4, n, 5))
+            lines.append(f"| {src} | {fmt(r['final_top1'])} | {r['final_top1']['n']} | {fmt(r['cpu_s'])} | {curve} |")
+    if any(ft_selection.values()):
+        lines += ["", f"| fine-tuning recipe (80/20 split of train, seed 0, {args.ft_select_epochs} epochs): "
+                      "final-epoch top-1 on the 20% | " + " | ".join(FT_SELECT_ARMS) + " | mean |", "|---|---|---|---|"]
+        for r, arms in ft_selection.items():
+            finals = [arms[a][-1] for a in FT_SELECT_ARMS if a in arms]
+            lines.append(f"| {r}{' (chosen)' if r == chosen else ''} | "
+                         + " | ".join(f"{arms[a][-1]:.1f}" if a in arms else "not run" for a in FT_SELECT_ARMS)
+                         + f" | {statistics.fmean(finals):.1f} |" if finals else f"| {r} | not run | | |")
+    if search:
+        lines += ["", f"| UM-MAE search ({E} epochs, seed 0): variant | selection probe (%) | CPU time (s) | kept |",
+                  "|---|---|---|---|", f"| base (ummae_swin) | {search['scores']['base']:.1f} | "
+                  f"{search['base_cpu_s']:.0f} | |"]
+        for g, variants in SEARCH.items():
+            for v in variants:
+                lines.append(f"| {g}: {v} | {search['scores'][v]:.1f} | {search['cpu_s'][v]:.0f} | "
+                             f"{'yes' if v in search['kept'] else ''} |")
+        if "combined_select" in search:
+            lines.append(f"| combined ({', '.join(search['kept']) or 'base'}) | {search['combined_select']:.1f} | "
+                         f"{search['combined_cpu_s']:.0f} | |")
     if finetune:
-        plot_curves(finetune, out / "finetune_curves.png")
+        plot_curves(finetune, out / "finetune_curves_paper.png")
+    if finetune_long:
+        plot_curves(finetune_long, out / "finetune_curves.png")
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -388,6 +548,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=20, help="pre-training epochs at 'equal epochs' (default 20)")
     p.add_argument("--ft-epochs", type=int, default=30, help="fine-tuning epochs (default 30)")
+    p.add_argument("--ft-select-epochs", type=int, default=30,
+                   help="fine-tuning epochs of the recipe selection on a split of train (default 30)")
+    p.add_argument("--ft-long-epochs", type=int, default=50,
+                   help="fine-tuning epochs with the chosen recipe (default 50)")
+    p.add_argument("--search-epochs", type=int, default=100,
+                   help="the UM-MAE search's combined recipe gets the CPU time of this many base epochs (default 100)")
     p.add_argument("--draws", type=int, default=5, help="random draws of the 10-labels-per-class subsets")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--deadline", type=float, help="start no job after this many minutes; finish the running ones")
@@ -407,6 +573,7 @@ def main() -> None:
         return evaluate_one(args)
     if args.quick:
         args.seeds, args.epochs, args.ft_epochs, args.draws = args.seeds[:1], 1, 2, 2
+        args.ft_select_epochs, args.ft_long_epochs, args.search_epochs = 2, 2, 2
     if not (args.data / "train").is_dir():
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_digits_folder.py"), str(args.data),
                         "--size", "64"], check=True)

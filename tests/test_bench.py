@@ -271,3 +271,43 @@ def test_hiera_is_benchmarked_and_its_encoder_flops_shrink_with_the_mask_ratio()
     model = build_pretrain_model(cfgs[1])
     flops = count_flops(model, torch.randn(2, 3, 128, 128))
     assert 0 < flops["encoder_forward"] < flops["model_forward"]
+
+
+# ---------------------------------------------------------------- --matmul-ceiling
+
+
+def test_recorded_calls_are_grouped_by_shape_and_counted_like_flop_counter():
+    from ummae.step_ceiling import record_flop_calls
+
+    a, b, c = torch.randn(6, 4), torch.randn(4, 5), torch.randn(5, 3)
+    calls = record_flop_calls(lambda: (a @ b, a @ b, (a @ b) @ c, torch.relu(a)))
+    by_count = sorted((call["count"], call["flops"]) for call in calls)
+    assert by_count == [(1, 2 * 6 * 5 * 3), (3, 2 * 6 * 4 * 5)]  # relu has no FLOP formula: not recorded
+
+
+def test_cli_matmul_ceiling_replays_every_counted_call_of_a_swin_step(tmp_path, tiny_sets, fast_bench, capsys):
+    out = tmp_path / "c.json"
+    args = ["bench", "demo", "--matmul-ceiling", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+            "--device", "cpu", "--json", str(out)]
+    for item in tiny_sets:
+        args += ["--set", item]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "ceiling, % of matmul" in captured.out
+    (report,) = json.loads(out.read_text())["ceilings"]
+    # every FLOP the step's counter sees is in a replayed call (matmuls, attention, convolution)
+    assert report["counted_flops"] == report["train_flops_per_step"] > 0
+    ops = {c["op"] for c in report["calls"]}
+    assert any("convolution" in op for op in ops)  # the patch embedding, forward and backward
+    assert any("scaled_dot_product" in op for op in ops) and any("mm" in op for op in ops)
+    for c in report["calls"]:
+        assert c["count"] >= 1 and c["seconds"] > 0 and math.isfinite(c["flops_per_s"])
+    assert report["ceiling_flops_per_s"] == pytest.approx(report["counted_flops"] / report["matmul_only_s"])
+
+
+def test_matmul_ceiling_is_cpu_only(capsys):
+    # without a GPU: "CUDA is not available"; with one: "--matmul-ceiling runs on the CPU only"
+    code = main(["bench", "demo", "--matmul-ceiling", "--device", "cuda"])
+    assert code == 2
+    assert "cuda" in one_line_error(capsys.readouterr().err).lower()

@@ -152,6 +152,9 @@ def test_recipe_defaults_follow_the_architecture(checkpoints):
     ("odd_batch_with_mixup", "even --batch-size"),
     ("too_few_images", "fewer than one optimizer step"),
     ("bad_value", "--rm-alpha"),
+    ("bad_policy", "--auto-augment 'rand-everything'"),
+    ("bad_flip", "--hflip"),
+    ("bad_crop_scale", "--min-crop-scale"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoints, labeled, case, expected):
     ckpt, data = str(checkpoints["swin"]), str(labeled["train"])
@@ -168,6 +171,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoints, labeled, case, 
         "odd_batch_with_mixup": ["--checkpoint", ckpt, "--data", data, "--batch-size", "3"],
         "too_few_images": ["--checkpoint", ckpt, "--data", data, "--batch-size", "64"],
         "bad_value": ["--checkpoint", ckpt, "--data", data, "--recursive-mix", "--rm-alpha", "2"],
+        "bad_policy": ["--checkpoint", ckpt, "--data", data, "--auto-augment", "rand-everything"],
+        "bad_flip": ["--checkpoint", ckpt, "--data", data, "--hflip", "1.5"],
+        "bad_crop_scale": ["--checkpoint", ckpt, "--data", data, "--min-crop-scale", "0"],
     }[case]
     out = tmp_path / "run"
     res = finetune_cli(out, *args)
@@ -206,6 +212,35 @@ def test_two_gloo_processes_train_like_one_with_the_same_effective_batch(tmp_pat
     w2 = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["model"]
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=5e-5)
+
+
+def test_augmentation_options_shape_the_training_transform():
+    """--auto-augment none / --hflip / --min-crop-scale: exactly the named steps change; the
+    defaults are the recipe's (RandAugment, flips, crops of 8-100%)."""
+    from timm.data.auto_augment import RandAugment
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import ColorJitter, RandomHorizontalFlip
+
+    from ummae.engine.finetune import finetune_transforms
+
+    def steps(**options):
+        train, _ = finetune_transforms(32, True, 0.0, **options)
+        return {type(t): t for t in train.transforms}
+
+    recipe = steps()
+    assert RandAugment in recipe and recipe[RandomHorizontalFlip].p == 0.5
+    assert recipe[RandomResizedCropAndInterpolation].scale == (0.08, 1.0)
+    light = steps(auto_augment="none", hflip=0.0, min_crop_scale=0.4)
+    assert RandAugment not in light and ColorJitter not in light  # no policy, and no fallback jitter
+    assert RandomHorizontalFlip not in light
+    assert light[RandomResizedCropAndInterpolation].scale == (0.4, 1.0)
+    # nothing left to draw (a square image, whole-image crops, no flip, no policy): the training
+    # transform is the evaluation one
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    train, evaluation = finetune_transforms(32, True, 0.0, auto_augment="none", hflip=0.0, min_crop_scale=1.0)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        assert torch.equal(train(img), evaluation(img))
 
 
 def test_randaugment_survives_its_strongest_magnitudes():

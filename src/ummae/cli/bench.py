@@ -20,11 +20,16 @@ examples:
   ummae bench ummae_swin_tiny_256 simmim_swin_tiny_256 --batch-size 8 --json b.json
   ummae bench demo --set model.embed_dim=64 --steps 20 --device cpu
   ummae bench ummae_swin_tiny_256 --profile --device cpu --json profile.json
+  ummae bench ummae_swin_tiny_256 --matmul-ceiling --device cpu --json ceiling.json
 
 --profile: instead of timing, profile --steps steps of each preset (after --warmup) with
 torch.profiler and print where the step's time and memory go per component (patch embed,
 compaction, position bias, attention, MLP, merging, decoder, loss, optimizer, ...); see
 ummae.step_profile.
+
+--matmul-ceiling (CPU): replay every matmul, convolution and attention call of one step alone at
+its own shapes and add up their times: the step's time if nothing else cost anything, and so the
+highest share of the matmul rate the step could reach; see ummae.step_ceiling.
 """
 
 
@@ -44,6 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--profile", action="store_true",
                    help="per-component profile of the step instead of timing (see below)")
+    p.add_argument("--matmul-ceiling", action="store_true",
+                   help="the step's matmuls alone, replayed at their own shapes: the achievable ceiling (CPU)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="sets",
                    help="override a config key of every preset, e.g. model.drop_path_rate=0.1 (repeatable)")
     p.set_defaults(run=run)
@@ -61,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.profile:
         return _run_profile(args, configs)
+    if args.matmul_ceiling:
+        return _run_ceiling(args, configs)
     report = run_benchmark(configs, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                            device=configs[0].train.device,
                            log=lambda message: print(f"ummae bench: {message}", file=sys.stderr))
@@ -90,4 +99,27 @@ def _run_profile(args: argparse.Namespace, configs) -> int:
     print(format_profile(report))
     if args.json:
         print(f"wrote {write_json(report, args.json)}")
+    return 0
+
+
+def _run_ceiling(args: argparse.Namespace, configs) -> int:
+    import torch
+
+    from ..bench import write_json
+    from ..engine.pretrain import resolve_device
+    from ..errors import ConfigError
+    from ..step_ceiling import format_ceiling, matmul_ceiling
+
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise ConfigError("--steps and --batch-size must be >= 1, --warmup >= 0")
+    device = resolve_device(configs[0].train.device)
+    if device.type != "cpu":
+        raise ConfigError("--matmul-ceiling runs on the CPU only (--device cpu)")
+    reports = []
+    for cfg in configs:
+        print(f"ummae bench: matmul ceiling of {cfg.preset}", file=sys.stderr)
+        reports.append(matmul_ceiling(cfg, device, args.batch_size, steps=args.steps, warmup=args.warmup))
+    print(format_ceiling(reports))
+    if args.json:
+        print(f"wrote {write_json({'device': str(device), 'torch': torch.__version__, 'threads': torch.get_num_threads(), 'ceilings': reports}, args.json)}")
     return 0

@@ -72,6 +72,13 @@ def add_parser(sub) -> None:
     p.add_argument("--cutmix", type=float, metavar="A", help="cutmix alpha (default 1.0; 0 = off)")
     p.add_argument("--smoothing", type=float, metavar="S", help="label smoothing (default 0.1)")
     p.add_argument("--reprob", type=float, metavar="P", help="random erasing probability (default 0.25)")
+    p.add_argument("--auto-augment", metavar="POLICY",
+                   help="timm's augmentation policy (default rand-m9-mstd0.5-inc1-mmax9, RandAugment; e.g. "
+                        "augmix, original; none = off)")
+    p.add_argument("--hflip", type=float, metavar="P",
+                   help="horizontal flip probability (default 0.5; 0 for digits, text, anything flipping changes)")
+    p.add_argument("--min-crop-scale", type=float, metavar="S",
+                   help="random resized crops keep S-100%% of the image's area (default 0.08)")
     p.add_argument("--no-augment", action="store_true", default=None,
                    help="no image augmentation (centre crops only) and, unless given, no mixup/cutmix/random "
                         "erasing: for tiny data sets and quick checks")
@@ -120,7 +127,8 @@ _OPTIONS = {"checkpoint": "checkpoint", "data": "data", "val_data": "val_data", 
             "out": "out", "epochs": "epochs", "max_steps": "max_steps", "batch_size": "batch_size",
             "accum_steps": "accum_steps", "blr": "blr", "min_lr": "min_lr", "warmup_epochs": "warmup_epochs",
             "weight_decay": "weight_decay", "layer_decay": "layer_decay", "drop_path": "drop_path",
-            "re_prob": "reprob", "mixup": "mixup", "cutmix": "cutmix", "smoothing": "smoothing",
+            "re_prob": "reprob", "auto_augment": "auto_augment", "hflip": "hflip",
+            "min_crop_scale": "min_crop_scale", "mixup": "mixup", "cutmix": "cutmix", "smoothing": "smoothing",
             "recursive_mix": "recursive_mix", "rm_alpha": "rm_alpha", "rm_omega": "rm_omega",
             "img_size": "img_size", "init_random": "init_random", "seed": "seed", "device": "device",
             "precision": "precision", "num_workers": "workers", "save_every": "save_every",
@@ -160,6 +168,11 @@ def _summary(result, cfg) -> str:
         mixing = f"mixup {s['mixup']} cutmix {s['cutmix']}"
     else:
         mixing = "no mixing"
+    if not cfg.augment:
+        augmentation = "no augmentation"
+    else:
+        augmentation = (f"crops {cfg.min_crop_scale:g}-1, flip {cfg.hflip:g}, {cfg.auto_augment}, "
+                        f"random erasing {s['re_prob']:g}")
     lines = [
         "",
         f"ummae finetune: done - {len(result.classes)} classes, {result.steps} steps ({result.epochs} epochs) "
@@ -169,7 +182,7 @@ def _summary(result, cfg) -> str:
         f"train loss {result.final_loss:.4f}",
         f"  encoder          {'random init (--init-random)' if cfg.init_random else cfg.checkpoint}",
         f"  data             {result.train_images} train / {result.val_images} val images, {s['img_size']} px, "
-        f"{'augmented' if cfg.augment else 'no augmentation'}, {mixing}",
+        f"{augmentation}, {mixing}",
         f"  recipe           lr {result.lr:.3g} (effective batch {result.effective_batch}), layer decay "
         f"{s['layer_decay']}, drop path {s['drop_path']}, smoothing {cfg.smoothing}, "
         f"{result.num_params / 1e6:.2f}M parameters",

@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,9 @@ class FinetuneConfig:
     layer_decay: float | None = None  # None: 0.85 (ViT 0.8, Swin-L-sized 0.7)
     drop_path: float | None = None  # None: 0.1 (Swin-L-sized 0.2)
     augment: bool = True  # random resized crop + flip + RandAugment (+ random erasing)
+    auto_augment: str = AUTO_AUGMENT  # timm's policy string ("rand-m9-...", "augmix", ...); "none": off
+    hflip: float = 0.5  # horizontal flip probability (0 for images that flipping changes: digits, text)
+    min_crop_scale: float = 0.08  # random resized crop keeps 8%-100% of the image's area
     re_prob: float | None = None  # random erasing; None: 0.25 (0 with augment off)
     mixup: float | None = None  # None: 0.8 (0 with augment off or recursive mix)
     cutmix: float | None = None  # None: 1.0 (0 with augment off or recursive mix)
@@ -222,6 +226,10 @@ def _validate(cfg: FinetuneConfig) -> None:
           f"--layer-decay must be in (0, 1], got {cfg.layer_decay}")
     check(cfg.drop_path is None or (finite(cfg.drop_path) and 0 <= cfg.drop_path < 1),
           f"--drop-path must be in [0, 1), got {cfg.drop_path}")
+    check(bool(cfg.auto_augment), "--auto-augment must be a timm policy (e.g. rand-m9-mstd0.5-inc1) or none")
+    check(finite(cfg.hflip) and 0 <= cfg.hflip <= 1, f"--hflip must be in [0, 1], got {cfg.hflip}")
+    check(finite(cfg.min_crop_scale) and 0 < cfg.min_crop_scale <= 1,
+          f"--min-crop-scale must be in (0, 1], got {cfg.min_crop_scale}")
     check(cfg.re_prob is None or (finite(cfg.re_prob) and 0 <= cfg.re_prob <= 1),
           f"--reprob must be in [0, 1], got {cfg.re_prob}")
     for name in ("mixup", "cutmix"):
@@ -244,12 +252,15 @@ def _validate(cfg: FinetuneConfig) -> None:
           "--precision fp16 needs --device cuda (use bf16 or fp32 on a CPU)")
 
 
-def finetune_transforms(img_size: int, augment: bool, re_prob: float):
+def finetune_transforms(img_size: int, augment: bool, re_prob: float, auto_augment: str = AUTO_AUGMENT,
+                        hflip: float = 0.5, min_crop_scale: float = 0.08):
     """`(train, eval)` transforms: PIL RGB -> normalised `[3, img_size, img_size]`.
 
-    Training with augment: timm's ImageNet recipe (random resized crop, flip, RandAugment
-    m9-mstd0.5, random erasing `re_prob`, bicubic). Evaluation, and training without augment:
-    shorter side resized, centre crop (`ummae.data.eval_transform`).
+    Training with augment: timm's ImageNet recipe (random resized crop of `min_crop_scale`-100% of
+    the area, flip with probability `hflip`, RandAugment m9-mstd0.5 or another `auto_augment`
+    policy of timm's, "none" for none; random erasing `re_prob`, bicubic). Evaluation, and
+    training without augment: shorter side resized, centre crop (`ummae.data.eval_transform`).
+    A bad policy string raises `ConfigError` (timm's own error is an assertion deep inside).
     """
     from timm.data import create_transform
 
@@ -257,9 +268,20 @@ def finetune_transforms(img_size: int, augment: bool, re_prob: float):
 
     if not augment:
         return eval_transform(img_size), eval_transform(img_size)
-    train = create_transform(input_size=img_size, is_training=True, auto_augment=AUTO_AUGMENT,
-                             re_prob=re_prob, re_mode="pixel", re_count=1, interpolation="bicubic",
-                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    policy = None if auto_augment.lower() == "none" else auto_augment
+    # without a policy timm falls back to colour jitter 0.4: "none" means none of either
+    jitter = {} if policy else {"color_jitter": None}
+    bad = ConfigError(f"--auto-augment {auto_augment!r} is not a policy timm knows "
+                      f"(e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, none)")
+    # timm skips a section without a number ("rand-m9-everything" = "rand-m9"): refuse it here
+    if policy and not all(re.fullmatch(r"[a-z]+\d[\d.]*", part) for part in policy.split("-")[1:]):
+        raise bad
+    try:
+        train = create_transform(input_size=img_size, is_training=True, auto_augment=policy, hflip=hflip,
+                                 scale=(min_crop_scale, 1.0), re_prob=re_prob, re_mode="pixel", re_count=1,
+                                 interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, **jitter)
+    except (AssertionError, ValueError, KeyError):
+        raise bad from None
     return train, eval_transform(img_size)
 
 
@@ -415,7 +437,8 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
     encoder_cfg, weights = encoder_source(cfg.checkpoint)
     settings = recipe_defaults(cfg, encoder_cfg)
     img_size = settings["img_size"]
-    train_tf, val_tf = finetune_transforms(img_size, cfg.augment, settings["re_prob"])
+    train_tf, val_tf = finetune_transforms(img_size, cfg.augment, settings["re_prob"], cfg.auto_augment, cfg.hflip,
+                                           cfg.min_crop_scale)
     train_set, val_set, classes = train_val_datasets(cfg.data, cfg.val_data, train_tf, val_tf,
                                                      cfg.val_fraction, seed)
     # Unreadable images: a training one is replaced by the next readable one (full batches), a
