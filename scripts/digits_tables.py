@@ -1,7 +1,7 @@
 """Every table of docs/benchmarks.md's digits sections, in one command.
 
     pip install scikit-learn                     # the data only
-    python scripts/digits_tables.py --out runs/digits_tables            # 2.8 CPU-hours
+    python scripts/digits_tables.py --out runs/digits_tables            # CPU-hours: see docs/benchmarks.md
     python scripts/digits_tables.py --out runs/digits_quick --quick     # 1 seed, 1 epoch: 10 CPU-minutes, checks the plumbing
 
 What it runs, on scikit-learn's handwritten digits (1797 real scans, 1437 train / 360 validation,
@@ -20,6 +20,15 @@ upscaled to 64 px; made by scripts/make_digits_folder.py if `--data` does not ex
   epochs: the paper's recipe (layer decay, drop path, RandAugment, random erasing, label smoothing)
   without mixup and cutmix, which on 1437 images slow convergence far beyond this budget; blr 2e-3.
   Final-epoch validation accuracy (no selection on the validation set) and the curve.
+- a fine-tuning recipe for 1437 images: the recipes of `FT_RECIPES` (the paper's; a light one
+  without RandAugment, erasing and flips; none) fine-tune the seed-0 UM-MAE Swin and random init
+  on 80% of the training images for `--ft-select-epochs`, scored on the other 20%; the best mean
+  final epoch is chosen, and fine-tunes UM-MAE, SimMIM and UM-EMAE Swin and random init, every
+  seed, `--ft-long-epochs` epochs on the whole training set (the reported, converged table).
+- the UM-MAE recipe search (`SEARCH`): crop scale, mask unit, width, depth, decoder, loss, secondary
+  masking, lr, one at a time at `--epochs` on seed 0, judged by the selection probe alone; the
+  winners are combined and pre-trained for the CPU time of `--search-epochs` base epochs, every
+  seed, then evaluated like every other checkpoint.
 - `ummae bench` of the six pre-training configurations (step time, peak memory, FLOPs).
 
 Runs go `--jobs` at a time, each on one thread (`OMP_NUM_THREADS=1`), so that the runs compared
@@ -283,9 +292,9 @@ def build_jobs(args, runner: Runner) -> list[Job]:
             select_jobs.append(name)
             jobs.append(Job(name, finetune_argv(run_dir(ref) / "checkpoint.pt", data, run_dir(name),
                                                 args.ft_select_epochs, s0, recipe, arm == "random", True), [ref]))
-    # 7. ... and run with it to convergence: UM-MAE vs SimMIM Swin vs random init, all seeds
+    # 7. ... and run with it to convergence: UM-MAE vs SimMIM vs UM-EMAE Swin vs random init, all seeds
     for s in args.seeds:
-        for src in ("ummae_swin", "simmim_swin", "random"):
+        for src in ("ummae_swin", "simmim_swin", "emae_swin", "random"):
             ref = f"pre_{'ummae_swin' if src == 'random' else src}_e{E}_s{s}"
             name = f"ftlong_{src}_s{s}"
             jobs.append(Job(name, lambda ref=ref, name=name, s=s, src=src: finetune_argv(
@@ -434,7 +443,7 @@ def report(args, runner: Runner) -> None:
                               "few10_linprobe": summarise(e["few_label_10"]["linprobe"]["values"])}
     def finetune_runs(prefix: str) -> dict:
         table = {}
-        for src in ("ummae_swin", "simmim_swin", "random"):
+        for src in ("ummae_swin", "simmim_swin", "emae_swin", "random"):
             curves = [val_curve(out / "runs" / f"{prefix}_{src}_s{s}") for s in args.seeds
                       if runner.record(f"{prefix}_{src}_s{s}")]
             if curves:
@@ -444,6 +453,7 @@ def report(args, runner: Runner) -> None:
         return table
 
     finetune, finetune_long = finetune_runs("ft"), finetune_runs("ftlong")
+
     ft_selection = {r: {arm: val_curve(out / "runs" / f"ftsel_{r}_{arm}") for arm in FT_SELECT_ARMS
                         if runner.record(f"ftsel_{r}_{arm}")} for r in FT_RECIPES}
     chosen = chosen_ft_recipe(out)[0] if all(len(v) == len(FT_SELECT_ARMS) for v in ft_selection.values()) else None

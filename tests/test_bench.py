@@ -216,15 +216,21 @@ def test_unknown_preset_is_a_one_line_error(capsys):
 # ---------------------------------------------------------------- --profile
 
 
-def test_cli_profile_reports_every_component_of_a_swin_step(tmp_path, tiny_sets, capsys):
-    out = tmp_path / "p.json"
-    args = ["bench", "demo", "--profile", "--batch-size", "2", "--steps", "1", "--warmup", "1",
-            "--device", "cpu", "--json", str(out)]
+def _tiny_swin_step_cli(mode: str, out, tiny_sets, capsys):
+    """`ummae bench demo MODE` on the tiny Swin, batch 2, one step after one warm-up; its output."""
+    args = ["bench", "demo", mode, "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu",
+            "--json", str(out)]
     for item in tiny_sets:
         args += ["--set", item]
     code = main(args)
     captured = capsys.readouterr()
     assert code == 0, captured.err
+    return captured
+
+
+def test_cli_profile_reports_every_component_of_a_swin_step(tmp_path, tiny_sets, capsys):
+    out = tmp_path / "p.json"
+    captured = _tiny_swin_step_cli("--profile", out, tiny_sets, capsys)
     assert "component" in captured.out and "swin.position_bias" in captured.out
     (prof,) = json.loads(out.read_text())["profiles"]
     comps = prof["components"]
@@ -287,13 +293,7 @@ def test_recorded_calls_are_grouped_by_shape_and_counted_like_flop_counter():
 
 def test_cli_matmul_ceiling_replays_every_counted_call_of_a_swin_step(tmp_path, tiny_sets, fast_bench, capsys):
     out = tmp_path / "c.json"
-    args = ["bench", "demo", "--matmul-ceiling", "--batch-size", "2", "--steps", "1", "--warmup", "1",
-            "--device", "cpu", "--json", str(out)]
-    for item in tiny_sets:
-        args += ["--set", item]
-    code = main(args)
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
+    captured = _tiny_swin_step_cli("--matmul-ceiling", out, tiny_sets, capsys)
     assert "ceiling, % of matmul" in captured.out
     (report,) = json.loads(out.read_text())["ceilings"]
     # every FLOP the step's counter sees is in a replayed call (matmuls, attention, convolution)
