@@ -275,13 +275,8 @@ def build_jobs(args, runner: Runner) -> list[Job]:
         for src in ("ummae_swin", "simmim_swin", "random"):
             ref = f"pre_{'ummae_swin' if src == 'random' else src}_e{E}_s{s}"
             name = f"ft_{src}_s{s}"
-            jobs.append(Job(name, [*UMMAE, "finetune", "--checkpoint", str(run_dir(ref) / "checkpoint.pt"),
-                                   "--data", str(data / "train"), "--val-data", str(data / "val"),
-                                   "--out", str(run_dir(name)), "--epochs", str(args.ft_epochs),
-                                   "--warmup-epochs", str(max(1, args.ft_epochs // 10)), "--batch-size", "64",
-                                   "--blr", "2e-3", "--mixup", "0", "--cutmix", "0", "--seed", str(s),
-                                   "--device", "cpu", "--workers", "1",
-                                   "--no-progress"] + (["--init-random"] if src == "random" else []), [ref]))
+            jobs.append(Job(name, finetune_argv(run_dir(ref) / "checkpoint.pt", data, run_dir(name), args.ft_epochs,
+                                                s, "paper", src == "random", False), [ref]))
     # 6. a fine-tuning recipe for 1437 images, chosen on a split of the training images
     s0 = args.seeds[0]
     select_jobs = []

@@ -23,6 +23,7 @@ Replayed calls see warm caches and no neighbours, so the ceiling is, if anything
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -126,6 +127,7 @@ def matmul_ceiling(cfg: PretrainConfig, device: torch.device, batch_size: int, s
 
     if device.type != "cpu":
         raise NotImplementedError("--matmul-ceiling replays calls on the CPU only")
+    cfg = copy.deepcopy(cfg)  # the caller's config keeps its batch size
     cfg.train.batch_size = batch_size
     matmul_rate = measure_matmul_flops(device, torch.float32, MATMUL_N["cpu"])
     model, optimizer, imgs = _build(cfg, device, build_pretrain_model)

@@ -121,5 +121,7 @@ def _run_ceiling(args: argparse.Namespace, configs) -> int:
         reports.append(matmul_ceiling(cfg, device, args.batch_size, steps=args.steps, warmup=args.warmup))
     print(format_ceiling(reports))
     if args.json:
-        print(f"wrote {write_json({'device': str(device), 'torch': torch.__version__, 'threads': torch.get_num_threads(), 'ceilings': reports}, args.json)}")
+        report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "ceilings": reports}
+        print(f"wrote {write_json(report, args.json)}")
     return 0
