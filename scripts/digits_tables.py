@@ -2,7 +2,7 @@
 
     pip install scikit-learn                     # the data only
     python scripts/digits_tables.py --out runs/digits_tables            # CPU-hours: see docs/benchmarks.md
-    python scripts/digits_tables.py --out runs/digits_quick --quick     # 1 seed, 1 epoch: 10 CPU-minutes, checks the plumbing
+    python scripts/digits_tables.py --out runs/digits_quick --quick     # 1 seed, 1-2 epochs: 22 CPU-minutes, checks the plumbing
 
 What it runs, on scikit-learn's handwritten digits (1797 real scans, 1437 train / 360 validation,
 upscaled to 64 px; made by scripts/make_digits_folder.py if `--data` does not exist):
@@ -564,7 +564,8 @@ def main() -> None:
     p.add_argument("--deadline", type=float, help="start no job after this many minutes; finish the running ones")
     p.add_argument("--only", nargs="+", help="run only jobs whose name starts with one of these")
     p.add_argument("--report", action="store_true", help="only write the tables from what has run")
-    p.add_argument("--quick", action="store_true", help="1 seed, 1 pre-training epoch, 2 fine-tuning epochs")
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, 1 pre-training epoch, 2 fine-tuning and long search epochs")
     # internal: one frozen evaluation (a job of the runner)
     p.add_argument("--eval-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--eval-json", type=Path, help=argparse.SUPPRESS)
