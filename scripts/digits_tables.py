@@ -188,14 +188,14 @@ def val_curve(run: Path) -> list[float]:
     return [x["val_top1"] for x in lines if "val_top1" in x]
 
 
+FT_SELECT_ARMS = ("ummae_swin", "random")  # the encoders the fine-tuning recipe is chosen on
+
+
 def chosen_ft_recipe(out: Path) -> tuple[str, dict]:
     """The fine-tuning recipe with the best mean final-epoch accuracy on the training split."""
     scores = {r: statistics.fmean(val_curve(out / "runs" / f"ftsel_{r}_{arm}")[-1] for arm in FT_SELECT_ARMS)
               for r in FT_RECIPES}
     return max(scores, key=scores.get), scores
-
-
-FT_SELECT_ARMS = ("ummae_swin", "random")
 
 
 def select_score(out: Path, name: str) -> float:

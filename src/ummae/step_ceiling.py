@@ -74,7 +74,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = self.formulas.get(func.overloadpacket) or self.formulas.get(func)
+        formula = self.formulas.get(func.overloadpacket)
         if formula is not None:
             flops = formula(*args, **kwargs, out_val=out)
             spec_args, spec_kwargs = tree_map(_spec, args), tree_map(_spec, kwargs)
@@ -121,8 +121,7 @@ def time_call(call: dict, repeats: int = 3, min_seconds: float = 0.02) -> float:
 def matmul_ceiling(cfg: PretrainConfig, device: torch.device, batch_size: int, steps: int = 3,
                    warmup: int = 1, repeats: int = 3) -> dict:
     """The step's matmul-only time and FLOP/s ceiling next to its real time (CPU; see the module)."""
-    from .bench import MATMUL_N, _build, _train_step, count_flops, measure_matmul_flops
-    from .engine.pretrain import training_autocast
+    from .bench import MATMUL_N, _Run, count_flops, measure_matmul_flops
     from .models import build_pretrain_model
 
     if device.type != "cpu":
@@ -130,24 +129,13 @@ def matmul_ceiling(cfg: PretrainConfig, device: torch.device, batch_size: int, s
     cfg = copy.deepcopy(cfg)  # the caller's config keeps its batch size
     cfg.train.batch_size = batch_size
     matmul_rate = measure_matmul_flops(device, torch.float32, MATMUL_N["cpu"])
-    model, optimizer, imgs = _build(cfg, device, build_pretrain_model)
-    autocast = lambda: training_autocast(device, cfg.train.precision)  # noqa: E731
-    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    total = count_flops(model, imgs, autocast)["train_step"]
-
-    def step():
-        _train_step(model, optimizer, imgs, gen, autocast(), cfg.optim.clip_grad)
-
+    run = _Run(cfg, device, build_pretrain_model)  # the step `ummae bench` times
+    total = count_flops(run.model, run.imgs, run.autocast)["train_step"]
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+        run.step()
+    step_s = statistics.median(run.timed_step() for _ in range(steps))
 
-    calls = record_flop_calls(step)
+    calls = record_flop_calls(run.step)
     rows, matmul_only = [], 0.0
     for call in calls:
         seconds = time_call(call, repeats)

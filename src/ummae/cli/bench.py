@@ -79,49 +79,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_profile(args: argparse.Namespace, configs) -> int:
+def _run_each(args: argparse.Namespace, configs, verb: str, measure, key: str, format_report,
+              cpu_only: bool = False) -> int:
+    """--profile / --matmul-ceiling: `measure(cfg, device, batch_size, steps=, warmup=)` per preset,
+    the reports under `key` with the device's description, printed by `format_report`."""
     import torch
 
     from ..bench import write_json
     from ..engine.pretrain import resolve_device
     from ..errors import ConfigError
-    from ..step_profile import format_profile, profile_step
 
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         raise ConfigError("--steps and --batch-size must be >= 1, --warmup >= 0")
     device = resolve_device(configs[0].train.device)
-    report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "profiles": []}
+    if cpu_only and device.type != "cpu":
+        raise ConfigError("--matmul-ceiling runs on the CPU only (--device cpu)")
+    report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), key: []}
     for cfg in configs:
-        print(f"ummae bench: profiling {cfg.preset}", file=sys.stderr)
-        report["profiles"].append(profile_step(cfg, device, args.batch_size, steps=args.steps,
-                                               warmup=args.warmup))
-    print(format_profile(report))
+        print(f"ummae bench: {verb} {cfg.preset}", file=sys.stderr)
+        report[key].append(measure(cfg, device, args.batch_size, steps=args.steps, warmup=args.warmup))
+    print(format_report(report))
     if args.json:
         print(f"wrote {write_json(report, args.json)}")
     return 0
+
+
+def _run_profile(args: argparse.Namespace, configs) -> int:
+    from ..step_profile import format_profile, profile_step
+
+    return _run_each(args, configs, "profiling", profile_step, "profiles", format_profile)
 
 
 def _run_ceiling(args: argparse.Namespace, configs) -> int:
-    import torch
-
-    from ..bench import write_json
-    from ..engine.pretrain import resolve_device
-    from ..errors import ConfigError
     from ..step_ceiling import format_ceiling, matmul_ceiling
 
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
-        raise ConfigError("--steps and --batch-size must be >= 1, --warmup >= 0")
-    device = resolve_device(configs[0].train.device)
-    if device.type != "cpu":
-        raise ConfigError("--matmul-ceiling runs on the CPU only (--device cpu)")
-    reports = []
-    for cfg in configs:
-        print(f"ummae bench: matmul ceiling of {cfg.preset}", file=sys.stderr)
-        reports.append(matmul_ceiling(cfg, device, args.batch_size, steps=args.steps, warmup=args.warmup))
-    print(format_ceiling(reports))
-    if args.json:
-        report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "ceilings": reports}
-        print(f"wrote {write_json(report, args.json)}")
-    return 0
+    return _run_each(args, configs, "matmul ceiling of", matmul_ceiling, "ceilings",
+                     lambda report: format_ceiling(report["ceilings"]), cpu_only=True)
