@@ -1,0 +1,64 @@
+"""The first 30 losses of every `*_demo` preset: the behaviour guard of a restructuring.
+
+    python tests/golden/losses.py --write      # record tests/golden/demo_losses.json (before a change)
+    python tests/golden/losses.py              # compare with it, bit for bit
+
+Each preset runs as it is, with only what makes the record small and fast changed: batch 2, no
+DataLoader workers, a loss logged every step, no periodic checkpoint, no picture, 30 optimizer
+steps, seed 0, on the CPU with one thread (CPU runs are deterministic: `engine/determinism.py`).
+The losses are stored as `float.hex`, so "equal" means bit-identical. `tests/engine/test_golden_losses.py`
+runs the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+RECORD = Path(__file__).with_name("demo_losses.json")
+STEPS = 30
+SETS = ["data.num_workers=0", "train.log_every=1", "train.save_every=0", "train.vis_images=0"]
+FLAGS = {"train.batch_size": 2, "train.max_steps": STEPS, "train.seed": 0, "train.device": "cpu"}
+
+
+def demo_presets() -> list[str]:
+    from ummae.presets import preset_names
+
+    return [name for name in preset_names() if name.endswith("_demo")]
+
+
+def demo_losses(preset: str, out: Path) -> list[str]:
+    """The first STEPS losses of `preset` (float.hex), from a run into `out`."""
+    import torch
+
+    from ummae.config import resolve_config
+    from ummae.engine.pretrain import pretrain
+
+    torch.set_num_threads(1)
+    cfg = resolve_config(preset=preset, sets=SETS, flags={**FLAGS, "train.out": str(out)})
+    result = pretrain(cfg, progress=False)
+    lines = [json.loads(line) for line in result.metrics.read_text().splitlines() if line.strip()]
+    return [float(x["loss"]).hex() for x in lines]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", action="store_true", help="record the losses (before a change)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        got = {name: demo_losses(name, Path(tmp) / name) for name in demo_presets()}
+    if args.write:
+        RECORD.write_text(json.dumps({"steps": STEPS, "sets": SETS, "flags": FLAGS, "losses": got}, indent=1) + "\n")
+        print(f"wrote {RECORD} ({len(got)} presets)")
+        return 0
+    want = json.loads(RECORD.read_text())["losses"]
+    bad = [name for name in want if got.get(name) != want[name]]
+    print("identical" if not bad and set(got) == set(want) else f"differ: {bad or sorted(set(got) ^ set(want))}")
+    return 1 if bad or set(got) != set(want) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
