@@ -1,5 +1,6 @@
-"""Behaviour guard: the first 30 losses of every `*_demo` preset are bit-identical to the record
-made before the house was restructured (`tests/golden/losses.py --write`, issue 19)."""
+"""Behaviour guard: the first 30 losses of every `*_demo` preset equal the record made before the
+house was restructured (`tests/golden/losses.py --write`, issue 19): bit for bit on the kind of
+machine that made it, to float32 rounding carried over 30 steps (relative 1e-4) on another CPU."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "golden"))
-from losses import RECORD, demo_losses, demo_presets  # noqa: E402
+from losses import RECORD, demo_losses, demo_presets, machine  # noqa: E402
 
-WANT = json.loads(RECORD.read_text())["losses"]
+RECORDED = json.loads(RECORD.read_text())
+WANT = RECORDED["losses"]
+SAME_MACHINE = RECORDED.get("machine") == machine()
 
 
 def test_every_demo_preset_is_recorded():
@@ -20,7 +23,10 @@ def test_every_demo_preset_is_recorded():
 
 
 @pytest.mark.parametrize("preset", sorted(WANT))
-def test_first_losses_bit_identical(preset, tmp_path):
+def test_first_losses_as_recorded(preset, tmp_path):
     got = demo_losses(preset, tmp_path / "run")
     assert len(got) == len(WANT[preset]) == 30
-    assert got == WANT[preset]
+    if SAME_MACHINE:
+        assert got == WANT[preset]  # bit-identical
+    else:
+        assert [float.fromhex(x) for x in got] == pytest.approx([float.fromhex(x) for x in WANT[preset]], rel=1e-4)

@@ -34,7 +34,10 @@ def test_sizes_that_need_no_padding_are_unchanged():
         out = dict(swin_full=swin.forward_features(x), swin_masked=swin.forward_masked(x, m, 8),
                    pvt_full=pvt.forward_features(x), pvt_masked=pvt.forward_masked(x, m, 8))
     for key, expected in ref.items():
-        torch.testing.assert_close(out[key], expected, rtol=0, atol=1e-6, msg=key)
+        # The reference was saved on another CPU: kernels of another ISA round float32 differently
+        # (seen: 1.9e-6 on values of magnitude 3.6, AVX2 vs the Xeon it was saved on), far below
+        # what a changed computation gives.
+        torch.testing.assert_close(out[key], expected, rtol=1e-5, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (384, 384), (800, 1344), (800, 1333), (61, 67)])
