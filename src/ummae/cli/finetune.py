@@ -206,10 +206,10 @@ def _summary(result, cfg) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import sys
 
     from ..engine.finetune import finetune, resume_finetune
+    from .common import is_main
 
     def configure(saved: dict | None, point):
         if point is not None and args.out is None:
@@ -221,6 +221,6 @@ def run(args: argparse.Namespace) -> int:
     cfg, point = resume_finetune(args.resume, args.out, configure)
     bar = not args.no_progress and sys.stdout.isatty()
     result = finetune(cfg, progress=bar, resume=point, log_lines=not bar)
-    if os.environ.get("RANK", "0") == "0":
+    if is_main():
         print(_summary(result, cfg))
     return 0

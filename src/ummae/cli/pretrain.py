@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import absolute_paths, resolve_config
     from ..engine.pretrain import pretrain, resume_pretrain
+    from .common import is_main
 
     def configure(saved: dict | None, point) -> object:
         if point is not None and args.out is None:
@@ -150,12 +151,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, point = resume_pretrain(args.resume, args.out, configure)
     bar = not args.no_progress and sys.stdout.isatty()
     result = pretrain(cfg, progress=bar, resume=point, log_lines=not bar)
-    if result.run_dir is not None and _is_main():
+    if result.run_dir is not None and is_main():
         print(_summary(result, cfg))
     return 0
 
-
-def _is_main() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
