@@ -24,7 +24,7 @@ And, to see where time goes, decode alone (full size) with Pillow, torchvision.i
 and, if installed, simplejpeg; and mask drawing alone.
 
 The GPU line: cores needed = (GPU images/s) / (images/s per core), with the GPU rate ESTIMATED
-from the preset's training FLOPs per image (counted by `ummae.bench.count_flops`) at an assumed
+from the preset's training FLOPs per image (counted by `ummae.perf.count_flops`) at an assumed
 MFU of H200 bf16 dense peak (--gpu-tflops 790, --mfu 0.4). Nothing here runs on a GPU.
 """
 
@@ -140,7 +140,7 @@ def time_interleaved(runs: dict, paths: list[Path], rounds: int, repeat: int) ->
 
 def gpu_estimate(preset: str, gpu_tflops: float, mfu: float) -> dict:
     """Estimated GPU images/s of `preset`'s training step from its FLOPs (counted on CPU)."""
-    from ummae.bench import count_flops
+    from ummae.perf import count_flops
     from ummae.config import resolve_config
     from ummae.models import build_pretrain_model
 

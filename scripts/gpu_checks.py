@@ -6,11 +6,11 @@
 What it measures (each part is independent; a failing part is recorded with its error and the
 others still run):
   matmul      the device's bf16 (CPU smoke: fp32) square-matmul FLOP/s, the MFU reference;
-  grid        `ummae.bench.run_benchmark` per pair (UM-MAE vs its SimMIM / MAE baseline) at a
+  grid        `ummae.perf.run_benchmark` per pair (UM-MAE vs its SimMIM / MAE baseline) at a
               realistic batch, eager and `torch.compile`d (masks drawn outside the compiled
               region, as the training loop does): images/s, MFU = achieved FLOP/s / matmul
               FLOP/s, peak memory (CUDA allocator), step-time ratios;
-  profile     `ummae.step_profile.profile_step` of Swin-T UM-MAE (CPU and device time per
+  profile     `ummae.perf.profile_step` of Swin-T UM-MAE (CPU and device time per
               component);
   torchrun    a 1-process `torchrun ... -m ummae pretrain` (NCCL on a GPU, gloo on CPU): the
               distributed code path end to end;
@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ummae.bench import measure_matmul_flops, run_benchmark  # noqa: E402
+from ummae.perf import measure_matmul_flops, run_benchmark  # noqa: E402
 from ummae.config import resolve_config  # noqa: E402
 from ummae.models import build_pretrain_model  # noqa: E402
 
@@ -128,7 +128,7 @@ def grid_part(grid, sets, device, steps, warmup, compile_modes, log, backend="in
 
 
 def profile_part(name, sets, device, batch):
-    from ummae.step_profile import profile_step
+    from ummae.perf import profile_step
 
     cfg = _configs([name], sets, device)[0]
     return profile_step(cfg, torch.device(device), batch, steps=3, warmup=1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import ummae.bench as bench
-from ummae.bench import count_flops, format_table, run_benchmark
+import ummae.perf.bench as bench
+from ummae.perf import count_flops, format_table, run_benchmark
 from ummae.cli import main
 from ummae.config import PretrainConfig, resolve_config
 
@@ -246,7 +246,7 @@ def test_cli_profile_reports_every_component_of_a_swin_step(tmp_path, tiny_sets,
 
 
 def test_profile_labels_vit_blocks_and_pvt_stages():
-    from ummae.step_profile import profile_step
+    from ummae.perf import profile_step
 
     for name, expected in (("ummae_vit_demo", ("vit.attention", "vit.mlp", "patch_embed")),
                            ("ummae_pvt_demo", ("pvt.attention", "pvt.spatial_reduction", "compaction"))):
@@ -283,7 +283,7 @@ def test_hiera_is_benchmarked_and_its_encoder_flops_shrink_with_the_mask_ratio()
 
 
 def test_recorded_calls_are_grouped_by_shape_and_counted_like_flop_counter():
-    from ummae.step_ceiling import record_flop_calls
+    from ummae.perf import record_flop_calls
 
     a, b, c = torch.randn(6, 4), torch.randn(4, 5), torch.randn(5, 3)
     calls = record_flop_calls(lambda: (a @ b, a @ b, (a @ b) @ c, torch.relu(a)))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ummae.engine.loop as loop_module
 import ummae.engine.pretrain as pretrain_module
 from tiny import BAD, GOOD, TINY_BATCH, run_cli_captured, tiny_pretrain_args, write_bad_images, write_good_images
 from ummae.data.sampling import EpochSampler
@@ -192,14 +193,14 @@ def test_nonfinite_loss_with_skip_drops_that_step_and_finishes(tmp_path, monkeyp
 
 def test_nonfinite_loss_stops_and_keeps_the_last_periodic_checkpoint(tmp_path, monkeypatch):
     saved: dict[Path, bytes] = {}
-    real_save = pretrain_module.save_checkpoint
+    real_save = loop_module.save_checkpoint  # what StepCheckpoints writes with
 
     def recording_save(path, state):
         written = real_save(path, state)
         saved[Path(written)] = Path(written).read_bytes()
         return written
 
-    monkeypatch.setattr(pretrain_module, "save_checkpoint", recording_save)
+    monkeypatch.setattr(loop_module, "save_checkpoint", recording_save)
     _nan_at_forward_call(monkeypatch, bad_call=3)
     out = tmp_path / "run"
     result = run_cli_captured(tiny_pretrain_args(out, "--max-steps", "4", "--save-every", "1"), out)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tiny import TINY_HIERA_SETS, TINY_MODELS, TINY_SETS, run_cli_captured, tiny_pretrain_args
-from ummae.bench import run_benchmark
+from ummae.perf import run_benchmark
 from ummae.cli import main
 from ummae.config import resolve_config
 from ummae.errors import ConfigError

@@ -1,4 +1,4 @@
-"""`ummae bench`: time training steps of presets side by side (see `ummae.bench`)."""
+"""`ummae bench`: time training steps of presets side by side (see `ummae.perf`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 __all__ = ["add_parser", "run"]
 
 EPILOG = """\
-Each step is a full training step (forward, loss, backward, AdamW) on a fixed batch of random
-images, under the autocast training uses (bf16 on CUDA). All presets are built in one process
+Each step is the training step `ummae pretrain` runs (forward, loss, backward, the non-finite
+guard, fused AdamW, the lr schedule) on a fixed batch of random images, under the autocast
+training uses (bf16 on CUDA). All presets are built in one process
 and their steps interleaved after warm-up, so machine noise hits them alike. Reported per preset:
 median step time, images/s, peak memory (CUDA allocator peak, or a child process's RSS growth on
 CPU), encoder forward FLOPs per image, achieved FLOP/s and its share of this machine's matmul rate.
@@ -25,11 +26,11 @@ examples:
 --profile: instead of timing, profile --steps steps of each preset (after --warmup) with
 torch.profiler and print where the step's time and memory go per component (patch embed,
 compaction, position bias, attention, MLP, merging, decoder, loss, optimizer, ...); see
-ummae.step_profile.
+ummae.perf.step_profile.
 
 --matmul-ceiling (CPU): replay every matmul, convolution and attention call of one step alone at
 its own shapes and add up their times: the step's time if nothing else cost anything, and so the
-highest share of the matmul rate the step could reach; see ummae.step_ceiling.
+highest share of the matmul rate the step could reach; see ummae.perf.step_ceiling.
 """
 
 
@@ -57,7 +58,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import format_table, run_benchmark, write_json
+    from ..perf import format_table, run_benchmark, write_json
     from ..config import resolve_config
     from ..errors import ConfigError
 
@@ -85,8 +86,8 @@ def _run_each(args: argparse.Namespace, configs, verb: str, measure, key: str, f
     the reports under `key` with the device's description, printed by `format_report`."""
     import torch
 
-    from ..bench import write_json
-    from ..engine.pretrain import resolve_device
+    from ..engine.distributed import resolve_device
+    from ..perf import write_json
     from ..errors import ConfigError
 
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
@@ -105,13 +106,13 @@ def _run_each(args: argparse.Namespace, configs, verb: str, measure, key: str, f
 
 
 def _run_profile(args: argparse.Namespace, configs) -> int:
-    from ..step_profile import format_profile, profile_step
+    from ..perf import format_profile, profile_step
 
     return _run_each(args, configs, "profiling", profile_step, "profiles", format_profile)
 
 
 def _run_ceiling(args: argparse.Namespace, configs) -> int:
-    from ..step_ceiling import format_ceiling, matmul_ceiling
+    from ..perf import format_ceiling, matmul_ceiling
 
     return _run_each(args, configs, "matmul ceiling of", matmul_ceiling, "ceilings",
                      lambda report: format_ceiling(report["ceilings"]), cpu_only=True)

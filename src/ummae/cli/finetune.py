@@ -206,31 +206,21 @@ def _summary(result, cfg) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import sys
 
-    from ..engine.checkpoint import find_resume_checkpoint, load_checkpoint, run_dir_of
-    from ..engine.finetune import check_finetune_resumable, finetune
-    from ..errors import ConfigError
+    from ..engine.finetune import finetune, resume_finetune
+    from .common import is_main
 
-    checkpoint = saved = None
-    if args.resume:
-        checkpoint = find_resume_checkpoint(args.resume, args.out)
-        if checkpoint is not None:
-            state = load_checkpoint(checkpoint)
-            saved = state.get("finetune")
-            if not isinstance(saved, dict) or "optimizer" not in state:
-                raise ConfigError(f"--resume: '{checkpoint}' is not a periodic fine-tuning checkpoint "
-                                  f"(RUN/checkpoints/step-*.pt of `ummae finetune`)")
-            if args.out is None:
-                args.out = str(run_dir_of(checkpoint))
-    # The requeue pattern: the command that started the run continues it; options it does not give
-    # are the checkpoint's. Only FINETUNE_RESUMABLE_KEYS may differ from the checkpoint's.
-    cfg = config_from_args(args, base=saved)
-    if saved is not None:
-        check_finetune_resumable(saved, cfg, f"--resume '{checkpoint}'")
+    def configure(saved: dict | None, point):
+        if point is not None and args.out is None:
+            args.out = str(point.run_dir)
+        # The requeue pattern: the command that started the run continues it; options it does not
+        # give are the checkpoint's. Only FINETUNE_RESUMABLE_KEYS may differ from the checkpoint's.
+        return config_from_args(args, base=saved)
+
+    cfg, point = resume_finetune(args.resume, args.out, configure)
     bar = not args.no_progress and sys.stdout.isatty()
-    result = finetune(cfg, progress=bar, resume=checkpoint, log_lines=not bar)
-    if os.environ.get("RANK", "0") == "0":
+    result = finetune(cfg, progress=bar, resume=point, log_lines=not bar)
+    if is_main():
         print(_summary(result, cfg))
     return 0

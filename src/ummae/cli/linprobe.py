@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .knn import (add_feature_arguments, check_feature_arguments, describe, features_from_args, few_label_line,
+from .common import (add_feature_arguments, check_feature_arguments, describe, features_from_args, few_label_line,
                   headline, percent, range_text, skipped_line, summary_fields, write_json)
 
 __all__ = ["add_parser", "run", "HEAD_FILE"]
@@ -82,7 +82,7 @@ def _draw_record(result) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.checkpoint import save_checkpoint
-    from ..engine.pretrain import resolve_device
+    from ..engine.distributed import resolve_device
     from ..errors import ConfigError
     from ..evaluate.few_label import few_label, summarize
     from ..evaluate.linprobe import linear_probe

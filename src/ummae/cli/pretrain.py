@@ -135,35 +135,23 @@ def _summary(result, cfg) -> str:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..config import absolute_paths, check_resumable, resolve_config
-    from ..engine.checkpoint import find_resume_checkpoint, load_checkpoint, run_dir_of
-    from ..engine.pretrain import pretrain
-    from ..errors import ConfigError
+    from ..config import absolute_paths, resolve_config
+    from ..engine.pretrain import pretrain, resume_pretrain
+    from .common import is_main
 
-    checkpoint = saved = None
-    if args.resume:
-        checkpoint = find_resume_checkpoint(args.resume, args.out)
-        if checkpoint is not None:
-            saved = load_checkpoint(checkpoint).get("config")
-            if not isinstance(saved, dict):
-                raise ConfigError(f"--resume: '{checkpoint}' holds no configuration to continue with")
-            if args.out is None:
-                args.out = str(run_dir_of(checkpoint))
-    # The requeue pattern: the command that started the run (--preset/--config included) continues
-    # it; without them the checkpoint's configuration is the bottom layer. Either way only the
-    # keys of RESUMABLE_KEYS may differ from the checkpoint's.
-    base = saved if saved is not None and not (args.preset or args.config) else None
-    cfg = absolute_paths(resolve_config(args.preset, args.config, args.sets, _flags(args), base=base))
-    if saved is not None:
-        check_resumable(saved, cfg, f"--resume '{checkpoint}'")
+    def configure(saved: dict | None, point) -> object:
+        if point is not None and args.out is None:
+            args.out = str(point.run_dir)
+        # The requeue pattern: the command that started the run (--preset/--config included)
+        # continues it; without them the checkpoint's configuration is the bottom layer. Either
+        # way only the keys of RESUMABLE_KEYS may differ from the checkpoint's (resume_pretrain).
+        base = saved if saved is not None and not (args.preset or args.config) else None
+        return absolute_paths(resolve_config(args.preset, args.config, args.sets, _flags(args), base=base))
+
+    cfg, point = resume_pretrain(args.resume, args.out, configure)
     bar = not args.no_progress and sys.stdout.isatty()
-    result = pretrain(cfg, progress=bar, resume=checkpoint, log_lines=not bar)
-    if result.run_dir is not None and _is_main():
+    result = pretrain(cfg, progress=bar, resume=point, log_lines=not bar)
+    if result.run_dir is not None and is_main():
         print(_summary(result, cfg))
     return 0
 
-
-def _is_main() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"

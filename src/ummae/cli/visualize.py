@@ -87,7 +87,8 @@ def _visualize(checkpoint, images, out, masks: int, seed: int, device: str) -> t
 
     from ..data.folder import load_rgb
     from ..data.transforms import eval_transform
-    from ..engine.pretrain import resolve_device, training_autocast
+    from ..engine.distributed import resolve_device
+    from ..engine.loop import training_autocast
     from ..errors import ConfigError, UmmaeError
     from ..masking import MaskSample
     from ..visualize import picture_format, picture_rows, save_reconstruction_grid

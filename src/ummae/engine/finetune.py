@@ -45,6 +45,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,26 +54,28 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..config import PretrainConfig, config_to_dict
+from ..config import PretrainConfig, config_to_dict, refuse_changed_keys
+from ..data.labeled import SkipUnreadable, collate_skipping, require_two_classes, train_val_datasets, write_skipped
 from ..data.sampling import EpochSampler, SeededLabeledSamples, seed_for
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..errors import ConfigError, UmmaeError
-from .checkpoint import (load_checkpoint, prune_step_checkpoints, save_checkpoint,
-                         step_checkpoint_path)
+from ..models.classifier import build_classifier, encoder_source
+from .checkpoint import save_checkpoint
 from .determinism import deterministic_on_cpu
 from .distributed import (DistEnv, all_reduce_sum, gather_objects, gather_strings, init_distributed, shared_run_dir,
                           shutdown_distributed)
-from .guard import GRADIENTS, LOSS, WEIGHTS, GuardReport, StepGuard, state_is_finite
-from .metrics import MetricsWriter
+from .guard import GRADIENTS, LOSS, WEIGHTS, GuardReport, NonFiniteLossError, StepGuard
+from .loop import CheckPoints, StepCheckpoints, TrainStep, shutdown_workers, training_autocast
+from .metrics import MetricsWriter, log_line, truncate_metrics
 from .optim import build_scheduler, schedule_lengths
-from .pretrain import (NonFiniteLossError, _agreed_signal, _load_weights, _log_line, _shutdown_workers, _stop_on_signal,
-                       _truncate_metrics, training_autocast)
 from .recursive_mix import RecursiveMix, smooth_one_hot, soft_cross_entropy
+from .resume import ResumePoint, find_resume, load_weights
 from .rundir import take_run_dir
 from .signals import StopSignals, ignore_stop_signals_in_worker
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "recipe_defaults", "build_finetune_optimizer",
-           "finetune_transforms", "evaluate_classifier", "FINETUNE_RESUMABLE_KEYS", "check_finetune_resumable",
-           "absolute_finetune_paths"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "resume_finetune", "recipe_defaults",
+           "build_finetune_optimizer", "finetune_transforms", "evaluate_classifier", "FINETUNE_RESUMABLE_KEYS",
+           "check_finetune_resumable", "absolute_finetune_paths"]
 
 # The recipe's RandAugment (m9, mstd 0.5), with sampled magnitudes clipped at 9 instead of 10:
 # at 10, timm's "increasing" posterize keeps 0 bits, which Pillow >= 13 rejects (ValueError in a
@@ -140,8 +143,6 @@ def absolute_finetune_paths(cfg: "FinetuneConfig") -> "FinetuneConfig":
 def check_finetune_resumable(saved: dict, cfg: "FinetuneConfig", source: str) -> None:
     """Refuse (one line, naming the keys) a configuration that differs from the checkpoint's in
     more than FINETUNE_RESUMABLE_KEYS."""
-    from ..config import refuse_changed_keys
-
     known = {f.name for f in dataclasses.fields(FinetuneConfig)}
     old = dataclasses.asdict(absolute_finetune_paths(FinetuneConfig(**{k: v for k, v in saved.items() if k in known})))
     refuse_changed_keys(old, dataclasses.asdict(cfg), FINETUNE_RESUMABLE_KEYS, source)
@@ -264,8 +265,6 @@ def finetune_transforms(img_size: int, augment: bool, re_prob: float, auto_augme
     """
     from timm.data import create_transform
 
-    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-
     if not augment:
         return eval_transform(img_size), eval_transform(img_size)
     policy = None if auto_augment.lower() == "none" else auto_augment
@@ -363,11 +362,266 @@ def _check_runs(model, img_size: int, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# resume
+
+def resume_finetune(resume: str | None, out: str | None,
+                    configure: Callable[[dict | None, ResumePoint | None], FinetuneConfig]
+                    ) -> tuple[FinetuneConfig, ResumePoint | None]:
+    """The settings and the periodic checkpoint `--resume` continues (`engine.resume`), found and
+    loaded once and checked: `configure(saved_settings, point)` builds the run's settings (over the
+    checkpoint's, None for a fresh start), which may differ from them only in
+    FINETUNE_RESUMABLE_KEYS. What needs the data (classes, processes, step) is checked by `finetune`."""
+    point = find_resume(resume, out)
+    saved = None
+    if point is not None:
+        saved = point.state.get("finetune")
+        if not isinstance(saved, dict) or "optimizer" not in point.state:
+            raise ConfigError(f"--resume: '{point.path}' is not a periodic fine-tuning checkpoint "
+                              f"(RUN/checkpoints/step-*.pt of `ummae finetune`)")
+    cfg = configure(saved, point)
+    if point is not None:
+        check_finetune_resumable(saved, cfg, point.source)
+    return cfg, point
+
+
+def _check_resume_state(point: ResumePoint, env: DistEnv, classes: list[str], steps_per_epoch: int,
+                        total_steps: int) -> None:
+    """Refuse (one line) a checkpoint this run cannot continue exactly."""
+    state, source = point.state, point.source
+    if "optimizer" not in state or "finetune" not in state or "steps_per_epoch" not in state:
+        raise ConfigError(f"{source} is not a periodic fine-tuning checkpoint (RUN/checkpoints/step-*.pt of "
+                          f"`ummae finetune`)")
+    if int(state.get("world_size", 1)) != env.world_size:
+        raise ConfigError(f"{source} was trained by {state.get('world_size', 1)} process(es), this run has "
+                          f"{env.world_size}: the lr, the batches and the mixing draws would differ; resume with "
+                          f"the same number of processes")
+    if list(state["classes"]) != list(classes) or int(state["steps_per_epoch"]) != steps_per_epoch:
+        raise ConfigError(f"{source}: the training data changed since the checkpoint ({len(state['classes'])} "
+                          f"classes and {state['steps_per_epoch']} steps per epoch then, {len(classes)} and "
+                          f"{steps_per_epoch} now)")
+    point.check_within(total_steps)
+
+
+def _resume_point(resume: ResumePoint | str | Path | None, cfg: FinetuneConfig) -> ResumePoint | None:
+    """`finetune`'s `resume` as a checked `ResumePoint` (a path is loaded and checked here)."""
+    if resume is None or isinstance(resume, ResumePoint):
+        return resume
+    return resume_finetune(str(resume), cfg.out, lambda saved, point: cfg)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+@dataclass
+class _Data:
+    """The encoder to fine-tune, the recipe's values, the labeled data and the run's length."""
+    encoder_cfg: PretrainConfig
+    weights: dict | None
+    settings: dict
+    train_set: object
+    val_set: object
+    classes: list[str]
+    sampler: EpochSampler
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @property
+    def mixup_on(self) -> bool:
+        return self.settings["mixup"] > 0 or self.settings["cutmix"] > 0
+
+
+def _prepare_data(cfg: FinetuneConfig, env: DistEnv) -> _Data:
+    seed, batch, accum = cfg.seed, cfg.batch_size, cfg.accum_steps
+    encoder_cfg, weights = encoder_source(cfg.checkpoint)
+    settings = recipe_defaults(cfg, encoder_cfg)
+    train_tf, val_tf = finetune_transforms(settings["img_size"], cfg.augment, settings["re_prob"], cfg.auto_augment,
+                                           cfg.hflip, cfg.min_crop_scale)
+    train_set, val_set, classes = train_val_datasets(cfg.data, cfg.val_data, train_tf, val_tf,
+                                                     cfg.val_fraction, seed)
+    # Unreadable images: a training one is replaced by the next readable one (full batches), a
+    # validation one is left out (nothing counted twice); all are listed in skipped_images.txt.
+    train_set, val_set = SkipUnreadable(train_set, replace=True), SkipUnreadable(val_set, replace=False)
+    require_two_classes(cfg.data, classes)
+    if len(val_set) == 0:
+        raise UmmaeError(f"the validation set is empty: give --val-data, or more images per class in "
+                         f"'{cfg.data}' for --val-fraction {cfg.val_fraction}")
+    if (settings["mixup"] > 0 or settings["cutmix"] > 0) and batch % 2:
+        raise ConfigError(f"mixup/cutmix need an even --batch-size, got {batch} (or pass --mixup 0 --cutmix 0)")
+    # The data order and every augmentation are seeded by (seed, epoch, index), as in pre-training
+    # (`ummae.data.sampling`): the stream is a pure function of the step, so a run resumes exactly.
+    sampler = EpochSampler(len(train_set), seed, env.world_size, env.rank)
+    steps_per_epoch = sampler.per_rank // batch // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the training split has {len(train_set)} images, fewer than one optimizer step needs "
+            f"(--batch-size {batch} x --accum-steps {accum} x {env.world_size} processes); lower them")
+    total_steps, warmup_steps = schedule_lengths(steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.max_steps)
+    return _Data(encoder_cfg, weights, settings, train_set, val_set, classes, sampler, steps_per_epoch,
+                 total_steps, warmup_steps)
+
+
+def _build_model(cfg: FinetuneConfig, data: _Data, device: torch.device) -> torch.nn.Module:
+    """The classifier (identical head, and with --init-random encoder, on every rank), checked to run."""
+    img_size = data.settings["img_size"]
+    torch.manual_seed(cfg.seed)  # identical head (and, with --init-random, encoder) on every rank
+    model, _ = build_classifier(data.encoder_cfg, None if cfg.init_random else data.weights, len(data.classes),
+                                drop_path_rate=data.settings["drop_path"], img_size=img_size)
+    model = model.to(device)
+    _check_runs(model, img_size, device)
+    data.weights = None  # the encoder's weights are in the model now
+    return model
+
+
+def _run_config(cfg: FinetuneConfig, data: _Data, env: DistEnv) -> dict:
+    """config.yaml: the settings, the resolved recipe, the classes, the encoder's configuration."""
+    effective_batch = cfg.batch_size * cfg.accum_steps * env.world_size
+    resolved = {**data.settings, "lr": cfg.blr * effective_batch / 256, "effective_batch": effective_batch,
+                "world_size": env.world_size}
+    return {"finetune": dataclasses.asdict(cfg), "resolved": resolved, "classes": list(data.classes),
+            "encoder": _encoder_config(data.encoder_cfg, data.settings["img_size"], data.settings["drop_path"])}
+
+
+def _loaders(cfg: FinetuneConfig, data: _Data, env: DistEnv, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """The training loader (seeded samples, this rank's share) and this rank's validation shard."""
+    workers, batch = cfg.num_workers, cfg.batch_size
+    loader = DataLoader(SeededLabeledSamples(data.train_set, cfg.seed), batch_size=batch, sampler=data.sampler,
+                        drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0, collate_fn=collate_skipping,
+                        worker_init_fn=ignore_stop_signals_in_worker)
+    val_shard = Subset(data.val_set, list(range(env.rank, len(data.val_set), env.world_size)))
+    val_loader = DataLoader(val_shard, batch_size=batch, shuffle=False, num_workers=workers,
+                            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                            collate_fn=collate_skipping, worker_init_fn=ignore_stop_signals_in_worker)
+    return loader, val_loader
+
+
+@dataclass
+class _Session:
+    """What the loop works on: the classifier and its training state, the data, the run's output."""
+    cfg: FinetuneConfig
+    env: DistEnv
+    device: torch.device
+    run_dir: Path
+    data: _Data
+    run_config: dict
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    guard: StepGuard
+    mixup_fn: object | None
+    rmix: RecursiveMix | None
+    loader: DataLoader
+    val_loader: DataLoader
+    step: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"val_top1": -1.0, "val_top5": 0.0, "epoch": 0})
+    scores: dict = dataclasses.field(default_factory=lambda: {"val_top1": float("nan"), "val_top5": float("nan")})
+    last_loss: float = float("nan")
+    skipped_files: set[str] = dataclasses.field(default_factory=set)
+    train_step: TrainStep | None = None
+    checkpoints: StepCheckpoints | None = None
+
+    def weights_state(self, epoch: int) -> dict:
+        """best.pt / last.pt: an encoder source and the classifier."""
+        return {"model": self.model.state_dict(), "config": self.run_config["encoder"],
+                "finetune": self.run_config["finetune"], "classes": list(self.data.classes), "epoch": epoch,
+                "step": self.step, **self.scores}
+
+    def checkpoint_state(self) -> dict:
+        """The whole training state at `step` (collective: every rank's mixing history and loss window)."""
+        ranks = gather_objects({"loss_window": self.guard.window_state(),
+                                "rmix": self.rmix.state_dict() if self.rmix is not None else {}}, self.env)
+        spe = self.data.steps_per_epoch
+        return {**self.weights_state(math.ceil(self.step / spe)), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "steps_per_epoch": spe, "world_size": self.env.world_size,
+                "resolved": self.run_config["resolved"], "best": self.best, "scores": self.scores,
+                "last_loss": self.last_loss, "ranks": ranks,
+                # No generator state: every draw is seeded from (seed, epoch, index) or (seed, rank, step).
+                "rng": {"scheme": "counter-v1", "seed": self.cfg.seed}}
+
+    def restore(self, point: ResumePoint) -> None:
+        """Continue from `point`: weights, optimizer, grad scaler, step, best so far, loss window, mixing history."""
+        state = point.state
+        load_weights(self.model, state, point.source)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = point.step
+        self.scheduler.step_update(self.step)  # the lr is a function of (step, this configuration)
+        self.best, self.scores, self.last_loss = dict(state["best"]), dict(state["scores"]), state["last_loss"]
+        mine = state["ranks"][self.env.rank]
+        self.guard.restore_window(mine["loss_window"])  # the epoch's losses before the checkpoint
+        if self.rmix is not None:
+            self.rmix.load_state_dict(mine["rmix"])
+        listing = self.run_dir / "skipped_images.txt"
+        if listing.exists():
+            self.skipped_files = set(listing.read_text(encoding="utf-8").splitlines()) - {""}
+
+
+def _build_session(cfg: FinetuneConfig, env: DistEnv, device: torch.device, data: _Data, model: torch.nn.Module,
+                   run_dir: Path, run_config: dict, point: ResumePoint | None) -> _Session:
+    """AdamW with layer decay, the schedule, grad scaler, mixing, loaders; restored from `point` if given."""
+    settings = data.settings
+    # Fused AdamW: it can skip an update on the device (`found_inf`), see engine/guard.py.
+    optimizer = build_finetune_optimizer(model, run_config["resolved"]["lr"], cfg.weight_decay,
+                                         settings["layer_decay"], fused=True)
+    scheduler = build_scheduler(optimizer, data.total_steps, data.warmup_steps, cfg.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    mixup_fn = None
+    if data.mixup_on:
+        from timm.data import Mixup
+
+        mixup_fn = Mixup(mixup_alpha=settings["mixup"], cutmix_alpha=settings["cutmix"],
+                         label_smoothing=cfg.smoothing, num_classes=len(data.classes))
+    rmix = RecursiveMix(cfg.rm_alpha, cfg.rm_omega, torch.Generator()) if cfg.recursive_mix else None
+    loader, val_loader = _loaders(cfg, data, env, device)
+    s = _Session(cfg, env, device, run_dir, data, run_config, model, model, optimizer, scheduler, scaler,
+                 StepGuard(device), mixup_fn, rmix, loader, val_loader)
+    if point is not None:
+        s.restore(point)
+    if env.enabled:
+        s.train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    s.checkpoints = StepCheckpoints(run_dir, cfg.keep_last, env, s.checkpoint_state,
+                                    last_saved=s.step if point is not None else None)
+    s.train_step = _train_step(s)
+    return s
+
+
+def _train_step(s: _Session) -> TrainStep:
+    """The optimizer step of fine-tuning: labeled images -> mixing -> the soft-target loss."""
+    cfg, device, num_classes = s.cfg, s.device, len(s.data.classes)
+
+    def prepare(batch):
+        images, labels, passed_over = batch
+        s.skipped_files.update(passed_over)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if s.mixup_fn is not None:
+            images, targets = s.mixup_fn(images, labels)
+        else:
+            targets = smooth_one_hot(labels, num_classes, cfg.smoothing)
+        return (images, targets), images.shape[0]
+
+    def loss(images, targets):
+        if s.rmix is not None:
+            logits, mixed, consistency = s.rmix.step(s.train_model, images, targets)
+            return soft_cross_entropy(logits, mixed.targets) + consistency
+        return soft_cross_entropy(s.train_model(images), targets)
+
+    return TrainStep(s.train_model, [p for p in s.model.parameters() if p.requires_grad], s.optimizer,
+                     s.scheduler, s.scaler, s.guard, prepare=prepare, loss=loss,
+                     seed_step=lambda step: _seed_step(cfg.seed, s.env.rank, step, s.rmix), device=device,
+                     precision=cfg.precision, accum=cfg.accum_steps, distributed=s.env.enabled)
+
+
+# ---------------------------------------------------------------------------------------------
 # the run
 
-def finetune(cfg: FinetuneConfig, progress: bool = True, resume: str | Path | None = None,
+def finetune(cfg: FinetuneConfig, progress: bool = True, resume: ResumePoint | str | Path | None = None,
              log_lines: bool = False) -> FinetuneResult:
-    """Fine-tune as configured (continuing from the periodic checkpoint `resume` if given).
+    """Fine-tune as configured (continuing from `resume` if given: a `ResumePoint` of
+    `resume_finetune`, or a periodic checkpoint's path, then loaded and checked here).
 
     Under `torchrun` every process calls this; rank 0 writes and prints. `progress` shows a tqdm
     bar; `log_lines` prints a plain line every `log_every` steps instead. SIGTERM/SIGINT end the
@@ -383,23 +637,147 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, resume: str | Path | No
         shutdown_distributed()
 
 
-def _check_resume_state(state: dict, source: str, env: DistEnv, classes: list[str], steps_per_epoch: int,
-                        total_steps: int) -> None:
-    """Refuse (one line) a checkpoint this run cannot continue exactly."""
-    if "optimizer" not in state or "finetune" not in state or "steps_per_epoch" not in state:
-        raise ConfigError(f"{source} is not a periodic fine-tuning checkpoint (RUN/checkpoints/step-*.pt of "
-                          f"`ummae finetune`)")
-    if int(state.get("world_size", 1)) != env.world_size:
-        raise ConfigError(f"{source} was trained by {state.get('world_size', 1)} process(es), this run has "
-                          f"{env.world_size}: the lr, the batches and the mixing draws would differ; resume with "
-                          f"the same number of processes")
-    if list(state["classes"]) != list(classes) or int(state["steps_per_epoch"]) != steps_per_epoch:
-        raise ConfigError(f"{source}: the training data changed since the checkpoint ({len(state['classes'])} "
-                          f"classes and {state['steps_per_epoch']} steps per epoch then, {len(classes)} and "
-                          f"{steps_per_epoch} now)")
-    if int(state["step"]) > total_steps:
-        raise ConfigError(f"{source} is at step {state['step']}, beyond this run's {total_steps} steps; raise "
-                          f"--max-steps/--epochs")
+def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress: bool, log_lines: bool,
+              resume: ResumePoint | str | Path | None, stack: contextlib.ExitStack) -> FinetuneResult:
+    # Everything that can be wrong with the input is checked before anything is written.
+    data = _prepare_data(cfg, env)
+    point = _resume_point(resume, cfg)
+    if point is not None:
+        _check_resume_state(point, env, list(data.classes), data.steps_per_epoch, data.total_steps)
+    model = _build_model(cfg, data, device)
+
+    run_dir = shared_run_dir(cfg.out, f"finetune-{Path(cfg.checkpoint).stem}", env)
+    if env.is_main:
+        take_run_dir(stack, run_dir, resuming=point is not None)
+    run_config = _run_config(cfg, data, env)
+    if env.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    s = _build_session(cfg, env, device, data, model, run_dir, run_config, point)
+    if env.is_main:
+        print(f"ummae finetune: run directory {run_dir}"
+              + (f" (resuming at step {s.step} of {data.total_steps})" if point is not None else ""), flush=True)
+
+    log = _Log(s, progress, log_lines)
+    points = CheckPoints(env, device, s.guard, stack.enter_context(StopSignals()), s.checkpoints,
+                         data.total_steps, cfg.log_every, cfg.save_every,
+                         lambda report, last_saved: _raise_if_nonfinite(report, run_dir, data.steps_per_epoch,
+                                                                         last_saved),
+                         log.write)
+    try:
+        while s.step < data.total_steps:
+            _train_one_epoch(s, log, points)
+    finally:
+        log.close()
+        for each in (s.loader, s.val_loader):  # persistent workers: stop them now (engine.loop)
+            shutdown_workers(each)
+    return _result(s, log, point)
+
+
+def _train_one_epoch(s: _Session, log: "_Log", points: CheckPoints) -> None:
+    """Optimizer steps from `s.step` to the epoch's end (or the run's), then the epoch's end."""
+    spe = s.data.steps_per_epoch
+    epoch = s.step // spe + 1
+    s.data.sampler.set_epoch(epoch - 1, start=(s.step % spe) * s.cfg.accum_steps * s.cfg.batch_size)
+    s.train_model.train()
+    batches = iter(s.loader)
+    while True:
+        images = s.train_step(batches, s.step)
+        if images is None:
+            break
+        s.step += 1
+        log.stepped(images)
+        if s.step >= s.data.total_steps or s.step % spe == 0:
+            break  # the epoch's end: evaluated and saved below (a partial accumulation group is dropped)
+        points.visit(s.step, reset_window=False)  # inside an epoch: a log line, a checkpoint, a signal
+    s.optimizer.zero_grad(set_to_none=True)
+    _end_epoch(s, log, points, epoch)
+
+
+def _end_epoch(s: _Session, log: "_Log", points: CheckPoints, epoch: int) -> None:
+    """The epoch's end: the loss, validation, best/last weights, a checkpoint of the whole state."""
+    env = s.env
+    report = s.guard.collect(env, reset_window=True)
+    _raise_if_nonfinite(report, s.run_dir, s.data.steps_per_epoch, s.checkpoints.last_saved)
+    s.last_loss = report.mean_loss
+    s.scores = evaluate_classifier(s.model, s.val_loader, env, s.device, s.cfg.precision, s.skipped_files)
+    s.skipped_files = gather_strings(s.skipped_files, env)  # every rank's, kept by all
+    record = {"epoch": epoch, "step": s.step, "loss": s.last_loss,
+              "lr": max(group["lr"] for group in s.optimizer.param_groups), **s.scores}
+    improved = s.scores["val_top1"] > s.best["val_top1"]
+    if improved:
+        s.best = {"val_top1": s.scores["val_top1"], "val_top5": s.scores["val_top5"], "epoch": epoch}
+    if env.is_main:
+        log.metrics.log(record)
+        if s.skipped_files:  # kept on disk as we go, so a killed run keeps its list
+            write_skipped(s.run_dir, s.skipped_files)
+        state = s.weights_state(epoch)
+        save_checkpoint(s.run_dir / "last.pt", state)
+        if improved:
+            save_checkpoint(s.run_dir / "best.pt", state)
+    s.checkpoints.save(s.step)  # after the evaluation: a resumed run starts the next epoch
+    if env.is_main:
+        best, scores = s.best, s.scores
+        log.epoch_line(f"epoch {epoch}/{math.ceil(s.data.total_steps / s.data.steps_per_epoch)}  step {s.step}  "
+                       f"loss {s.last_loss:.4f}  lr {record['lr']:.3g}  val top-1 {scores['val_top1']:.2f}  "
+                       f"top-5 {scores['val_top5']:.2f}  (best top-1 {best['val_top1']:.2f}, epoch {best['epoch']})")
+    points.stop_if_signalled(s.step)
+
+
+class _Log:
+    """The run's output as it goes: the tqdm bar, metrics.jsonl and TensorBoard (rank 0), plain lines."""
+
+    def __init__(self, s: _Session, progress: bool, log_lines: bool):
+        self.s, self.progress, self.log_lines = s, progress, log_lines
+        self.metrics = MetricsWriter(s.run_dir) if s.env.is_main else None
+        if self.metrics is not None:
+            truncate_metrics(self.metrics.path, s.step)  # lines a killed session logged after its checkpoint
+        self.bar = tqdm(total=s.data.total_steps, initial=s.step, desc="finetune", unit="step", disable=not progress,
+                        dynamic_ncols=True, mininterval=0.5)
+        self.start_step, self.start = s.step, time.perf_counter()
+        self.window_images, self.window_start = 0, self.start
+
+    def stepped(self, images: int) -> None:
+        self.window_images += images
+        self.bar.update(1)
+
+    def write(self, step: int, report: GuardReport, now: float) -> None:
+        """A plain log line inside an epoch (no terminal): the epoch's mean loss so far, lr, images/s."""
+        if not self.log_lines:
+            return
+        s = self.s
+        images_seen = all_reduce_sum(self.window_images, s.env, s.device)
+        record = {"step": step, "epoch": round(step / s.data.steps_per_epoch, 4),
+                  "loss": report.mean_loss,  # the epoch's mean so far
+                  "lr": max(group["lr"] for group in s.optimizer.param_groups),
+                  "images_per_sec": images_seen / max(now - self.window_start, 1e-9)}
+        print(log_line(record, s.data.total_steps, self.start_step, now - self.start), flush=True)
+        self.window_images, self.window_start = 0, now
+
+    def epoch_line(self, line: str) -> None:
+        if self.progress:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _result(s: _Session, log: _Log, point: ResumePoint | None) -> FinetuneResult:
+    run_dir, resolved = s.run_dir, s.run_config["resolved"]
+    return FinetuneResult(
+        run_dir=run_dir, config=run_dir / "config.yaml", metrics=run_dir / "metrics.jsonl",
+        best=run_dir / "best.pt", last=run_dir / "last.pt", classes=list(s.data.classes),
+        train_images=len(s.data.train_set), val_images=len(s.data.val_set), best_top1=s.best["val_top1"],
+        best_top5=s.best["val_top5"], best_epoch=s.best["epoch"], final_top1=s.scores["val_top1"],
+        final_top5=s.scores["val_top5"], final_loss=s.last_loss, steps=s.step,
+        epochs=math.ceil(s.step / s.data.steps_per_epoch), seconds=time.perf_counter() - log.start,
+        device=str(s.device), num_params=sum(p.numel() for p in s.model.parameters()), lr=resolved["lr"],
+        effective_batch=resolved["effective_batch"], settings=s.data.settings, world_size=s.env.world_size,
+        skipped_images=sorted(s.skipped_files), resumed_from=point.path if point is not None else None,
+        start_step=log.start_step)
 
 
 def _seed_step(seed: int, rank: int, step: int, rmix: RecursiveMix | None) -> None:
@@ -424,265 +802,3 @@ def _raise_if_nonfinite(report: GuardReport, run_dir: Path, steps_per_epoch: int
     kept = "no checkpoint was written" if last_saved is None else f"the last checkpoint is step {last_saved}"
     raise NonFiniteLossError(f"{what} at step {s} (epoch {(s - 1) // steps_per_epoch + 1}); training stopped, "
                              f"nothing non-finite was written to '{run_dir}' ({kept}); try a lower --blr")
-
-
-def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress: bool, log_lines: bool,
-              resume: str | Path | None, stack: contextlib.ExitStack) -> FinetuneResult:
-    from ..data.labeled import (SkipUnreadable, collate_skipping, require_two_classes, train_val_datasets,
-                               write_skipped)
-    from ..models.classifier import build_classifier, encoder_source
-
-    seed, batch, accum = cfg.seed, cfg.batch_size, cfg.accum_steps
-    # Everything that can be wrong with the input is checked before anything is written.
-    encoder_cfg, weights = encoder_source(cfg.checkpoint)
-    settings = recipe_defaults(cfg, encoder_cfg)
-    img_size = settings["img_size"]
-    train_tf, val_tf = finetune_transforms(img_size, cfg.augment, settings["re_prob"], cfg.auto_augment, cfg.hflip,
-                                           cfg.min_crop_scale)
-    train_set, val_set, classes = train_val_datasets(cfg.data, cfg.val_data, train_tf, val_tf,
-                                                     cfg.val_fraction, seed)
-    # Unreadable images: a training one is replaced by the next readable one (full batches), a
-    # validation one is left out (nothing counted twice); all are listed in skipped_images.txt.
-    train_set, val_set = SkipUnreadable(train_set, replace=True), SkipUnreadable(val_set, replace=False)
-    require_two_classes(cfg.data, classes)
-    num_classes = len(classes)
-    if len(val_set) == 0:
-        raise UmmaeError(f"the validation set is empty: give --val-data, or more images per class in "
-                         f"'{cfg.data}' for --val-fraction {cfg.val_fraction}")
-    mixup_on = settings["mixup"] > 0 or settings["cutmix"] > 0
-    if mixup_on and batch % 2:
-        raise ConfigError(f"mixup/cutmix need an even --batch-size, got {batch} (or pass --mixup 0 --cutmix 0)")
-    # The data order and every augmentation are seeded by (seed, epoch, index), as in pre-training
-    # (`ummae.data.sampling`): the stream is a pure function of the step, so a run resumes exactly.
-    sampler = EpochSampler(len(train_set), seed, env.world_size, env.rank)
-    steps_per_epoch = sampler.per_rank // batch // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the training split has {len(train_set)} images, fewer than one optimizer step needs "
-            f"(--batch-size {batch} x --accum-steps {accum} x {env.world_size} processes); lower them")
-    total_steps, warmup_steps = schedule_lengths(steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.max_steps)
-    resume_state = load_checkpoint(resume) if resume else None
-    if resume_state is not None:
-        _check_resume_state(resume_state, f"--resume '{resume}'", env, list(classes), steps_per_epoch, total_steps)
-
-    torch.manual_seed(seed)  # identical head (and, with --init-random, encoder) on every rank
-    model, _ = build_classifier(encoder_cfg, None if cfg.init_random else weights, num_classes,
-                                drop_path_rate=settings["drop_path"], img_size=img_size)
-    model = model.to(device)
-    _check_runs(model, img_size, device)
-    del weights
-
-    run_dir = shared_run_dir(cfg.out, f"finetune-{Path(cfg.checkpoint).stem}", env)
-    if env.is_main:
-        take_run_dir(stack, run_dir, resuming=resume_state is not None)
-    effective_batch = batch * accum * env.world_size
-    lr = cfg.blr * effective_batch / 256
-    encoder_dict = _encoder_config(encoder_cfg, img_size, settings["drop_path"])
-    run_config = {"finetune": dataclasses.asdict(cfg), "resolved": {**settings, "lr": lr,
-                                                                     "effective_batch": effective_batch,
-                                                                     "world_size": env.world_size},
-                  "classes": list(classes), "encoder": encoder_dict}
-    config_path = run_dir / "config.yaml"
-    if env.is_main:
-        config_path.write_text(yaml.safe_dump(run_config, sort_keys=False))
-
-    # Fused AdamW: it can skip an update on the device (`found_inf`), see engine/guard.py.
-    optimizer = build_finetune_optimizer(model, lr, cfg.weight_decay, settings["layer_decay"], fused=True)
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    mixup_fn = None
-    if mixup_on:
-        from timm.data import Mixup
-
-        mixup_fn = Mixup(mixup_alpha=settings["mixup"], cutmix_alpha=settings["cutmix"],
-                         label_smoothing=cfg.smoothing, num_classes=num_classes)
-    rmix = RecursiveMix(cfg.rm_alpha, cfg.rm_omega, torch.Generator()) if cfg.recursive_mix else None
-
-    workers = cfg.num_workers
-    loader = DataLoader(SeededLabeledSamples(train_set, seed), batch_size=batch, sampler=sampler, drop_last=True,
-                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        collate_fn=collate_skipping, worker_init_fn=ignore_stop_signals_in_worker)
-    val_shard = Subset(val_set, list(range(env.rank, len(val_set), env.world_size)))
-    val_loader = DataLoader(val_shard, batch_size=batch, shuffle=False, num_workers=workers,
-                            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                            collate_fn=collate_skipping, worker_init_fn=ignore_stop_signals_in_worker)
-    skipped_files: set[str] = set()
-    guard = StepGuard(device)
-
-    best = {"val_top1": -1.0, "val_top5": 0.0, "epoch": 0}
-    scores = {"val_top1": float("nan"), "val_top5": float("nan")}
-    step, last_loss = 0, float("nan")
-    if resume_state is not None:
-        _load_weights(model, resume_state, f"--resume '{resume}'")
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        step = int(resume_state["step"])
-        scheduler.step_update(step)  # the lr is a function of (step, this configuration)
-        best, scores, last_loss = dict(resume_state["best"]), dict(resume_state["scores"]), resume_state["last_loss"]
-        mine = resume_state["ranks"][env.rank]
-        guard.restore_window(mine["loss_window"])  # the epoch's losses before the checkpoint
-        if rmix is not None:
-            rmix.load_state_dict(mine["rmix"])
-        listing = run_dir / "skipped_images.txt"
-        if listing.exists():
-            skipped_files = set(listing.read_text(encoding="utf-8").splitlines()) - {""}
-    if env.is_main:
-        print(f"ummae finetune: run directory {run_dir}"
-              + (f" (resuming at step {step} of {total_steps})" if resume_state is not None else ""), flush=True)
-
-    train_model = model
-    if env.enabled:
-        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    num_params = sum(p.numel() for p in model.parameters())
-
-    def weights_state(epoch: int) -> dict:  # best.pt / last.pt: an encoder source and the classifier
-        return {"model": model.state_dict(), "config": encoder_dict, "finetune": run_config["finetune"],
-                "classes": list(classes), "epoch": epoch, "step": step, **scores}
-
-    last_saved = step if resume_state is not None else None
-
-    def save_step_checkpoint() -> Path | None:
-        """The whole training state at `step` (collective: every rank's mixing history and loss window)."""
-        nonlocal last_saved
-        ranks = gather_objects({"loss_window": guard.window_state(),
-                                "rmix": rmix.state_dict() if rmix is not None else {}}, env)
-        if not env.is_main:
-            last_saved = step
-            return None
-        state = {**weights_state(math.ceil(step / steps_per_epoch)), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "steps_per_epoch": steps_per_epoch, "world_size": env.world_size,
-                 "resolved": run_config["resolved"], "best": best, "scores": scores, "last_loss": last_loss,
-                 "ranks": ranks,
-                 # No generator state: every draw is seeded from (seed, epoch, index) or (seed, rank, step).
-                 "rng": {"scheme": "counter-v1", "seed": seed}}
-        if not state_is_finite(state["model"], state["optimizer"]):  # belt and braces; see guard.py
-            raise NonFiniteLossError(f"the state at step {step} is not finite; nothing was written "
-                                     f"(last checkpoint: step {last_saved})")
-        path = save_checkpoint(step_checkpoint_path(run_dir, step), state)
-        prune_step_checkpoints(run_dir, cfg.keep_last)
-        last_saved = step
-        return path
-
-    metrics = MetricsWriter(run_dir) if env.is_main else None
-    if metrics is not None:
-        _truncate_metrics(metrics.path, step)  # lines a killed session logged after its checkpoint
-    best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
-    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not progress,
-               dynamic_ncols=True, mininterval=0.5)
-    stop = stack.enter_context(StopSignals())
-    start_step, start = step, time.perf_counter()
-    window_images, window_start = 0, start
-    epoch = math.ceil(step / steps_per_epoch)
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch + 1
-            sampler.set_epoch(epoch - 1, start=(step % steps_per_epoch) * accum * batch)
-            train_model.train()
-            micro = 0
-            for images, labels, passed_over in loader:
-                if micro == 0:
-                    _seed_step(seed, env.rank, step, rmix)
-                skipped_files.update(passed_over)
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    images, targets = mixup_fn(images, labels)
-                else:
-                    targets = smooth_one_hot(labels, num_classes, cfg.smoothing)
-                with training_autocast(device, cfg.precision):
-                    if rmix is not None:
-                        logits, mixed, consistency = rmix.step(train_model, images, targets)
-                        loss = soft_cross_entropy(logits, mixed.targets) + consistency
-                    else:
-                        loss = soft_cross_entropy(train_model(images), targets)
-                micro += 1
-                window_images += images.shape[0]
-                # A non-finite loss turns the gradients to NaN (x NaN instead of x 1.0), on every rank.
-                factor = guard.loss_factor(loss)
-                with contextlib.nullcontext() if micro == accum or not env.enabled else train_model.no_sync():
-                    scaler.scale(loss * factor / accum).backward()
-                if micro < accum:
-                    continue
-
-                # The optimizer step, skipped on the device when anything is non-finite: no host sync.
-                guard.step(optimizer, scaler, params, step + 1)
-                micro = 0
-                step += 1
-                scheduler.step_update(step)
-                bar.update(1)
-                if step >= total_steps or step % steps_per_epoch == 0:
-                    break  # the epoch's end: evaluated and saved below (a partial accumulation group is dropped)
-
-                # Check points inside an epoch: a log line, a periodic checkpoint, a signal.
-                log_due = step % cfg.log_every == 0
-                save_due = bool(cfg.save_every) and step % cfg.save_every == 0
-                signal_due = stop.received is not None and not env.enabled  # DDP: at the next check point
-                if log_due or save_due or signal_due:
-                    report = guard.collect(env, reset_window=False)  # the one host sync
-                    _raise_if_nonfinite(report, run_dir, steps_per_epoch, last_saved)
-                    if log_due and log_lines:
-                        now = time.perf_counter()
-                        images_seen = all_reduce_sum(window_images, env, device)
-                        record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                                  "loss": report.mean_loss,  # the epoch's mean so far
-                                  "lr": max(group["lr"] for group in optimizer.param_groups),
-                                  "images_per_sec": images_seen / max(now - window_start, 1e-9)}
-                        print(_log_line(record, total_steps, start_step, now - start), flush=True)
-                        window_images, window_start = 0, now
-                    if save_due:
-                        save_step_checkpoint()
-                    signum = stop.received if not env.enabled else _agreed_signal(stop.received, env, device)
-                    if signum is not None:
-                        _stop_on_signal(signum, step, save_step_checkpoint if last_saved != step else None,
-                                        run_dir, env)
-            optimizer.zero_grad(set_to_none=True)
-
-            # The epoch's end: the loss, validation, best/last weights, a checkpoint of the whole state.
-            report = guard.collect(env, reset_window=True)
-            _raise_if_nonfinite(report, run_dir, steps_per_epoch, last_saved)
-            last_loss = report.mean_loss
-            scores = evaluate_classifier(model, val_loader, env, device, cfg.precision, skipped_files)
-            skipped_files = gather_strings(skipped_files, env)  # every rank's, kept by all
-            record = {"epoch": epoch, "step": step, "loss": last_loss,
-                      "lr": max(group["lr"] for group in optimizer.param_groups), **scores}
-            improved = scores["val_top1"] > best["val_top1"]
-            if improved:
-                best = {"val_top1": scores["val_top1"], "val_top5": scores["val_top5"], "epoch": epoch}
-            if env.is_main:
-                metrics.log(record)
-                if skipped_files:  # kept on disk as we go, so a killed run keeps its list
-                    write_skipped(run_dir, skipped_files)
-                state = weights_state(epoch)
-                save_checkpoint(last_path, state)
-                if improved:
-                    save_checkpoint(best_path, state)
-            save_step_checkpoint()  # after the evaluation: a resumed run starts the next epoch
-            if env.is_main:
-                line = (f"epoch {epoch}/{num_epochs}  step {step}  loss {last_loss:.4f}  lr {record['lr']:.3g}  "
-                        f"val top-1 {scores['val_top1']:.2f}  top-5 {scores['val_top5']:.2f}  "
-                        f"(best top-1 {best['val_top1']:.2f}, epoch {best['epoch']})")
-                if progress:
-                    bar.write(line)
-                else:
-                    print(line, flush=True)
-            signum = stop.received if not env.enabled else _agreed_signal(stop.received, env, device)
-            if signum is not None and step < total_steps:
-                _stop_on_signal(signum, step, None, run_dir, env)
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-        for each in (loader, val_loader):  # persistent workers: stop them now (see engine.pretrain)
-            _shutdown_workers(each)
-    seconds = time.perf_counter() - start
-    return FinetuneResult(
-        run_dir=run_dir, config=config_path, metrics=run_dir / "metrics.jsonl", best=best_path, last=last_path,
-        classes=list(classes), train_images=len(train_set), val_images=len(val_set),
-        best_top1=best["val_top1"], best_top5=best["val_top5"], best_epoch=best["epoch"],
-        final_top1=scores["val_top1"], final_top5=scores["val_top5"], final_loss=last_loss, steps=step,
-        epochs=epoch, seconds=seconds, device=str(device), num_params=num_params, lr=lr,
-        effective_batch=effective_batch, settings=settings, world_size=env.world_size,
-        skipped_images=sorted(skipped_files), resumed_from=Path(resume) if resume else None, start_step=start_step)

@@ -23,13 +23,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UmmaeError
 from .distributed import DistEnv
 
-__all__ = ["StepGuard", "GuardReport", "state_is_finite", "LOSS", "GRADIENTS", "WEIGHTS"]
+__all__ = ["StepGuard", "GuardReport", "state_is_finite", "NonFiniteLossError", "LOSS", "GRADIENTS", "WEIGHTS"]
 
 # What went non-finite first (the `kind` of a report).
 LOSS, GRADIENTS, WEIGHTS = 1, 2, 3
 _NO_STEP = 2 ** 40  # "no bad step yet" in the min-reduction over ranks
+
+
+class NonFiniteLossError(UmmaeError):
+    """A loss, gradient or update became NaN or infinite; training stopped, nothing non-finite written."""
 
 
 @dataclass

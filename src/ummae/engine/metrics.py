@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsWriter"]
+__all__ = ["MetricsWriter", "truncate_metrics", "log_line"]
 
 
 class MetricsWriter:
@@ -35,3 +36,28 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run logged after the checkpoint being resumed."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def log_line(record: dict, total_steps: int, start_step: int, elapsed: float) -> str:
+    """One plain progress line (logs that are not a terminal): step, epoch, loss, lr, images/s, ETA."""
+    done = record["step"] - start_step
+    eta = elapsed / done * (total_steps - record["step"]) if done else float("nan")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "-"
+    if math.isfinite(eta) and eta >= 86400:
+        eta_text = f"{int(eta // 86400)}d {eta_text}"
+    return (f"step {record['step']}/{total_steps}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
+            f"lr {record['lr']:.3e}  {record['images_per_sec']:.1f} images/s  ETA {eta_text}")

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -33,33 +33,30 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import PretrainConfig, config_to_dict
+from ..config import PretrainConfig, check_resumable, config_to_dict
 from ..data import build_pretrain_dataset, to_model_input
 from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
-from ..errors import ConfigError, UmmaeError
+from ..errors import ConfigError
 from ..masking import MaskSample, UniformMasking
 from ..models import build_pretrain_model
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid, spread_indices
-from .checkpoint import (link_or_copy, load_checkpoint, prune_step_checkpoints,
-                         save_checkpoint, step_checkpoint_path)
+from .checkpoint import link_or_copy, step_checkpoint_path
 from .determinism import deterministic_on_cpu
-from .distributed import (DistEnv, all_reduce_max, all_reduce_sum, gather_strings, init_distributed,
-                          resolve_device, shared_run_dir, shutdown_distributed)
-from .guard import GRADIENTS, LOSS, WEIGHTS, GuardReport, StepGuard, state_is_finite
-from .metrics import MetricsWriter
+from .distributed import (DistEnv, all_reduce_sum, gather_strings, init_distributed, resolve_device,
+                          shared_run_dir, shutdown_distributed)
+from .guard import GRADIENTS, LOSS, WEIGHTS, GuardReport, NonFiniteLossError, StepGuard
+from .loop import CheckPoints, StepCheckpoints, TrainStep, shutdown_workers, training_autocast
+from .metrics import MetricsWriter, log_line, truncate_metrics
 from .optim import build_optimizer, build_scheduler, schedule_lengths
+from .resume import ResumePoint, find_resume, load_weights
 from .rundir import take_run_dir
 from .signals import RunInterrupted, StopSignals, ignore_stop_signals_in_worker
 
-__all__ = ["pretrain", "RunResult", "resolve_device", "training_autocast", "NonFiniteLossError",
+__all__ = ["pretrain", "resume_pretrain", "RunResult", "resolve_device", "training_autocast", "NonFiniteLossError",
            "RunInterrupted"]
 
 # Sections a resumed checkpoint must agree with: they decide the parameters and the data stream.
 _ARCHITECTURE_KEYS = ("method", "model", "masking", "emae")
-
-
-class NonFiniteLossError(UmmaeError):
-    """A loss, gradient or update became NaN or infinite; training stopped, nothing non-finite written."""
 
 
 @dataclass
@@ -85,17 +82,28 @@ class RunResult:
     start_step: int = 0  # the step this session started at (> 0 when resumed)
 
 
-def training_autocast(device: torch.device, precision: str):
-    """The autocast context of training: bf16 on CUDA for precision `auto`, else as configured."""
-    if precision == "fp16":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------
-# set-up
+# resume
+
+def resume_pretrain(resume: str | None, out: str | None,
+                    configure: Callable[[dict | None, ResumePoint | None], PretrainConfig]
+                    ) -> tuple[PretrainConfig, ResumePoint | None]:
+    """The configuration and the checkpoint `--resume` continues (`engine.resume`), found and
+    loaded once and checked: `configure(saved_config, point)` builds the run's configuration (over
+    the checkpoint's, None for a fresh start), which may differ from the checkpoint's only in
+    `RESUMABLE_KEYS` and must have its architecture. The step is checked by `pretrain`."""
+    point = find_resume(resume, out)
+    saved = None
+    if point is not None:
+        saved = point.state.get("config")
+        if not isinstance(saved, dict):
+            raise ConfigError(f"--resume: '{point.path}' holds no configuration to continue with")
+    cfg = configure(saved, point)
+    if point is not None:
+        check_resumable(saved, cfg, point.source)
+        _check_same_architecture(point.state, cfg, point.source)
+    return cfg, point
+
 
 def _check_same_architecture(state: dict, cfg: PretrainConfig, source: str) -> None:
     saved = state.get("config") or {}
@@ -113,18 +121,66 @@ def _check_same_architecture(state: dict, cfg: PretrainConfig, source: str) -> N
                               f"{current[section]!r}: a checkpoint of another architecture")
 
 
-def _load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Load a checkpoint's model weights, refusing (one line) those of another architecture."""
-    weights = state["model"]
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        detail = (f"shape of {wrong[0]} is {tuple(weights[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
-                  if wrong else f"{len(missing)} missing keys (e.g. {missing[:1]}), {len(unexpected)} unexpected")
-        raise ConfigError(f"{source} is a checkpoint of another architecture: {detail}")
-    model.load_state_dict(weights)
+def _resume_point(resume: ResumePoint | str | Path | None, cfg: PretrainConfig) -> ResumePoint | None:
+    """`pretrain`'s `resume` as a checked `ResumePoint` (a path is loaded and checked here)."""
+    if resume is None or isinstance(resume, ResumePoint):
+        return resume
+    return resume_pretrain(str(resume), cfg.train.out, lambda saved, point: cfg)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+@dataclass
+class _Data:
+    """The run's data and its length in optimizer steps."""
+    dataset: object
+    sampler: EpochSampler
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def _prepare_data(cfg: PretrainConfig, env: DistEnv) -> _Data:
+    batch, accum = cfg.train.batch_size, cfg.train.accum_steps
+    dataset = build_pretrain_dataset(cfg.data.path, cfg.data.img_size, scale=(cfg.data.min_crop_scale, 1.0),
+                                     demo_length=cfg.data.demo_length, decode=cfg.data.decode)
+    sampler = EpochSampler(len(dataset), cfg.train.seed, env.world_size, env.rank)
+    steps_per_epoch = sampler.per_rank // batch // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the data has {len(dataset)} images, fewer than one optimizer step needs "
+            f"(--batch-size {batch} x --accum-steps {accum} x {env.world_size} processes); lower them")
+    total_steps, warmup_steps = schedule_lengths(steps_per_epoch, cfg.train.epochs,
+                                                 cfg.optim.warmup_epochs, cfg.train.max_steps)
+    return _Data(dataset, sampler, steps_per_epoch, total_steps, warmup_steps)
+
+
+def _read_init_weights(cfg: PretrainConfig, resume) -> dict | None:
+    """The `--init-weights` file's state (None without it). A resumed run takes its weights from
+    the checkpoint; init_weights is then provenance only."""
+    init_state = None
+    if cfg.train.init_weights and resume is None:
+        if not Path(cfg.train.init_weights).is_file():
+            raise ConfigError(f"--init-weights: '{cfg.train.init_weights}' does not exist")
+        if cfg.model.arch == "hiera":  # also timm's / Hiera's own backbone weights (`.mae`)
+            from ..models.hiera import read_init_weights
+
+            init_state = read_init_weights(cfg.train.init_weights)
+        else:  # an ummae checkpoint, or the paper's released weights (converted for this run)
+            from ..models.official import read_init_weights
+
+            init_state = read_init_weights(cfg.train.init_weights, cfg)
+    return init_state
+
+
+def _load_init_weights(model: torch.nn.Module, init_state: dict | None, cfg: PretrainConfig) -> None:
+    if init_state is not None and "model" not in init_state:  # a Hiera backbone's weights: encoder only
+        from ..models.hiera import load_backbone_weights
+
+        load_backbone_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
+    elif init_state is not None:
+        load_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
 
 
 def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
@@ -152,26 +208,101 @@ def _batch_masks(batch: dict, masking, grid_size: tuple[int, int], has_secondary
                       isinstance(masking, UniformMasking))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines a killed run logged after the checkpoint being resumed."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by the kill
-    path.write_text("".join(f"{line}\n" for line in kept))
+@dataclass
+class _Session:
+    """What the loop works on: the model and its training state, the data, the run's output."""
+    cfg: PretrainConfig
+    env: DistEnv
+    device: torch.device
+    run_dir: Path
+    data: _Data
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # compiled and/or DDP-wrapped
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    guard: StepGuard
+    step: int
+    train_step: TrainStep | None = None
+    checkpoints: StepCheckpoints | None = None
+    skipped_files: set[str] = field(default_factory=set)
+
+    def checkpoint_state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "epoch": self.step / self.data.steps_per_epoch, "steps_per_epoch": self.data.steps_per_epoch,
+                "world_size": self.env.world_size, "config": config_to_dict(self.cfg),
+                # No generator state: every draw is seeded from (seed, epoch, index) or (seed, rank, step).
+                "rng": {"scheme": "counter-v1", "seed": self.cfg.train.seed}}
+
+
+def _build_session(cfg: PretrainConfig, env: DistEnv, device: torch.device, data: _Data, run_dir: Path,
+                   point: ResumePoint | None, init_state: dict | None) -> _Session:
+    """Model (identical initial weights on every rank), loader, AdamW, schedule, grad scaler, the
+    step: fresh, from `--init-weights`, or restored from the resume point."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_pretrain_model(cfg).to(device)
+    loader = _make_loader(cfg, data.dataset, data.sampler, model.masking, device)
+    _load_init_weights(model, init_state, cfg)
+    if point is not None:
+        load_weights(model, point.state, point.source)
+    # Fused AdamW: it can skip an update on the device (`found_inf`), see engine/guard.py.
+    optimizer = build_optimizer(model, cfg.peak_lr(env.world_size), cfg.optim.weight_decay, cfg.optim.betas,
+                                fused=True)
+    # The lr is a pure function of (step, this configuration), so the schedule is rebuilt rather
+    # than loaded: a resumed run whose --max-steps/--epochs were raised follows the new schedule.
+    scheduler = build_scheduler(optimizer, data.total_steps, data.warmup_steps, cfg.optim.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    step = 0
+    if point is not None:
+        optimizer.load_state_dict(point.state["optimizer"])
+        if point.state.get("scaler"):
+            scaler.load_state_dict(point.state["scaler"])
+        step = point.step
+        scheduler.step_update(step)
+    train_model = torch.compile(model) if cfg.train.compile else model
+    if env.enabled:
+        train_model = DistributedDataParallel(train_model, device_ids=[device] if device.type == "cuda" else None)
+    s = _Session(cfg, env, device, run_dir, data, model, train_model, loader, optimizer, scheduler, scaler,
+                 StepGuard(device), step)
+    s.checkpoints = StepCheckpoints(run_dir, cfg.train.keep_last, env, s.checkpoint_state,
+                                    last_saved=step if point is not None else None)
+    s.train_step = _train_step(s)
+    return s
+
+
+def _train_step(s: _Session) -> TrainStep:
+    """The optimizer step of pre-training: a DataLoader batch -> images and masks -> the model's loss."""
+    cfg, device, model = s.cfg, s.device, s.model
+    has_secondary = cfg.method == "ummae"
+
+    def prepare(batch_data: dict):
+        s.skipped_files.update(p for x in batch_data["skipped"] if x for p in x.split("\n"))
+        imgs = to_model_input(batch_data["image"], device)  # uint8 -> device, normalised there
+        masks = _batch_masks(batch_data, model.masking, model.grid_size, has_secondary)
+        masks = masks.to(device, non_blocking=True)
+        return (imgs, masks), imgs.shape[0]
+
+    def loss(imgs, masks):
+        return s.train_model(imgs, masks)[0]
+
+    def seed_step(step: int) -> None:
+        torch.manual_seed(seed_for(cfg.train.seed, "step", s.env.rank, step))  # drop path etc.
+
+    return TrainStep(s.train_model, [p for p in model.parameters() if p.requires_grad], s.optimizer,
+                     s.scheduler, s.scaler, s.guard, prepare=prepare, loss=loss, seed_step=seed_step,
+                     device=device, precision=cfg.train.precision, accum=cfg.train.accum_steps,
+                     clip_grad=cfg.optim.clip_grad, distributed=s.env.enabled)
 
 
 # ---------------------------------------------------------------------------------------------
 # the run
 
-def pretrain(cfg: PretrainConfig, progress: bool = True, resume: str | Path | None = None,
+def pretrain(cfg: PretrainConfig, progress: bool = True, resume: ResumePoint | str | Path | None = None,
              log_lines: bool = False) -> RunResult:
-    """Run pre-training as configured (continuing from checkpoint `resume` if given).
+    """Run pre-training as configured (continuing from `resume` if given: a `ResumePoint` of
+    `resume_pretrain`, or a checkpoint path, then loaded and checked here).
 
     Under `torchrun` every process calls this; only rank 0 writes files and shows progress.
     `progress` shows a tqdm bar; `log_lines` prints a plain line every `log_every` steps instead
@@ -189,218 +320,133 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, resume: str | Path | No
 
 
 def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress: bool, log_lines: bool,
-              resume: str | Path | None, stack: contextlib.ExitStack) -> RunResult:
-    seed, accum, batch = cfg.train.seed, cfg.train.accum_steps, cfg.train.batch_size
+              resume: ResumePoint | str | Path | None, stack: contextlib.ExitStack) -> RunResult:
     # Everything that can be wrong with the input is checked before anything is written.
-    dataset = build_pretrain_dataset(cfg.data.path, cfg.data.img_size, scale=(cfg.data.min_crop_scale, 1.0),
-                                     demo_length=cfg.data.demo_length, decode=cfg.data.decode)
-    sampler = EpochSampler(len(dataset), seed, env.world_size, env.rank)
-    steps_per_epoch = sampler.per_rank // batch // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the data has {len(dataset)} images, fewer than one optimizer step needs "
-            f"(--batch-size {batch} x --accum-steps {accum} x {env.world_size} processes); lower them")
-    total_steps, warmup_steps = schedule_lengths(steps_per_epoch, cfg.train.epochs,
-                                                 cfg.optim.warmup_epochs, cfg.train.max_steps)
-    resume_state = load_checkpoint(resume) if resume else None
-    if resume_state is not None:
-        _check_same_architecture(resume_state, cfg, f"--resume '{resume}'")
-        if int(resume_state["step"]) > total_steps:
-            raise ConfigError(f"--resume '{resume}' is at step {resume_state['step']}, beyond this run's "
-                              f"{total_steps} steps; raise --max-steps/--epochs")
-    # A resumed run takes its weights from the checkpoint; init_weights is then provenance only.
-    init_state = None
-    if cfg.train.init_weights and resume is None:
-        if not Path(cfg.train.init_weights).is_file():
-            raise ConfigError(f"--init-weights: '{cfg.train.init_weights}' does not exist")
-        if cfg.model.arch == "hiera":  # also timm's / Hiera's own backbone weights (`.mae`)
-            from ..models.hiera import read_init_weights
-
-            init_state = read_init_weights(cfg.train.init_weights)
-        else:  # an ummae checkpoint, or the paper's released weights (converted for this run)
-            from ..models.official import read_init_weights
-
-            init_state = read_init_weights(cfg.train.init_weights, cfg)
-
+    data = _prepare_data(cfg, env)
+    point = _resume_point(resume, cfg)
+    if point is not None:
+        point.check_within(data.total_steps)
+    init_state = _read_init_weights(cfg, point)
     with torch.device("meta"):  # the model's own checks (e.g. image size vs stride), at no cost
         build_pretrain_model(cfg)
 
     run_dir = shared_run_dir(cfg.train.out, cfg.preset, env)
     if env.is_main:
-        take_run_dir(stack, run_dir, resuming=resume_state is not None)
-    config_path = run_dir / "config.yaml"
-    if env.is_main:
-        config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model = build_pretrain_model(cfg).to(device)
-    loader = _make_loader(cfg, dataset, sampler, model.masking, device)
-    has_secondary = cfg.method == "ummae"
-    if init_state is not None and "model" not in init_state:  # a Hiera backbone's weights: encoder only
-        from ..models.hiera import load_backbone_weights
-
-        load_backbone_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
-    elif init_state is not None:
-        _load_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
-    if resume_state is not None:
-        _load_weights(model, resume_state, f"--resume '{resume}'")
-    num_params = sum(p.numel() for p in model.parameters())
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Fused AdamW: it can skip an update on the device (`found_inf`), see engine/guard.py.
-    optimizer = build_optimizer(model, cfg.peak_lr(env.world_size), cfg.optim.weight_decay, cfg.optim.betas,
-                                fused=True)
-    # The lr is a pure function of (step, this configuration), so the schedule is rebuilt rather
-    # than loaded: a resumed run whose --max-steps/--epochs were raised follows the new schedule.
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.optim.min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    step = 0
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        step = int(resume_state["step"])
-        scheduler.step_update(step)
+        take_run_dir(stack, run_dir, resuming=point is not None)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    s = _build_session(cfg, env, device, data, run_dir, point, init_state)
     if env.is_main:
         print(f"ummae pretrain: run directory {run_dir}"
-              + (f" (resuming at step {step} of {total_steps})" if resume_state is not None else ""), flush=True)
+              + (f" (resuming at step {s.step} of {data.total_steps})" if point is not None else ""), flush=True)
 
-    train_model = torch.compile(model) if cfg.train.compile else model
-    if env.enabled:
-        train_model = DistributedDataParallel(train_model, device_ids=[device] if device.type == "cuda" else None)
-
-    def checkpoint_state() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                "world_size": env.world_size, "config": config_to_dict(cfg),
-                # No generator state: every draw is seeded from (seed, epoch, index) or (seed, rank, step).
-                "rng": {"scheme": "counter-v1", "seed": seed}}
-
-    last_saved = step if resume_state is not None else None
-
-    def save_step_checkpoint() -> Path | None:
-        nonlocal last_saved
-        if not env.is_main:
-            return None
-        state = checkpoint_state()
-        if not state_is_finite(state["model"], state["optimizer"]):  # belt and braces; see guard.py
-            raise NonFiniteLossError(f"the state at step {step} is not finite; nothing was written "
-                                     f"(last checkpoint: step {last_saved})")
-        path = save_checkpoint(step_checkpoint_path(run_dir, step), state)
-        prune_step_checkpoints(run_dir, cfg.train.keep_last)
-        last_saved = step
-        return path
-
-    metrics = MetricsWriter(run_dir) if env.is_main else None
-    if metrics is not None:
-        _truncate_metrics(metrics.path, step)  # lines a killed session logged after its checkpoint
-    bar = tqdm(total=total_steps, initial=step, desc=f"pretrain {cfg.preset}", unit="step",
-               disable=not progress, dynamic_ncols=True, mininterval=0.5)
-    guard = StepGuard(device)
-    stop = stack.enter_context(StopSignals())
-    skipped_files: set[str] = set()
-    window_images = 0
-    last_loss = _last_logged_loss(run_dir) if env.is_main and step else float("nan")
-    start_step, start = step, time.perf_counter()
-    window_start = start
-    train_model.train()
+    log = _Log(s, progress, log_lines)
+    points = CheckPoints(env, device, s.guard, stack.enter_context(StopSignals()), s.checkpoints,
+                         data.total_steps, cfg.train.log_every, cfg.train.save_every,
+                         lambda report, last_saved: _raise_if_nonfinite(report, cfg, run_dir, data.steps_per_epoch,
+                                                                         last_saved),
+                         log.write)
+    s.train_model.train()
     try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            if hasattr(model, "set_epoch"):  # EMAE: the consistency term's start epoch
-                model.set_epoch(epoch)
-            sampler.set_epoch(epoch, start=(step % steps_per_epoch) * accum * batch)
-            micro = 0
-            for batch_data in loader:
-                if micro == 0:
-                    torch.manual_seed(seed_for(seed, "step", env.rank, step))  # drop path etc.
-                skipped_files.update(p for s in batch_data["skipped"] if s for p in s.split("\n"))
-                imgs = to_model_input(batch_data["image"], device)  # uint8 -> device, normalised there
-                masks = _batch_masks(batch_data, model.masking, model.grid_size, has_secondary)
-                masks = masks.to(device, non_blocking=True)
-                with training_autocast(device, cfg.train.precision):
-                    loss, _, _ = train_model(imgs, masks)
-                micro += 1
-                window_images += imgs.shape[0]
-                # A non-finite loss turns the gradients to NaN (x NaN instead of x 1.0), on every rank.
-                factor = guard.loss_factor(loss)
-                with contextlib.nullcontext() if micro == accum or not env.enabled else train_model.no_sync():
-                    scaler.scale(loss * factor / accum).backward()
-                if micro < accum:
-                    continue
-
-                # The optimizer step, skipped on the device when anything is non-finite: no sync.
-                grad_norm = None
-                if cfg.optim.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-                guard.step(optimizer, scaler, params, step + 1, grad_norm)
-                step += 1
-                micro = 0
-                scheduler.step_update(step)
-                bar.update(1)
-
-                log_due = step % cfg.train.log_every == 0 or step == total_steps
-                save_due = bool(cfg.train.save_every) and step % cfg.train.save_every == 0 and step < total_steps
-                signal_due = stop.received is not None and not env.enabled  # DDP: at the next check point
-                if log_due or save_due or signal_due:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    now = time.perf_counter()
-                    report = guard.collect(env, reset_window=log_due)  # the one host sync
-                    _raise_if_nonfinite(report, cfg, run_dir, steps_per_epoch, last_saved)
-                    if log_due:
-                        last_loss = report.mean_loss
-                        images = all_reduce_sum(window_images, env, device)
-                        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss,
-                                  "lr": optimizer.param_groups[0]["lr"],
-                                  "images_per_sec": images / max(now - window_start, 1e-9)}
-                        if metrics is not None:
-                            metrics.log(record)
-                            if skipped_files:  # kept on disk as we go, so a killed run keeps its list
-                                _record_skipped(run_dir, skipped_files)
-                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}")
-                        if log_lines:
-                            print(_log_line(record, total_steps, start_step, now - start), flush=True)
-                        window_images, window_start = 0, now
-                    if save_due:
-                        save_step_checkpoint()
-                    signum = stop.received if not env.enabled else _agreed_signal(stop.received, env, device)
-                    if signum is not None and step < total_steps:
-                        _stop_on_signal(signum, step, save_step_checkpoint if last_saved != step else None,
-                                        run_dir, env)
-                if step >= total_steps or step % steps_per_epoch == 0:
-                    break  # next epoch (partial accumulation groups at an epoch's end are dropped)
+        while s.step < data.total_steps:
+            _train_one_epoch(s, log, points)
     finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-        _shutdown_workers(loader)
-    seconds = time.perf_counter() - start
-    skipped_all = sorted(gather_strings(skipped_files, env))
-    skipped_steps = guard.collect(env, reset_window=True).skipped if step > start_step else 0
+        log.close()
+        shutdown_workers(s.loader)
+    return _finish(s, log, point)
+
+
+def _train_one_epoch(s: _Session, log: "_Log", points: CheckPoints) -> None:
+    """Optimizer steps from `s.step` to the epoch's end (or the run's), with their check points."""
+    spe, accum, batch = s.data.steps_per_epoch, s.cfg.train.accum_steps, s.cfg.train.batch_size
+    epoch = s.step // spe
+    model = s.model
+    if hasattr(model, "set_epoch"):  # EMAE: the consistency term's start epoch
+        model.set_epoch(epoch)
+    s.data.sampler.set_epoch(epoch, start=(s.step % spe) * accum * batch)
+    batches = iter(s.loader)
+    while True:
+        images = s.train_step(batches, s.step)
+        if images is None:
+            break
+        s.step += 1
+        log.stepped(images)
+        points.visit(s.step)
+        if s.step >= s.data.total_steps or s.step % spe == 0:
+            break  # next epoch (partial accumulation groups at an epoch's end are dropped)
+
+
+class _Log:
+    """The run's output as it goes: the tqdm bar, metrics.jsonl and TensorBoard (rank 0), plain lines."""
+
+    def __init__(self, s: _Session, progress: bool, log_lines: bool):
+        self.s, self.log_lines = s, log_lines
+        self.metrics = MetricsWriter(s.run_dir) if s.env.is_main else None
+        if self.metrics is not None:
+            truncate_metrics(self.metrics.path, s.step)  # lines a killed session logged after its checkpoint
+        total = s.data.total_steps
+        self.bar = tqdm(total=total, initial=s.step, desc=f"pretrain {s.cfg.preset}", unit="step",
+                        disable=not progress, dynamic_ncols=True, mininterval=0.5)
+        self.last_loss = _last_logged_loss(s.run_dir) if s.env.is_main and s.step else float("nan")
+        self.start_step, self.start = s.step, time.perf_counter()
+        self.window_images, self.window_start = 0, self.start
+
+    def stepped(self, images: int) -> None:
+        self.window_images += images
+        self.bar.update(1)
+
+    def write(self, step: int, report: GuardReport, now: float) -> None:
+        """The log line of `step`: the window's mean loss, lr, images/s (summed over ranks)."""
+        s = self.s
+        self.last_loss = report.mean_loss
+        images = all_reduce_sum(self.window_images, s.env, s.device)
+        record = {"step": step, "epoch": round(step / s.data.steps_per_epoch, 4), "loss": self.last_loss,
+                  "lr": s.optimizer.param_groups[0]["lr"],
+                  "images_per_sec": images / max(now - self.window_start, 1e-9)}
+        if self.metrics is not None:
+            self.metrics.log(record)
+            if s.skipped_files:  # kept on disk as we go, so a killed run keeps its list
+                _record_skipped(s.run_dir, s.skipped_files)
+        self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{record['lr']:.2e}")
+        if self.log_lines:
+            print(log_line(record, s.data.total_steps, self.start_step, now - self.start), flush=True)
+        self.window_images, self.window_start = 0, now
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _finish(s: _Session, log: _Log, point: ResumePoint | None) -> RunResult:
+    """The end of the session: the final checkpoint, the pictures, the summary."""
+    cfg, env, run_dir, step = s.cfg, s.env, s.run_dir, s.step
+    seconds = time.perf_counter() - log.start
+    skipped_all = sorted(gather_strings(s.skipped_files, env))
+    skipped_steps = s.guard.collect(env, reset_window=True).skipped if step > log.start_step else 0
 
     final = run_dir / "checkpoint.pt"
     recon = curve = None
-    done = step - start_step
+    done = step - log.start_step
     if env.is_main:
         periodic = step_checkpoint_path(run_dir, step)
         if done or not periodic.exists():  # a finished run resumed again has nothing new to write
-            periodic = save_step_checkpoint()
+            periodic = s.checkpoints.save(step)
         link_or_copy(periodic, final)
         recon, curve = run_dir / "reconstructions.png", run_dir / "loss.png"
         if done or not recon.exists():
-            recon = _save_reconstructions(model, dataset, cfg, device, recon)
+            recon = _save_reconstructions(s.model, s.data.dataset, cfg, s.device, recon)
         if done or not curve.exists():
             curve = save_loss_curve(run_dir / "metrics.jsonl", curve)
         if skipped_all:
             skipped_all = _record_skipped(run_dir, set(skipped_all))
     return RunResult(
-        run_dir=run_dir, config=config_path, metrics=run_dir / "metrics.jsonl", tensorboard=run_dir / "tb",
-        checkpoint=final, reconstructions=recon, loss_curve=curve, steps=step,
-        epochs=step / steps_per_epoch, final_loss=last_loss, seconds=seconds,
-        images_per_sec=done * cfg.effective_batch * env.world_size / max(seconds, 1e-9), device=str(device),
-        num_params=num_params, world_size=env.world_size, resumed_from=Path(resume) if resume else None,
-        skipped_images=skipped_all, skipped_steps=skipped_steps, start_step=start_step)
+        run_dir=run_dir, config=run_dir / "config.yaml", metrics=run_dir / "metrics.jsonl",
+        tensorboard=run_dir / "tb", checkpoint=final, reconstructions=recon, loss_curve=curve, steps=step,
+        epochs=step / s.data.steps_per_epoch, final_loss=log.last_loss, seconds=seconds,
+        images_per_sec=done * cfg.effective_batch * env.world_size / max(seconds, 1e-9), device=str(s.device),
+        num_params=sum(p.numel() for p in s.model.parameters()), world_size=env.world_size,
+        resumed_from=point.path if point is not None else None, skipped_images=skipped_all,
+        skipped_steps=skipped_steps, start_step=log.start_step)
 
 
 def _raise_if_nonfinite(report: GuardReport, cfg: PretrainConfig, run_dir: Path, steps_per_epoch: int,
@@ -421,31 +467,6 @@ def _raise_if_nonfinite(report: GuardReport, cfg: PretrainConfig, run_dir: Path,
         ", or --set train.on_nonfinite=skip" if report.bad_kind != WEIGHTS else "")
     raise NonFiniteLossError(f"{what} at step {s} (epoch {epoch}); training stopped, nothing non-finite was "
                              f"written to '{run_dir}' ({kept}); {hint}")
-
-
-def _agreed_signal(received: int | None, env: DistEnv, device: torch.device) -> int | None:
-    """The signal any rank received (all ranks agree, so they stop at the same step)."""
-    return int(all_reduce_max(float(received or 0), env, device)) or None
-
-
-def _stop_on_signal(signum: int, step: int, save, run_dir: Path, env: DistEnv) -> None:
-    import signal as _signal
-
-    path = (save() if save is not None else None) or step_checkpoint_path(run_dir, step)  # DDP: rank 0 wrote it
-    name = _signal.Signals(signum).name
-    raise RunInterrupted(f"stopped by {name} at step {step}; checkpoint '{path}' written; the same command "
-                         f"with --resume auto (and --out '{run_dir}') continues the run exactly", signum)
-
-
-def _log_line(record: dict, total_steps: int, start_step: int, elapsed: float) -> str:
-    """One plain progress line (logs that are not a terminal): step, epoch, loss, lr, images/s, ETA."""
-    done = record["step"] - start_step
-    eta = elapsed / done * (total_steps - record["step"]) if done else float("nan")
-    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "-"
-    if math.isfinite(eta) and eta >= 86400:
-        eta_text = f"{int(eta // 86400)}d {eta_text}"
-    return (f"step {record['step']}/{total_steps}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
-            f"lr {record['lr']:.3e}  {record['images_per_sec']:.1f} images/s  ETA {eta_text}")
 
 
 def _last_logged_loss(run_dir: Path) -> float:
@@ -470,15 +491,6 @@ def _record_skipped(run_dir: Path, paths: set[str]) -> list[str]:
     if set(merged) != known:
         listing.write_text("".join(f"{p}\n" for p in merged))
     return merged
-
-
-def _shutdown_workers(loader: DataLoader) -> None:
-    """Stop persistent DataLoader workers now. After an error the live iterator is held by the
-    traceback, and its workers would linger until a garbage collection (which then blocks ~10 s);
-    torch has no public call for this, hence the private one, guarded."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
 
 
 @torch.no_grad()

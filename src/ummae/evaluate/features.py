@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from ..data.labeled import SkipUnreadable, collate_skipping, require_two_classes, train_val_datasets
 from ..data.transforms import eval_transform
-from ..engine.pretrain import resolve_device, training_autocast
+from ..engine.distributed import resolve_device
+from ..engine.loop import training_autocast
 from ..errors import UmmaeError
 from ..models.loading import build_backbone, load_backbone, load_pretrain_checkpoint
 

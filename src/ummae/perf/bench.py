@@ -1,11 +1,14 @@
 """Side-by-side benchmark of full training steps of several configurations (`ummae bench`).
 
-One step is what `ummae pretrain` does for one batch without gradient accumulation: masks drawn
-by the model (seeded generator), forward under the training autocast (bf16 on CUDA, fp32 on CPU
-with `train.precision: auto`), the loss, backward, gradient clipping if `optim.clip_grad` is set,
-an AdamW step and `zero_grad`. There is no data loader: every configuration trains on one fixed
-batch of random normal images of its `data.img_size`, so the numbers are those of the model step
-alone.
+A timed step is the very optimizer step `ummae pretrain` runs (`engine.loop.TrainStep`), for one
+batch without gradient accumulation: masks drawn by the model (seeded generator), forward under
+the training autocast (bf16 on CUDA, fp32 on CPU with `train.precision: auto`), the loss, the
+non-finite guard's loss factor, backward through the grad scaler, gradient clipping if
+`optim.clip_grad` is set, the guarded step of fused AdamW (the device-side finite checks of the
+gradients and of the updated weights included, `engine.guard`), `zero_grad` and the lr
+scheduler's update. There is no data loader: every configuration trains on one fixed batch of
+random normal images of its `data.img_size`, so the numbers are those of the model step alone
+(`BenchStep`).
 
 What is reported, per configuration:
     step_time_s           median wall time of the timed steps (min, max, IQR and all times too).
@@ -34,7 +37,7 @@ What is reported, per configuration:
                               `memory_allocated()` just before building.
                             CPU ("cpu_child_rss_delta"): the process has no allocator peak for
                               CPU tensors, so each configuration is built and trained alone in a
-                              fresh process (a child `python -m ummae.bench --memory-probe` that
+                              fresh process (a child `python -m ummae.perf.bench --memory-probe` that
                               imports once and forks one process per configuration): its peak RSS
                               during building + the steps minus its RSS just before building.
                               An unmeasured build + step first maps in the library code and
@@ -61,20 +64,23 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from .config import PretrainConfig, apply_overrides, config_to_dict
-from .engine.optim import build_optimizer
-from .engine.pretrain import training_autocast, resolve_device
-from .errors import ConfigError, UmmaeError
-from .models import build_pretrain_model
+from ..config import PretrainConfig, apply_overrides, config_to_dict
+from ..engine.distributed import resolve_device
+from ..engine.guard import StepGuard
+from ..engine.loop import TrainStep, training_autocast
+from ..engine.optim import build_optimizer, build_scheduler
+from ..errors import ConfigError, UmmaeError
+from ..models import build_pretrain_model
 
-__all__ = ["run_benchmark", "count_flops", "flop_counter", "measure_matmul_flops", "format_table", "write_json",
-           "MATMUL_N", "MEMORY_STEPS"]
+__all__ = ["run_benchmark", "BenchStep", "count_flops", "flop_counter", "measure_matmul_flops", "format_table",
+           "write_json", "sync_device", "CPU_ATTENTION_FLOPS", "MATMUL_N", "MEMORY_STEPS"]
 
 MATMUL_N = {"cpu": 2048, "cuda": 8192}  # square matmul size per device type
 MATMUL_REPEATS = 5
 MEMORY_STEPS = 3  # step 1 creates the AdamW state; later steps hold state + grads + activations
 DATA_SEED = 0
 MODEL_SEED = 0
+SCHEDULE_STEPS = 1000  # the nominal lr schedule of a bench step (its lr does not change the step's cost)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +185,7 @@ def _time_interleaved(configs: list[PretrainConfig], device: torch.device, build
                       steps: int, warmup: int, log: Callable[[str], None]) -> list[dict]:
     """Build every model, count its FLOPs, then warm-up and timed rounds across all of them."""
     log(f"building {len(configs)} model(s)")
-    runs = [_Run(cfg, device, build_model) for cfg in configs]
+    runs = [BenchStep(cfg, device, build_model) for cfg in configs]
 
     log("counting FLOPs")
     for run in runs:
@@ -195,30 +201,50 @@ def _time_interleaved(configs: list[PretrainConfig], device: torch.device, build
     return [run.result() for run in runs]
 
 
-class _Run:
-    """One configuration in the interleaved loop: model, optimizer, fixed batch, mask generator."""
+class BenchStep:
+    """One configuration's training step, as `ummae pretrain` runs it (see the module docstring):
+    the model (seed `MODEL_SEED`), fused AdamW, the lr schedule, grad scaler and non-finite guard
+    of training around `engine.loop.TrainStep`, a fixed batch of random images (seed `DATA_SEED`)
+    and the masks' own generator (new masks every step, as in training). `ummae bench` times
+    `step`; `--profile` and `--matmul-ceiling` (`step_profile`, `step_ceiling`) run it too."""
 
-    def __init__(self, cfg: PretrainConfig, device: torch.device, build_model: Callable):
-        self.cfg = cfg
-        self.device = device
-        self.model, self.optimizer, self.imgs = _build(cfg, device, build_model)
-        # Masks from their own generator, as in training: each step draws new ones.
+    def __init__(self, cfg: PretrainConfig, device: torch.device, build_model: Callable = build_pretrain_model):
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(MODEL_SEED)
+        self.model = build_model(cfg).to(device)
+        self.model.train()
+        size = cfg.data.img_size
+        self.imgs = torch.randn(cfg.train.batch_size, 3, size, size,
+                                generator=torch.Generator().manual_seed(DATA_SEED)).to(device)
         self.mask_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+        optimizer = build_optimizer(self.model, cfg.lr, cfg.optim.weight_decay, cfg.optim.betas, fused=True)
+        scheduler = build_scheduler(optimizer, SCHEDULE_STEPS, 0, cfg.optim.min_lr)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        self._train_step = TrainStep(
+            self.model, [p for p in self.model.parameters() if p.requires_grad], optimizer, scheduler, scaler,
+            StepGuard(device), prepare=lambda imgs: ((imgs,), imgs.shape[0]), loss=self._loss, device=device,
+            precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad)
+        self.steps_done = 0
         self.flops: dict = {}
         self.times: list[float] = []
+
+    def _loss(self, imgs: torch.Tensor) -> torch.Tensor:
+        loss, _, _ = self.model(imgs, generator=self.mask_gen)
+        return loss
 
     def autocast(self):
         return training_autocast(self.device, self.cfg.train.precision)
 
     def step(self) -> None:
-        _train_step(self.model, self.optimizer, self.imgs, self.mask_gen, self.autocast(),
-                    self.cfg.optim.clip_grad)
+        """One optimizer step on the fixed batch (kernels launched, not waited for)."""
+        self._train_step(iter((self.imgs,)), self.steps_done)
+        self.steps_done += 1
 
     def timed_step(self) -> float:
-        _sync(self.device)  # nothing queued from the previous preset's step
+        sync_device(self.device)  # nothing queued from the previous preset's step
         start = time.perf_counter()
         self.step()
-        _sync(self.device)  # the step's kernels have finished, not just been launched
+        sync_device(self.device)  # the step's kernels have finished, not just been launched
         return time.perf_counter() - start
 
     def result(self) -> dict:
@@ -247,31 +273,8 @@ class _Run:
         }
 
 
-def _build(cfg: PretrainConfig, device: torch.device, build_model: Callable):
-    """Model (seed `MODEL_SEED`), AdamW as in training, and the fixed random batch."""
-    torch.manual_seed(MODEL_SEED)
-    model = build_model(cfg).to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg.lr, cfg.optim.weight_decay, cfg.optim.betas)
-    size = cfg.data.img_size
-    imgs = torch.randn(cfg.train.batch_size, 3, size, size,
-                       generator=torch.Generator().manual_seed(DATA_SEED)).to(device)
-    return model, optimizer, imgs
-
-
-def _train_step(model, optimizer, imgs: torch.Tensor, mask_gen: torch.Generator, autocast,
-                clip_grad: float | None = None) -> None:
-    """One training step as `ummae pretrain` does it (minus logging and the loss check)."""
-    with autocast:
-        loss, _, _ = model(imgs, generator=mask_gen)
-    loss.backward()
-    if clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -316,15 +319,15 @@ def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-_CPU_ATTENTION_FLOPS = {
+CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
 }
 
 
 def flop_counter() -> FlopCounterMode:
-    """A silent `FlopCounterMode` that also counts CPU attention (see `_CPU_ATTENTION_FLOPS`)."""
-    return FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+    """A silent `FlopCounterMode` that also counts CPU attention (see `CPU_ATTENTION_FLOPS`)."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
 
 def count_flops(model: torch.nn.Module, imgs: torch.Tensor, autocast: Callable | None = None,
@@ -368,11 +371,11 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
     out = torch.empty(n, n, device=device, dtype=dtype)
 
     def timed(count: int) -> float:
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         for _ in range(count):
             torch.matmul(a, b, out=out)
-        _sync(device)
+        sync_device(device)
         return time.perf_counter() - start
 
     timed(1)  # warm-up: library init, kernel selection, thread-pool start
@@ -389,17 +392,15 @@ def _peak_memory_cuda(cfg: PretrainConfig, device: torch.device, build_model: Ca
     """Allocator peak while building and training `cfg` alone, minus what was allocated before."""
     gc.collect()
     torch.cuda.empty_cache()
-    _sync(device)
+    sync_device(device)
     baseline = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    model, optimizer, imgs = _build(cfg, device, build_model)
-    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    run = BenchStep(cfg, device, build_model)
     for _ in range(MEMORY_STEPS):
-        _train_step(model, optimizer, imgs, gen, training_autocast(device, cfg.train.precision),
-                    cfg.optim.clip_grad)
-    _sync(device)
+        run.step()
+    sync_device(device)
     peak = torch.cuda.max_memory_allocated(device) - baseline
-    del model, optimizer, imgs
+    del run
     gc.collect()
     torch.cuda.empty_cache()
     return int(peak)
@@ -408,7 +409,7 @@ def _peak_memory_cuda(cfg: PretrainConfig, device: torch.device, build_model: Ca
 def _peak_memory_cpu(configs: list[PretrainConfig], threads: int) -> list[int | None]:
     """RSS growth of training each configuration, measured outside this process.
 
-    One child process (`python -m ummae.bench --memory-probe`, configs as JSON on stdin) pays the
+    One child process (`python -m ummae.perf.bench --memory-probe`, configs as JSON on stdin) pays the
     imports (torch, timm: seconds) once, then forks a fresh grandchild per configuration that
     measures it alone and exits, so no configuration sees another's freed memory. Without
     `os.fork` each configuration gets its own child instead. None where a measurement failed.
@@ -422,9 +423,9 @@ def _cpu_memory_probe(configs: list[PretrainConfig], threads: int) -> list[int |
                "steps": MEMORY_STEPS}
     env = dict(os.environ)
     # The child must import this very package, installed or not.
-    src = str(Path(__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "ummae.bench", "--memory-probe"],
+    proc = subprocess.run([sys.executable, "-m", "ummae.perf.bench", "--memory-probe"],
                           input=json.dumps(request), capture_output=True, text=True, env=env)
     if proc.returncode == 0:
         answers = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -500,11 +501,9 @@ def _measure_in_fresh_process(cfg: PretrainConfig, threads: int, steps: int) -> 
 
 
 def _measured_training(cfg: PretrainConfig, device: torch.device, steps: int) -> None:
-    model, optimizer, imgs = _build(cfg, device, build_pretrain_model)
-    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    run = BenchStep(cfg, device)
     for _ in range(steps):
-        _train_step(model, optimizer, imgs, gen, training_autocast(device, cfg.train.precision),
-                    cfg.optim.clip_grad)
+        run.step()
 
 
 def _release_freed_memory() -> None:
@@ -605,5 +604,5 @@ def write_json(report: dict, path: str | Path) -> Path:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--memory-probe"]:
-        sys.exit("usage: python -m ummae.bench --memory-probe < request.json  (used by `ummae bench`)")
+        sys.exit("usage: python -m ummae.perf.bench --memory-probe < request.json  (used by `ummae bench`)")
     sys.exit(_memory_probe_main())

@@ -32,16 +32,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
-from .config import PretrainConfig
+from ..config import PretrainConfig
+from . import bench
+from .bench import CPU_ATTENTION_FLOPS, BenchStep, count_flops, measure_matmul_flops
 
 __all__ = ["record_flop_calls", "matmul_ceiling", "format_ceiling"]
 
 
 def _flop_formulas() -> dict:
-    from .bench import _CPU_ATTENTION_FLOPS  # the CPU attention kernels torch's counter misses
-
-    formulas = dict(flop_registry)
-    formulas.update({op: shape_wrapper(f) for op, f in _CPU_ATTENTION_FLOPS.items()})
+    formulas = dict(flop_registry)  # and the CPU attention kernels torch's counter misses
+    formulas.update({op: shape_wrapper(f) for op, f in CPU_ATTENTION_FLOPS.items()})
     return formulas
 
 
@@ -121,15 +121,13 @@ def time_call(call: dict, repeats: int = 3, min_seconds: float = 0.02) -> float:
 def matmul_ceiling(cfg: PretrainConfig, device: torch.device, batch_size: int, steps: int = 3,
                    warmup: int = 1, repeats: int = 3) -> dict:
     """The step's matmul-only time and FLOP/s ceiling next to its real time (CPU; see the module)."""
-    from .bench import MATMUL_N, _Run, count_flops, measure_matmul_flops
-    from .models import build_pretrain_model
-
     if device.type != "cpu":
         raise NotImplementedError("--matmul-ceiling replays calls on the CPU only")
     cfg = copy.deepcopy(cfg)  # the caller's config keeps its batch size
     cfg.train.batch_size = batch_size
-    matmul_rate = measure_matmul_flops(device, torch.float32, MATMUL_N["cpu"])
-    run = _Run(cfg, device, build_pretrain_model)  # the step `ummae bench` times
+    matmul_n = bench.MATMUL_N["cpu"]
+    matmul_rate = measure_matmul_flops(device, torch.float32, matmul_n)
+    run = BenchStep(cfg, device)  # the step `ummae bench` times
     total = count_flops(run.model, run.imgs, run.autocast)["train_step"]
     for _ in range(warmup):
         run.step()
@@ -143,7 +141,7 @@ def matmul_ceiling(cfg: PretrainConfig, device: torch.device, batch_size: int, s
         tensors = [s.shape for s in call["args"] if isinstance(s, _TensorSpec)]
         rows.append({"op": str(call["op"]), "shapes": [list(s) for s in tensors], "count": call["count"],
                      "flops": call["flops"], "seconds": seconds, "flops_per_s": call["flops"] / seconds})
-    rate_after = measure_matmul_flops(device, torch.float32, MATMUL_N["cpu"])
+    rate_after = measure_matmul_flops(device, torch.float32, matmul_n)
     rates = (matmul_rate, rate_after)
     matmul_rate = max(rates)
     counted = sum(r["flops"] * r["count"] for r in rows)

@@ -28,7 +28,9 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .config import PretrainConfig
+from ..config import PretrainConfig
+from ..models import build_pretrain_model
+from .bench import BenchStep, sync_device
 
 __all__ = ["profile_step", "format_profile"]
 
@@ -84,38 +86,21 @@ def _vit_block_labels(model: torch.nn.Module):
 
 def profile_step(cfg: PretrainConfig, device: torch.device, batch_size: int, steps: int = 3,
                  warmup: int = 1, build_model: Callable | None = None) -> dict:
-    """Profile `steps` training steps of one configuration (after `warmup` unprofiled ones)."""
-    from .bench import _build, _sync
-    from .engine.pretrain import training_autocast
-
+    """Profile `steps` training steps of one configuration (after `warmup` unprofiled ones): the
+    step `ummae bench` times (`BenchStep`), whose phases are labelled forward / backward / optimizer."""
     cfg.train.batch_size = batch_size
     cfg.train.accum_steps = 1
-    from .models import build_pretrain_model
-
-    model, optimizer, imgs = _build(cfg, device, build_model or build_pretrain_model)
-    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-
-    def step():
-        with training_autocast(device, cfg.train.precision):
-            with record_function("forward"):
-                loss, _, _ = model(imgs, generator=gen)
-        with record_function("backward"):
-            loss.backward()
-        with record_function("optimizer"):
-            if cfg.optim.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+    run = BenchStep(cfg, device, build_model or build_pretrain_model)
+    model, step = run.model, run.step
     with _vit_block_labels(model):
         for _ in range(warmup):
             step()
-        _sync(device)
+        sync_device(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities, profile_memory=True) as prof:
             for _ in range(steps):
                 step()
-            _sync(device)
+            sync_device(device)
     table = _attribute(prof.events(), steps, device.type == "cuda")
     return {"preset": cfg.preset, "batch_size": batch_size, "steps": steps, "device": str(device),
             "components": table}
