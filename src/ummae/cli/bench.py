@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import format_table, run_benchmark, write_json
-    from ..config import resolve_config
+    from ..resolve import resolve_config
     from ..errors import ConfigError
 
     flags = {"train.batch_size": args.batch_size, "train.device": args.device}

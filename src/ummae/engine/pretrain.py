@@ -37,8 +37,8 @@ from ..config import PretrainConfig, config_to_dict
 from ..data import build_pretrain_dataset, to_model_input
 from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
 from ..errors import ConfigError, UmmaeError
-from ..masking import MaskSample, UniformMasking
 from ..models import build_pretrain_model
+from ..models.specs import backbone_spec
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid, spread_indices
 from .checkpoint import (link_or_copy, load_checkpoint, prune_step_checkpoints,
                          save_checkpoint, step_checkpoint_path)
@@ -142,16 +142,6 @@ def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
     )
 
 
-def _batch_masks(batch: dict, masking, grid_size: tuple[int, int], has_secondary: bool) -> MaskSample:
-    """The masks of a DataLoader batch, as drawn by `masking` in the workers. Masks drawn by
-    `UniformMasking` are flagged uniform, so the encoder need not read them back from the device
-    to check them."""
-    if hasattr(masking, "from_batch"):  # EMAE's parts ([B, K, L] masks) rebuild themselves
-        return masking.from_batch(batch)
-    return MaskSample(batch["mask"], batch["ids_keep"], grid_size, batch["secondary"] if has_secondary else None,
-                      isinstance(masking, UniformMasking))
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop the lines a killed run logged after the checkpoint being resumed."""
     if not path.exists():
@@ -213,14 +203,9 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     if cfg.train.init_weights and resume is None:
         if not Path(cfg.train.init_weights).is_file():
             raise ConfigError(f"--init-weights: '{cfg.train.init_weights}' does not exist")
-        if cfg.model.arch == "hiera":  # also timm's / Hiera's own backbone weights (`.mae`)
-            from ..models.hiera import read_init_weights
-
-            init_state = read_init_weights(cfg.train.init_weights)
-        else:  # an ummae checkpoint, or the paper's released weights (converted for this run)
-            from ..models.official import read_init_weights
-
-            init_state = read_init_weights(cfg.train.init_weights, cfg)
+        # an ummae checkpoint, or what else the backbone reads (the paper's released weights,
+        # converted for this run; timm's / Hiera's own backbone weights)
+        init_state = backbone_spec(cfg.model.arch).read_init_weights(cfg.train.init_weights, cfg)
 
     with torch.device("meta"):  # the model's own checks (e.g. image size vs stride), at no cost
         build_pretrain_model(cfg)
@@ -234,11 +219,9 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_pretrain_model(cfg).to(device)
     loader = _make_loader(cfg, dataset, sampler, model.masking, device)
-    has_secondary = cfg.method == "ummae"
-    if init_state is not None and "model" not in init_state:  # a Hiera backbone's weights: encoder only
-        from ..models.hiera import load_backbone_weights
-
-        load_backbone_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
+    if init_state is not None and "model" not in init_state:  # a backbone's own weights: encoder only
+        backbone_spec(cfg.model.arch).load_backbone_weights(model, init_state,
+                                                            f"--init-weights '{cfg.train.init_weights}'")
     elif init_state is not None:
         _load_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
     if resume_state is not None:
@@ -306,8 +289,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     try:
         while step < total_steps:
             epoch = step // steps_per_epoch
-            if hasattr(model, "set_epoch"):  # EMAE: the consistency term's start epoch
-                model.set_epoch(epoch)
+            model.set_epoch(epoch)  # e.g. EMAE: the consistency term's start epoch
             sampler.set_epoch(epoch, start=(step % steps_per_epoch) * accum * batch)
             micro = 0
             for batch_data in loader:
@@ -315,7 +297,7 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
                     torch.manual_seed(seed_for(seed, "step", env.rank, step))  # drop path etc.
                 skipped_files.update(p for s in batch_data["skipped"] if s for p in s.split("\n"))
                 imgs = to_model_input(batch_data["image"], device)  # uint8 -> device, normalised there
-                masks = _batch_masks(batch_data, model.masking, model.grid_size, has_secondary)
+                masks = model.masking.sample_type.from_batch(batch_data)  # as the workers drew them
                 masks = masks.to(device, non_blocking=True)
                 with training_autocast(device, cfg.train.precision):
                     loss, _, _ = train_model(imgs, masks)
