@@ -141,7 +141,7 @@ def time_interleaved(runs: dict, paths: list[Path], rounds: int, repeat: int) ->
 def gpu_estimate(preset: str, gpu_tflops: float, mfu: float) -> dict:
     """Estimated GPU images/s of `preset`'s training step from its FLOPs (counted on CPU)."""
     from ummae.perf import count_flops
-    from ummae.config import resolve_config
+    from ummae.resolve import resolve_config
     from ummae.models import build_pretrain_model
 
     cfg = resolve_config(preset)

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ummae.perf import measure_matmul_flops, run_benchmark  # noqa: E402
-from ummae.config import resolve_config  # noqa: E402
+from ummae.resolve import resolve_config  # noqa: E402
 from ummae.models import build_pretrain_model  # noqa: E402
 
 # (UM-MAE preset, its baseline, batch per step on one GPU) -- realistic: what fits an 80 GB card

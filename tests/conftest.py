@@ -34,7 +34,7 @@ def tiny_sets() -> list[str]:
 @pytest.fixture
 def tiny_config():
     """The resolved tiny configuration (what the tiny CLI runs use), built fresh per test."""
-    from ummae.config import resolve_config
+    from ummae.resolve import resolve_config
 
     return resolve_config(sets=list(TINY_SETS),
                           flags={"train.batch_size": TINY_BATCH, "train.max_steps": TINY_STEPS})

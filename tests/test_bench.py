@@ -12,7 +12,8 @@ import torch.nn as nn
 import ummae.perf.bench as bench
 from ummae.perf import count_flops, format_table, run_benchmark
 from ummae.cli import main
-from ummae.config import PretrainConfig, resolve_config
+from ummae.config import PretrainConfig
+from ummae.resolve import resolve_config
 
 RESULT_KEYS = ("preset", "batch_size", "img_size", "params", "step_time_s", "step_time_min_s",
                "step_time_max_s", "step_time_iqr_s", "images_per_s", "peak_memory_bytes",

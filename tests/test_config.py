@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ummae.config import (PretrainConfig, TrainConfig, apply_overrides, config_to_dict, parse_set_option,
-                          resolve_config)
+from ummae.config import PretrainConfig, TrainConfig, apply_overrides, config_to_dict, parse_set_option
+from ummae.resolve import resolve_config
 from ummae.errors import ConfigError, UmmaeError
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ummae.config import config_to_dict, resolve_config, validate
+from ummae.config import config_to_dict, validate
+from ummae.resolve import resolve_config
 from ummae.errors import ConfigError
 from ummae.models import build_pretrain_model
 from ummae.presets import PRESETS, get_preset, preset_names

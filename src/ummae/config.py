@@ -1,10 +1,12 @@
-"""Run configuration: typed sections, presets, YAML files and command-line overrides.
+"""Run configuration: typed sections, YAML files and command-line overrides; no model code.
 
-A configuration is resolved in layers, later ones winning:
+A configuration is resolved in layers, later ones winning (`ummae.resolve.resolve_config`):
     preset (`--preset`, default `demo`) < YAML file (`--config`) < `--set key=value` < named flags
-and validated as a whole, so every bad value is reported as one line naming its key. The
-resolved configuration is written to the run directory as `config.yaml`; feeding that file back
-with `--config` reproduces the run.
+Here: the sections, the key and type checks of every layer (`apply_overrides`: one line naming an
+unknown key, torch-free), the checks of values any configuration has (`validate`), resuming.
+What only a backbone or a method can judge, its spec does (`ummae.models.specs`). The resolved
+configuration is written to the run directory as `config.yaml`; feeding that file back with
+`--config` reproduces the run.
 """
 
 from __future__ import annotations
@@ -23,14 +25,19 @@ from .errors import ConfigError
 
 __all__ = [
     "ModelConfig", "MaskingConfig", "EmaeConfig", "DataConfig", "OptimConfig", "TrainConfig", "PretrainConfig",
-    "resolve_config", "config_to_dict", "apply_overrides", "parse_set_option", "absolute_paths",
-    "check_resumable", "RESUMABLE_KEYS", "refuse_changed_keys",
+    "config_to_dict", "apply_overrides", "parse_set_option", "apply_set_options", "load_yaml", "validate", "absolute_paths",
+    "check_resumable", "RESUMABLE_KEYS", "refuse_changed_keys", "register_model_options",
 ]
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "swin"  # backbone family: swin | pvt | vit | hiera (timm's, method mae or emae)
+    """The backbone and decoder. Its fields are the union of what the built-in backbones read
+    (each backbone's spec, `ummae.models.specs`, says which ones it ignores). A backbone from
+    outside the package adds its own options (`BackboneSpec.options`): they are set and saved as
+    `model.NAME` like the others, kept in `options`, and read with `option(NAME)`."""
+
+    arch: str = "swin"  # backbone family: swin | pvt | vit | hiera (timm's, method mae or emae) | registered
     embed_dim: int = 96  # Swin: stage-1 width (doubled per stage); ViT: the width
     embed_dims: list[int] | None = None  # PVT: width of every stage
     depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])  # ViT: one entry
@@ -52,6 +59,36 @@ class ModelConfig:
     decoder_depth: int = 2
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+    # Options of registered backbones outside the package (`register_model_options`); left out
+    # of `config_to_dict` while empty, so configurations of the built-in backbones are unchanged.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def option(self, name: str) -> Any:
+        """A registered backbone option: its set value, else its default."""
+        if name not in _MODEL_OPTIONS:
+            raise ConfigError(f"model.{name} is not a registered backbone option")
+        return self.options.get(name, _MODEL_OPTIONS[name][1])
+
+
+# Extra `model.NAME` options of registered backbones: name -> (arch, default); the type is the default's.
+_MODEL_OPTIONS: dict[str, tuple[str, Any]] = {}
+
+
+def register_model_options(arch: str, options: dict[str, Any]) -> None:
+    """Let `model.NAME` (`--set`, YAML files, saved configurations) set backbone `arch`'s own option
+    NAME; its type is its default's (bool, int, float, str or a list of one of them)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    for name, default in options.items():
+        if name in known or (name in _MODEL_OPTIONS and _MODEL_OPTIONS[name][0] != arch):
+            raise ValueError(f"model option {name!r} of backbone {arch!r} exists already")
+        _MODEL_OPTIONS[name] = (arch, default)
+
+
+def _option_type(name: str) -> Any:
+    default = _MODEL_OPTIONS[name][1]
+    if isinstance(default, list):
+        return list[type(default[0])] if default else list[str]
+    return type(default)
 
 
 @dataclass
@@ -111,9 +148,6 @@ class TrainConfig:
     vis_images: int = 8  # images in the reconstruction picture
 
 
-METHODS = ("ummae", "mae", "simmim", "emae")
-
-
 @dataclass
 class PretrainConfig:
     preset: str = "demo"
@@ -149,7 +183,10 @@ class PretrainConfig:
 
 def config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
     """Plain nested dict (YAML/JSON/checkpoint safe: only str, int, float, bool, None, lists)."""
-    return dataclasses.asdict(cfg)
+    out = dataclasses.asdict(cfg)
+    if not out["model"]["options"]:  # only backbones from outside the package have options
+        del out["model"]["options"]
+    return out
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -235,11 +272,26 @@ def apply_overrides(cfg: PretrainConfig, values: dict[str, Any], source: str) ->
         section_obj = getattr(cfg, top)
         hints = _field_types(sections[top])
         for key, v in value.items():
+            if top == "model" and (key == "options" or key in _MODEL_OPTIONS):
+                _set_model_options(section_obj, v if key == "options" else {key: v}, source)
+                continue
             if key not in hints:
+                extra = f", {', '.join(_MODEL_OPTIONS)}" if top == "model" and _MODEL_OPTIONS else ""
                 raise ConfigError(f"unknown config key '{top}.{key}' in {source} "
-                                  f"(known: {', '.join(hints)})")
+                                  f"(known: {', '.join(k for k in hints if k != 'options')}{extra})")
             setattr(section_obj, key, _coerce(v, hints[key], f"{top}.{key}"))
     return cfg
+
+
+def _set_model_options(m: ModelConfig, values: Any, source: str) -> None:
+    """`model.NAME` of registered backbone options (or a saved `options:` mapping of them)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"model.options in {source} must be a mapping of backbone options")
+    for name, v in values.items():
+        if name not in _MODEL_OPTIONS:
+            raise ConfigError(f"unknown config key 'model.{name}' in {source} (registered backbone options: "
+                              f"{', '.join(_MODEL_OPTIONS) or 'none'})")
+        m.options[name] = _coerce(v, _option_type(name), f"model.{name}")
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:
@@ -252,6 +304,16 @@ def parse_set_option(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def apply_set_options(cfg: PretrainConfig, items: list[str]) -> dict[str, str]:
+    """Apply `--set SECTION.KEY=VALUE` items in order; returns `{dotted key: "--set ITEM"}`."""
+    explicit = {}
+    for item in items:
+        key, value = parse_set_option(item)
+        apply_overrides(cfg, {key: value}, f"--set {item}")
+        explicit[key] = f"--set {item}"
+    return explicit
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -270,52 +332,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# validation
-
-def stage_widths(m: ModelConfig) -> list[int]:
-    """Channels of every stage of the configured encoder."""
-    if m.arch == "pvt" and m.embed_dims is not None:
-        return list(m.embed_dims)
-    if m.arch == "vit":
-        return [m.embed_dim]
-    return [m.embed_dim * 2 ** i for i in range(len(m.depths))]
-
-
-def _uniform(cfg: PretrainConfig) -> bool:
-    """Whether the method draws uniform masks (one visible unit per 2x2 block)."""
-    return cfg.method == "ummae" or (cfg.method == "emae" and cfg.emae.parts == "uniform")
-
-
-def _validate_emae(cfg: PretrainConfig) -> None:
-    e = cfg.emae
-    if e.parts not in ("uniform", "random"):
-        raise ConfigError(f"emae.parts must be uniform or random, got {e.parts!r}")
-    if e.parts == "uniform" and cfg.model.arch == "hiera":
-        raise ConfigError("emae.parts uniform does not apply to model.arch hiera (Hiera has no mask token "
-                          "for secondary masking and drops any units itself); use emae.parts=random")
-    if e.parts == "random" and cfg.model.arch not in ("vit", "hiera"):
-        raise ConfigError(f"emae.parts random needs model.arch vit or hiera: {cfg.model.arch} windows/reductions "
-                          "need uniform parts; use emae.parts=uniform")
-    if e.num_parts < 2:
-        raise ConfigError(f"emae.num_parts must be >= 2, got {e.num_parts}")
-    if e.parts == "uniform" and e.num_parts != 4:
-        raise ConfigError(f"emae.parts uniform deals each 2x2 block to 4 parts: emae.num_parts must be 4, "
-                          f"got {e.num_parts}")
-    units = (cfg.data.img_size // cfg.masking.unit_size) ** 2
-    if e.parts == "random" and units % e.num_parts:
-        raise ConfigError(f"emae.num_parts {e.num_parts} does not divide the {units} mask units of a "
-                          f"{cfg.data.img_size} px image with {cfg.masking.unit_size} px units")
-    if e.consistency_distance not in ("l1", "l2"):
-        raise ConfigError(f"emae.consistency_distance must be l1 or l2, got {e.consistency_distance!r}")
-    if not (math.isfinite(e.consistency_weight) and e.consistency_weight >= 0):
-        raise ConfigError(f"emae.consistency_weight must be >= 0, got {e.consistency_weight}")
-    if not (math.isfinite(e.consistency_start_epoch) and e.consistency_start_epoch >= 0):
-        raise ConfigError(f"emae.consistency_start_epoch must be >= 0, got {e.consistency_start_epoch}")
-
+# validation and warnings (the backbone's and method's own: `ummae.models.specs`)
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
-    """Check every value; raise `ConfigError` naming the first bad key."""
-    from .models import ENCODERS
+    """Check every value that needs no backbone or method to judge; raise `ConfigError` naming the
+    first bad key. What only a backbone or method knows (`model.arch`, `method` themselves, stage
+    lists, which method runs on which backbone) its spec checks: `models.specs.check_config`."""
 
     def positive(key: str, v: float | int | None, allow_none: bool = False, zero: bool = False):
         if v is None and allow_none:
@@ -324,36 +346,13 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
             raise ConfigError(f"{key} must be {'>= 0' if zero else '> 0'}, got {v}")
 
     m, k, d, o, t = cfg.model, cfg.masking, cfg.data, cfg.optim, cfg.train
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    if m.arch not in ENCODERS:
-        raise ConfigError(f"model.arch must be one of {', '.join(ENCODERS)}, got {m.arch!r}")
-    if cfg.method == "mae" and m.arch not in ("vit", "hiera"):
-        raise ConfigError(f"method mae (random masking) needs model.arch vit or hiera: {m.arch} windows/"
-                          "reductions need uniform masking; use method ummae")
-    if m.arch == "hiera":
-        _validate_hiera(cfg)
-    if cfg.method == "simmim" and m.arch == "vit":
-        raise ConfigError("method simmim is implemented for model.arch swin and pvt, not vit")
     for key in ("embed_dim", "window_size", "patch_size", "mlp_ratio", "pos_hidden_dim",
                 "decoder_dim", "decoder_depth", "decoder_heads"):
         positive(f"model.{key}", getattr(m, key))
     if not m.depths or any(x < 1 for x in m.depths):
         raise ConfigError(f"model.depths must be a non-empty list of integers >= 1, got {m.depths}")
-    if m.arch == "vit" and len(m.depths) != 1:
-        raise ConfigError(f"model.depths for vit is one number of blocks, e.g. [12], got {m.depths}")
     if len(m.num_heads) != len(m.depths) or any(x < 1 for x in m.num_heads):
         raise ConfigError(f"model.num_heads must have one integer >= 1 per stage ({len(m.depths)}), got {m.num_heads}")
-    if m.arch == "pvt":
-        for key in ("embed_dims", "mlp_ratios", "sr_ratios"):
-            value = getattr(m, key)
-            if value is None or len(value) != len(m.depths) or any(not v > 0 for v in value):
-                raise ConfigError(f"model.{key} must have one positive number per stage ({len(m.depths)}) "
-                                  f"for pvt, got {value}")
-    for i, heads in enumerate(m.num_heads):
-        width = stage_widths(m)[i]
-        if width % heads:
-            raise ConfigError(f"model.num_heads[{i}]={heads} does not divide the stage width {width}")
     if m.decoder_dim % m.decoder_heads or m.decoder_dim % 4:
         raise ConfigError(f"model.decoder_dim {m.decoder_dim} must be divisible by 4 and by model.decoder_heads")
     if not 0 <= m.drop_path_rate < 1:
@@ -373,11 +372,6 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     positive("data.img_size", d.img_size)
     if d.img_size % k.unit_size:
         raise ConfigError(f"data.img_size {d.img_size} is not divisible by masking.unit_size {k.unit_size}")
-    if cfg.method == "emae":
-        _validate_emae(cfg)
-    if _uniform(cfg) and (d.img_size // k.unit_size) % 2:
-        raise ConfigError(f"data.img_size {d.img_size} / masking.unit_size {k.unit_size} gives an odd "
-                          f"unit grid ({d.img_size // k.unit_size}); uniform masking needs it even")
     if not 0 < d.min_crop_scale <= 1:
         raise ConfigError(f"data.min_crop_scale must be in (0, 1], got {d.min_crop_scale}")
     positive("data.demo_length", d.demo_length)
@@ -416,71 +410,16 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
-def _validate_hiera(cfg: PretrainConfig) -> None:
-    """timm's Hiera: MAE or EMAE (random parts, checked in `_validate_emae`), 4 stages (3 q-pools:
-    stride 32), heads doubling per stage as its width does, mask units of 8x8 tokens (what its
-    unrolling makes contiguous) that tile the image."""
-    m, unit, size = cfg.model, cfg.masking.unit_size, cfg.data.img_size
-    if cfg.method not in ("mae", "emae"):
-        raise ConfigError(f"model.arch hiera is pre-trained with method mae or emae (Hiera drops masked units "
-                          f"itself; no uniform masking or mask tokens), got method {cfg.method}")
-    if len(m.depths) != 4:
-        raise ConfigError(f"model.depths for hiera has 4 stages, e.g. [1, 2, 7, 2], got {m.depths}")
-    if len(m.num_heads) == 4 and list(m.num_heads) != [m.num_heads[0] * 2 ** i for i in range(4)]:
-        raise ConfigError(f"model.num_heads for hiera doubles per stage (timm's head_mul 2), e.g. "
-                          f"[1, 2, 4, 8], got {m.num_heads}")
-    if unit != 8 * m.patch_size or size % unit:
-        raise ConfigError(f"hiera: masking.unit_size must be 8 x model.patch_size ({8 * m.patch_size} px: "
-                          f"Hiera's mask units are 8x8 tokens) and divide data.img_size; got unit {unit} "
-                          f"for {size} px")
-
-
-# ---------------------------------------------------------------------------------------------
-# resolution
-
-def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
-                   sets: list[str] | None = None, flags: dict[str, Any] | None = None,
-                   base: dict[str, Any] | None = None) -> PretrainConfig:
-    """Build and validate a configuration from its layers (see the module docstring).
+def warn_ignored_overrides(cfg: PretrainConfig, explicit: dict[str, str], lower: dict[str, Any],
+                           ignored: dict[str, str]) -> None:
+    """An explicit override (--set, flag) of a key that another key makes irrelevant gets a
+    one-line warning on stderr naming what wins, rather than silently doing nothing.
 
     Args:
-        preset: preset name; None = the file's `preset:` key, else `demo`.
-        config_file: YAML file of sections (a saved `config.yaml` works).
-        sets: `--set SECTION.KEY=VALUE` items.
-        flags: dotted keys from named command-line flags (None values are ignored).
-        base: a whole configuration dict (e.g. from a checkpoint being resumed) used instead
-            of a preset as the bottom layer.
+        explicit: dotted key -> the option that set it.
+        lower: the configuration below the explicit overrides (preset or checkpoint, and file).
+        ignored: dotted key -> why the configured backbone and method do not read it.
     """
-    from .presets import get_preset
-
-    file_values = load_yaml(config_file) if config_file else {}
-    if base is not None:
-        cfg = apply_overrides(PretrainConfig(), base, "the checkpoint's configuration")
-        cfg.preset = str(base.get("preset", "resumed"))
-    else:
-        name = preset or file_values.get("preset") or "demo"
-        cfg = get_preset(str(name))
-        cfg.preset = str(name)
-    if file_values:
-        apply_overrides(cfg, file_values, f"config file '{config_file}'")
-    lower = config_to_dict(cfg)  # preset/checkpoint + file: what the explicit overrides change
-    explicit: dict[str, str] = {}  # dotted key -> the option that set it
-    for item in sets or []:
-        key, value = parse_set_option(item)
-        apply_overrides(cfg, {key: value}, f"--set {item}")
-        explicit[key] = f"--set {item}"
-    for key, value in (flags or {}).items():
-        if value is not None:
-            option = f"--{key.split('.')[-1].replace('_', '-')}"
-            apply_overrides(cfg, {key: value}, option)
-            explicit[key] = option
-    _warn_ignored_overrides(cfg, explicit, lower)
-    return validate(cfg)
-
-
-def _warn_ignored_overrides(cfg: PretrainConfig, explicit: dict[str, str], lower: dict[str, Any]) -> None:
-    """An explicit override (--set, flag) of a key that another key makes irrelevant gets a
-    one-line warning on stderr naming what wins, rather than silently doing nothing."""
     import sys
 
     def refuse(key: str, why: str):
@@ -490,17 +429,9 @@ def _warn_ignored_overrides(cfg: PretrainConfig, explicit: dict[str, str], lower
         source = f"preset '{cfg.preset}'" if lower["optim"]["lr"] == cfg.optim.lr else "the configuration"
         refuse("optim.blr", f"optim.lr={cfg.optim.lr} (from the {source}) wins over blr; "
                             "add --set optim.lr=none to use blr")
-    if "masking.mask_ratio" in explicit and cfg.method == "ummae":
-        refuse("masking.mask_ratio", "method ummae uses uniform masking, which always masks 75%")
-    # PVT has per-stage lists where Swin and ViT have one number
-    per_stage = {"model.embed_dim": "model.embed_dims", "model.mlp_ratio": "model.mlp_ratios"}
-    for one, lists in per_stage.items():
-        if one in explicit and cfg.model.arch == "pvt":
-            refuse(one, f"model.arch pvt uses {lists} (one value per stage)")
-        if lists in explicit and cfg.model.arch != "pvt":
-            refuse(lists, f"{lists} is for model.arch pvt; {cfg.model.arch} uses {one}")
-    if "model.sr_ratios" in explicit and cfg.model.arch != "pvt":
-        refuse("model.sr_ratios", f"model.sr_ratios is for model.arch pvt only, not {cfg.model.arch}")
+    for key, why in ignored.items():
+        if key in explicit:
+            refuse(key, why)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,12 +32,13 @@ import torch
 
 from .config import config_to_dict
 from .errors import UmmaeError
+from .models import registry  # noqa: F401 - the timm names must be registered
+from .models.loading import (SUFFIX, build_backbone, card_path, encoder_state_dict, load_pretrain_checkpoint,
+                             read_card)
+from .models.specs import backbone_spec, full_image_config
 
 __all__ = ["export_backbone", "timm_model_args", "create_exported", "read_card", "ExportResult",
            "card_path"]
-
-SUFFIX = ".safetensors"
-
 
 @dataclass
 class ExportResult:
@@ -49,50 +50,17 @@ class ExportResult:
     num_tensors: int
 
 
-def card_path(weights: str | Path) -> Path:
-    """`NAME.safetensors` -> `NAME.json`."""
-    weights = Path(weights)
-    return weights.with_name(weights.name[:-len(SUFFIX)] + ".json")
-
-
-def _non_default(m, *keys: str) -> dict[str, Any]:
-    """The architecture options among `keys` that differ from their defaults (e.g. those of a
-    converted official checkpoint), so that cards of ordinary models stay as they were."""
-    from .config import ModelConfig
-
-    default = ModelConfig()
-    return {k: getattr(m, k) for k in keys if getattr(m, k) != getattr(default, k)}
-
-
 def timm_model_args(cfg) -> tuple[str, dict[str, Any]]:
-    """`(timm model name, create_model kwargs)` of the full-image backbone of a `PretrainConfig`.
+    """`(timm model name, create_model kwargs)` of the full-image backbone of a `PretrainConfig`
+    (its spec's `timm_model`, on the full-image configuration).
 
     Plain JSON values only. Training-only options (drop path) are left out: they are the
     fine-tuner's choice.
     """
-    from .models.loading import full_image_window
-    from .models.registry import TIMM_NAMES
-
-    m = cfg.model
-    if m.arch == "hiera":  # timm's own Hiera: plain `hiera_*` weights, no ummae needed to load them
-        from .models.hiera import hiera_timm_model
-
-        return hiera_timm_model(m, cfg.data.img_size, cfg.masking.unit_size)
-    if m.arch == "swin":
-        args = dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depths=list(m.depths),
-                    num_heads=list(m.num_heads), window_size=full_image_window(cfg),
-                    mlp_ratio=m.mlp_ratio, pos_hidden_dim=m.pos_hidden_dim)
-        args.update(_non_default(m, "merge", "norm_eps"))
-    elif m.arch == "pvt":
-        args = dict(patch_size=m.patch_size, embed_dims=list(m.embed_dims), depths=list(m.depths),
-                    num_heads=list(m.num_heads), mlp_ratios=list(m.mlp_ratios), sr_ratios=list(m.sr_ratios))
-        args.update(_non_default(m, "embed_norm", "sr_every_stage", "norm_eps"))
-    elif m.arch == "vit":
-        args = dict(img_size=cfg.data.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
-                    depth=m.depths[0], num_heads=m.num_heads[0], mlp_ratio=m.mlp_ratio)
-    else:
-        raise UmmaeError(f"no timm export for backbone family {m.arch!r}")
-    return TIMM_NAMES[m.arch], args
+    spec = backbone_spec(cfg.model.arch)
+    if spec.timm_model is None:
+        raise UmmaeError(f"no timm export for backbone family {cfg.model.arch!r}")
+    return spec.timm_model(full_image_config(cfg))
 
 
 def _resolve_out(out: str | Path) -> Path:
@@ -137,8 +105,6 @@ def _verify(backbone: torch.nn.Module, weights: Path, name: str, model_args: dic
     """The timm model rebuilt from the card loads `weights` strictly and matches `backbone` exactly."""
     import timm
 
-    from .models import registry  # noqa: F401 - the names must be registered
-
     try:
         rebuilt = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
                                     **model_args)
@@ -172,7 +138,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
 
     from . import __version__
     from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from .models.loading import build_backbone, encoder_state_dict, load_pretrain_checkpoint
 
     out = _resolve_out(out)
     checkpoint = _resolve_checkpoint(checkpoint)
@@ -248,22 +213,6 @@ def _timm_version() -> str:
     return timm.__version__
 
 
-def read_card(path: str | Path) -> dict[str, Any]:
-    """The JSON card of an export, given its `.safetensors` or `.json` path."""
-    path = Path(path)
-    card_file = card_path(path) if path.name.endswith(SUFFIX) else path
-    if not card_file.is_file():
-        raise UmmaeError(f"'{card_file}' does not exist (written next to the weights by `ummae export`)")
-    try:
-        card = json.loads(card_file.read_text())
-    except (OSError, ValueError) as e:
-        raise UmmaeError(f"'{card_file}' is not a readable export card ({e})") from None
-    if not isinstance(card, dict) or not isinstance(card.get("model"), str) \
-            or not isinstance(card.get("model_args"), dict):
-        raise UmmaeError(f"'{card_file}' is not an export card (needs 'model' and 'model_args')")
-    return card
-
-
 def create_exported(path: str | Path, pretrained: bool = True, **kwargs) -> torch.nn.Module:
     """`timm.create_model` of an export, from its card; `kwargs` override the card's arguments
     (e.g. `features_only=True`, `out_indices=(1, 2, 3)`, `num_classes=10`, ViT `img_size=384`).
@@ -273,8 +222,6 @@ def create_exported(path: str | Path, pretrained: bool = True, **kwargs) -> torc
         pretrained: load the weights (False: same architecture, fresh initialisation).
     """
     import timm
-
-    from .models import registry  # noqa: F401 - the names must be registered
 
     path = Path(path)
     card = read_card(path)

@@ -58,7 +58,50 @@ def _check_ratio(name: str, value: float) -> float:
 
 
 @dataclass
-class MaskSample:
+class _Masks:
+    """What a `MaskSample` and a `PartsSample` share: tensors with a leading image axis that are
+    concatenated, moved, and carried from DataLoader workers to the model as batch entries."""
+
+    mask: torch.Tensor
+    ids_keep: torch.Tensor
+    grid_size: tuple[int, int]
+    secondary: torch.Tensor | None = None
+    uniform: bool = False
+
+    @classmethod
+    def cat(cls, samples: list):
+        """Concatenate samples of the same grid along the image batch."""
+        secondary = None
+        if samples[0].secondary is not None:
+            secondary = torch.cat([s.secondary for s in samples])
+        return cls(torch.cat([s.mask for s in samples]), torch.cat([s.ids_keep for s in samples]),
+                   samples[0].grid_size, secondary, all(s.uniform for s in samples))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False):
+        secondary = None if self.secondary is None else self.secondary.to(device, non_blocking=non_blocking)
+        return type(self)(self.mask.to(device, non_blocking=non_blocking),
+                          self.ids_keep.to(device, non_blocking=non_blocking), self.grid_size, secondary,
+                          self.uniform)
+
+    def item(self) -> dict[str, torch.Tensor | bool]:
+        """The masks of ONE image (a sample of batch 1) as entries of a DataLoader item:
+        `mask`, `ids_keep`, `secondary` (if any), `mask_grid` `[2]` and `mask_uniform`; torch's
+        default collate stacks them, `from_batch` reads them back."""
+        entries = {"mask": self.mask[0], "ids_keep": self.ids_keep[0], "mask_grid": torch.tensor(self.grid_size),
+                   "mask_uniform": self.uniform}
+        if self.secondary is not None:
+            entries["secondary"] = self.secondary[0]
+        return entries
+
+    @classmethod
+    def from_batch(cls, batch: dict):
+        """The masks of a collated batch of `item()` entries (on the CPU, as the workers drew them)."""
+        return cls(batch["mask"], batch["ids_keep"], tuple(int(v) for v in batch["mask_grid"][0]),
+                   batch.get("secondary"), bool(batch["mask_uniform"].all()))
+
+
+@dataclass
+class MaskSample(_Masks):
     """One batch of masks.
 
     Attributes:
@@ -76,26 +119,9 @@ class MaskSample:
             False and are checked.
     """
 
-    mask: torch.Tensor
-    ids_keep: torch.Tensor
-    grid_size: tuple[int, int]
-    secondary: torch.Tensor | None = None
-    uniform: bool = False
-
-    @staticmethod
-    def cat(samples: list["MaskSample"]) -> "MaskSample":
-        """Concatenate masks of the same grid along the batch."""
-        secondary = None
-        if samples[0].secondary is not None:
-            secondary = torch.cat([s.secondary for s in samples])
-        return MaskSample(torch.cat([s.mask for s in samples]), torch.cat([s.ids_keep for s in samples]),
-                          samples[0].grid_size, secondary, all(s.uniform for s in samples))
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MaskSample":
-        secondary = None if self.secondary is None else self.secondary.to(device, non_blocking=non_blocking)
-        return MaskSample(self.mask.to(device, non_blocking=non_blocking),
-                          self.ids_keep.to(device, non_blocking=non_blocking), self.grid_size, secondary,
-                          self.uniform)
+    def picture_rows(self, imgs: torch.Tensor) -> tuple[torch.Tensor, "MaskSample"]:
+        """`(imgs, masks)` with one picture row per prediction: these images and masks."""
+        return imgs, self
 
 
 class RandomMasking:
@@ -105,6 +131,8 @@ class RandomMasking:
         grid_size: unit grid `(h, w)` or one int for a square grid.
         mask_ratio: fraction of units masked, in [0, 1).
     """
+
+    sample_type = MaskSample
 
     def __init__(self, grid_size: int | tuple[int, int], mask_ratio: float = 0.75):
         self.grid_size = _grid(grid_size)
@@ -143,6 +171,7 @@ class UniformMasking:
     """
 
     mask_ratio = 0.75
+    sample_type = MaskSample
 
     def __init__(self, grid_size: int | tuple[int, int], secondary_ratio: float = 0.25):
         self.grid_size = _grid(grid_size)
@@ -244,7 +273,7 @@ def uniform_ids_keep(mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Te
 
 
 @dataclass
-class PartsSample:
+class PartsSample(_Masks):
     """K masks per image whose visible sets are disjoint and cover the grid (EMAE).
 
     Attributes:
@@ -258,12 +287,6 @@ class PartsSample:
         uniform: True = every part is known to be a uniform mask (see `MaskSample.uniform`).
     """
 
-    mask: torch.Tensor
-    ids_keep: torch.Tensor
-    grid_size: tuple[int, int]
-    secondary: torch.Tensor | None = None
-    uniform: bool = False
-
     @property
     def num_parts(self) -> int:
         return self.mask.shape[1]
@@ -275,20 +298,10 @@ class PartsSample:
         return MaskSample(self.mask.flatten(0, 1), self.ids_keep.flatten(0, 1), self.grid_size, secondary,
                           self.uniform)
 
-    @staticmethod
-    def cat(samples: list["PartsSample"]) -> "PartsSample":
-        """Concatenate parts samples of the same grid along the image batch."""
-        secondary = None
-        if samples[0].secondary is not None:
-            secondary = torch.cat([s.secondary for s in samples])
-        return PartsSample(torch.cat([s.mask for s in samples]), torch.cat([s.ids_keep for s in samples]),
-                           samples[0].grid_size, secondary, all(s.uniform for s in samples))
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PartsSample":
-        secondary = None if self.secondary is None else self.secondary.to(device, non_blocking=non_blocking)
-        return PartsSample(self.mask.to(device, non_blocking=non_blocking),
-                           self.ids_keep.to(device, non_blocking=non_blocking), self.grid_size, secondary,
-                           self.uniform)
+    def picture_rows(self, imgs: torch.Tensor) -> tuple[torch.Tensor, MaskSample]:
+        """`(imgs, masks)` with one picture row per prediction: each image repeated K times beside
+        its flattened parts (predictions are `[B*K, L, D]` image-major)."""
+        return imgs.repeat_interleave(self.num_parts, dim=0), self.flatten()
 
 
 class DisjointPartsMasking:
@@ -313,6 +326,8 @@ class DisjointPartsMasking:
         secondary_ratio: uniform parts only: fraction of each part's visible units given the
             secondary mask token, in [0, 1).
     """
+
+    sample_type = PartsSample
 
     def __init__(self, grid_size: int | tuple[int, int], num_parts: int = 4, uniform: bool = True,
                  secondary_ratio: float = 0.25):
@@ -372,7 +387,5 @@ class DisjointPartsMasking:
         return sample.to(device) if device is not None else sample
 
     def from_batch(self, batch: dict) -> PartsSample:
-        """The parts of a DataLoader batch of `SeededSamples` items (`mask` `[B, K, L]`, ...)."""
-        # Drawn by this masking in the workers: uniform by construction when the deal is.
-        return PartsSample(batch["mask"], batch["ids_keep"], self.grid_size,
-                           batch["secondary"] if self.uniform else None, self.uniform)
+        """The parts of a DataLoader batch of `SeededSamples` items (`PartsSample.from_batch`)."""
+        return PartsSample.from_batch(batch)

@@ -22,7 +22,7 @@ from typing import Any
 from .config import PretrainConfig, apply_overrides
 from .errors import ConfigError
 
-__all__ = ["PRESETS", "get_preset", "preset_names"]
+__all__ = ["PRESETS", "get_preset", "preset_names", "register_preset"]
 
 # -- backbones ---------------------------------------------------------------------------------
 SWIN_T = dict(arch="swin", patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
@@ -163,6 +163,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         _preset("emae", HIERA_DEMO, DEMO, DEMO_DECODER, masking=dict(unit_size=32), emae=dict(parts="random"))),
 }
 PRESETS["demo"] = ("the default: " + PRESETS["ummae_swin_demo"][0], PRESETS["ummae_swin_demo"][1])
+
+
+def register_preset(name: str, description: str, overrides: dict[str, Any]) -> None:
+    """Add preset `name` (one line of `ummae presets`, then overrides on the defaults, as `PRESETS`
+    holds them): how a backbone or method from outside the package ships its presets."""
+    if name in PRESETS:
+        raise ValueError(f"preset {name!r} exists already")
+    PRESETS[name] = (description, copy.deepcopy(overrides))
 
 
 def preset_names() -> list[str]:

@@ -99,9 +99,7 @@ def picture_rows(imgs: torch.Tensor, masks):
     `[B*K, L, D]` image-major) becomes K rows per image: each image repeated K times beside its
     flattened parts, so the picture shows the K parts of one image and their predictions in turn.
     """
-    if hasattr(masks, "flatten") and hasattr(masks, "num_parts"):
-        return imgs.repeat_interleave(masks.num_parts, dim=0), masks.flatten()
-    return imgs, masks
+    return masks.picture_rows(imgs)
 
 
 def _unit_to_pixel_mask(unit_mask: torch.Tensor, unit: int, grid: tuple[int, int]) -> torch.Tensor:

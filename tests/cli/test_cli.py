@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ummae.cli import main
-from ummae.config import resolve_config
+from ummae.resolve import resolve_config
 from ummae.models import build_pretrain_model
 from ummae.presets import PRESETS
 

@@ -11,7 +11,7 @@ import torch
 
 import ummae.preset_sizes as preset_sizes
 from ummae.cli.presets import config_digest, encoder_params
-from ummae.config import resolve_config
+from ummae.resolve import resolve_config
 from ummae.models import build_pretrain_model
 from ummae.presets import PRESETS
 

@@ -230,7 +230,7 @@ def test_uint8_crop_normalised_on_device_equals_the_float_transform():
 
 
 def test_config_decode_option_is_validated():
-    from ummae.config import resolve_config
+    from ummae.resolve import resolve_config
     from ummae.errors import ConfigError
 
     assert resolve_config("demo").data.decode == "fast"  # the default

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import ummae.engine.checkpoint as checkpoint_module
+import ummae.checkpoint_file as checkpoint_module
 from ummae.engine.checkpoint import load_checkpoint, save_checkpoint
 from ummae.errors import UmmaeError
 

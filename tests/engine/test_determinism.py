@@ -16,7 +16,7 @@ import torch
 
 import ummae.engine.pretrain as pretrain_module
 from tiny import run_cli_captured, tiny_pretrain_args
-from ummae.config import resolve_config
+from ummae.resolve import resolve_config
 from ummae.engine.checkpoint import load_checkpoint
 from ummae.engine.determinism import deterministic_on_cpu
 

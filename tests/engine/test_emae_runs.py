@@ -15,7 +15,7 @@ from PIL import Image
 from tiny import TINY_HIERA_SETS, TINY_MODELS, TINY_SETS, run_cli_captured, tiny_pretrain_args
 from ummae.perf import run_benchmark
 from ummae.cli import main
-from ummae.config import resolve_config
+from ummae.resolve import resolve_config
 from ummae.errors import ConfigError
 from ummae.models.loading import load_backbone
 from ummae.visualize import HEADER_HEIGHT, MIN_PANEL_WIDTH, PANEL_GAP

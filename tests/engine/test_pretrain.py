@@ -13,7 +13,8 @@ from PIL import Image
 
 import ummae.engine.pretrain as pretrain_module
 from ummae.cli import main
-from ummae.config import config_to_dict, resolve_config
+from ummae.config import config_to_dict
+from ummae.resolve import resolve_config
 from ummae.engine.optim import build_scheduler
 from ummae.models import build_pretrain_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ummae.config import resolve_config
+from ummae.resolve import resolve_config
 from ummae.engine.recursive_mix import MixedBatch, RecursiveMix, smooth_one_hot, soft_cross_entropy
 from ummae.errors import ConfigError
 from ummae.models.classifier import build_classifier

@@ -311,7 +311,7 @@ def test_a_signal_checkpoints_at_the_step_boundary_and_the_same_command_continue
 
 
 def test_an_ignored_override_is_named_with_what_wins(capsys):
-    from ummae.config import resolve_config
+    from ummae.resolve import resolve_config
 
     cfg = resolve_config("demo", sets=["optim.blr=1e6"])
     err = capsys.readouterr().err

@@ -50,7 +50,7 @@ def demo_losses(preset: str, out: Path) -> list[str]:
     """The first STEPS losses of `preset` (float.hex), from a run into `out`."""
     import torch
 
-    from ummae.config import resolve_config
+    from ummae.resolve import resolve_config
     from ummae.engine.pretrain import pretrain
 
     torch.set_num_threads(1)

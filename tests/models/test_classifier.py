@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ummae.compaction import full_coordinates
-from ummae.config import resolve_config
+from ummae.resolve import resolve_config
 from ummae.engine.finetune import build_finetune_optimizer
 from ummae.errors import UmmaeError
 from ummae.models import build_encoder

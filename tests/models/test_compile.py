@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ummae.config import resolve_config
+from ummae.resolve import resolve_config
 from ummae.models import build_pretrain_model
 from ummae.presets import preset_names
 

@@ -8,7 +8,7 @@ import torch
 from timm.models.hiera import Hiera
 
 from tiny import TINY_HIERA_SETS
-from ummae.config import resolve_config
+from ummae.resolve import resolve_config
 from ummae.errors import ConfigError, UmmaeError
 from ummae.masking import MaskSample
 from ummae.models import build_pretrain_model

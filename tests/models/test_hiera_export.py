@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tiny import TINY_HIERA_SETS, run_cli_captured
-from ummae.config import config_to_dict, resolve_config
+from ummae.config import config_to_dict
+from ummae.resolve import resolve_config
 from ummae.engine.checkpoint import save_checkpoint
 from ummae.models import build_pretrain_model
 from ummae.models.loading import load_backbone

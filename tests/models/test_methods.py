@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ummae.config import resolve_config
+from ummae.resolve import resolve_config
 from ummae.masking import RandomMasking
 from ummae.models import SimMIM, SwinTransformer, build_encoder, build_pretrain_model
 from ummae.objectives import patchify

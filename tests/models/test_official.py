@@ -328,7 +328,7 @@ def test_size_differences_the_file_shows_are_named_as_settings():
 
 
 def test_converting_needs_the_official_options():
-    from ummae.config import resolve_config
+    from ummae.resolve import resolve_config
 
     cfg = resolve_config("ummae_swin_demo", sets=SWIN_SETS)  # merge=linear, eps 1e-5
     with pytest.raises(ConfigError, match="model.merge=conv"):

@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..perf import format_table, run_benchmark, write_json
-    from ..config import resolve_config
+    from ..resolve import resolve_config
     from ..errors import ConfigError
 
     flags = {"train.batch_size": args.batch_size, "train.device": args.device}

@@ -93,8 +93,10 @@ def _flags(args: argparse.Namespace) -> dict:
 
 
 def _parts(cfg) -> str:
-    """EMAE counts images (batch, images/s, lr rule); say that each is used K times."""
-    return f" images x {cfg.emae.num_parts} parts" if cfg.method == "emae" else ""
+    """What the method says after "effective batch N" (EMAE: each image is used K times)."""
+    from ..models.specs import method_spec
+
+    return method_spec(cfg.method).images_note(cfg)
 
 
 def _summary(result, cfg) -> str:
@@ -135,7 +137,8 @@ def _summary(result, cfg) -> str:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..config import absolute_paths, resolve_config
+    from ..config import absolute_paths
+    from ..resolve import resolve_config
     from ..engine.pretrain import pretrain, resume_pretrain
     from .common import is_main
 

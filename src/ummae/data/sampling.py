@@ -115,10 +115,12 @@ class SeededSamples(Dataset):
 
     Returns a dict: `image` (the transformed image), `index`, `skipped` (newline-joined files the
     dataset had to pass over to find a readable image, "" when none: the training loop counts
-    them across workers and ranks) and, when a `masking` is given, the sample's mask as
-    `mask` `[L]`, `ids_keep` `[L_vis]` and `secondary` `[L]` (all False without secondary
-    masking); with EMAE's disjoint parts each has a leading `K` axis (`[K, L]`, ...). Drawing masks here puts that CPU work in the DataLoader workers, overlapped with
-    the model, instead of between steps.
+    them across workers and ranks) and, when a `masking` is given, the sample's masks as the
+    entries of `MaskSample.item()` (`mask` `[L]`, `ids_keep` `[L_vis]`, `secondary` `[L]` when
+    the masking has secondary masking, the grid and the uniform flag; EMAE's `PartsSample` has a
+    leading `K` axis, `[K, L]`, ...); the collated batch gives them back to the model through
+    `masking.sample_type.from_batch(batch)`. Drawing masks here puts that CPU work in the
+    DataLoader workers, overlapped with the model, instead of between steps.
 
     The wrapped dataset's transform draws from the global generators; they are seeded for this
     one item and restored (`seeded_draws`), so nothing else in the process is disturbed.
@@ -140,10 +142,8 @@ class SeededSamples(Dataset):
             else:
                 image, skipped = self.dataset[index], []
         sample = {"image": image, "index": index, "skipped": "\n".join(str(p) for p in skipped)}
-        if self.masking is not None:
-            m = draw_masks(self.masking, self.seed, epoch, [index])
-            secondary = m.secondary if m.secondary is not None else torch.zeros_like(m.mask)
-            sample.update(mask=m.mask[0], ids_keep=m.ids_keep[0], secondary=secondary[0])
+        if self.masking is not None:  # the model rebuilds them: `masking.sample_type.from_batch(batch)`
+            sample.update(draw_masks(self.masking, self.seed, epoch, [index]).item())
         return sample
 
 

@@ -1,71 +1,18 @@
-"""Checkpoints: written atomically, read without unpickling code.
+"""Checkpoints of a run: its checkpoint folder (`step-*.pt`, the last K kept), `--resume auto`.
 
-A checkpoint is a dict of tensors and plain Python values only (the configuration is stored as
-a plain dict, never as an object), so it loads with `torch.load(weights_only=True)`: a
-tampered file cannot run code. It is written to a temporary file in the same folder, flushed to
-disk and renamed over the target, so a crash or a full disk mid-write never leaves a truncated
-checkpoint in place of a good one.
+The file format itself (atomic write, weights-only read) is `ummae.checkpoint_file`, re-exported
+here: the models read checkpoints too, and live below the engine.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import tempfile
 from pathlib import Path
-from typing import Any
 
-import torch
-
+from ..checkpoint_file import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from ..errors import UmmaeError
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
-
-FORMAT_VERSION = 1
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:160]
-
-
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write `state` (plus a format version) to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        # torch's writer reports a failed write (a full disk) as a RuntimeError.
-        Path(tmp).unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
-        raise UmmaeError(f"could not write checkpoint '{path}' (disk full or not writable?): {reason}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU, refusing anything but tensors and plain values."""
-    path = Path(path)
-    if not path.is_file():
-        raise UmmaeError(f"checkpoint '{path}' does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UmmaeError(f"refusing to load '{path}': it holds more than weights and plain values "
-                         f"({_first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 - junk files fail in the unpickler in many ways
-        raise UmmaeError(f"'{path}' is not a readable checkpoint ({_first_line(e)})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UmmaeError(f"'{path}' is not an ummae checkpoint (no 'model' entry)")
-    return state
+__all__ = ["save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
 
 
 # ---------------------------------------------------------------------------------------------

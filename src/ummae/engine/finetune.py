@@ -60,6 +60,7 @@ from ..data.sampling import EpochSampler, SeededLabeledSamples, seed_for
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..errors import ConfigError, UmmaeError
 from ..models.classifier import build_classifier, encoder_source
+from ..models.specs import backbone_spec
 from .checkpoint import save_checkpoint
 from .determinism import deterministic_on_cpu
 from .distributed import (DistEnv, all_reduce_sum, gather_objects, gather_strings, init_distributed, shared_run_dir,
@@ -183,14 +184,12 @@ class FinetuneResult:
 
 def recipe_defaults(cfg: FinetuneConfig, encoder_cfg: PretrainConfig) -> dict:
     """The values the run uses for every `None` of `cfg` (SPEC sec. 6)."""
-    m = encoder_cfg.model
-    large = m.arch == "swin" and m.embed_dim >= 192  # Swin-L and wider
+    backbone = backbone_spec(encoder_cfg.model.arch).finetune_defaults(encoder_cfg.model)  # layer decay, drop path
     augment = cfg.augment
     mix_on = augment and not cfg.recursive_mix
     values = {
-        "layer_decay": cfg.layer_decay if cfg.layer_decay is not None
-        else (0.8 if m.arch == "vit" else 0.7 if large else 0.85),
-        "drop_path": cfg.drop_path if cfg.drop_path is not None else (0.2 if large else 0.1),
+        "layer_decay": cfg.layer_decay if cfg.layer_decay is not None else backbone["layer_decay"],
+        "drop_path": cfg.drop_path if cfg.drop_path is not None else backbone["drop_path"],
         "re_prob": cfg.re_prob if cfg.re_prob is not None else (0.25 if augment else 0.0),
         "mixup": cfg.mixup if cfg.mixup is not None else (0.8 if mix_on else 0.0),
         "cutmix": cfg.cutmix if cfg.cutmix is not None else (1.0 if mix_on else 0.0),

@@ -37,8 +37,8 @@ from ..config import PretrainConfig, check_resumable, config_to_dict
 from ..data import build_pretrain_dataset, to_model_input
 from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
 from ..errors import ConfigError
-from ..masking import MaskSample, UniformMasking
 from ..models import build_pretrain_model
+from ..models.specs import backbone_spec
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid, spread_indices
 from .checkpoint import link_or_copy, step_checkpoint_path
 from .determinism import deterministic_on_cpu
@@ -163,22 +163,16 @@ def _read_init_weights(cfg: PretrainConfig, resume) -> dict | None:
     if cfg.train.init_weights and resume is None:
         if not Path(cfg.train.init_weights).is_file():
             raise ConfigError(f"--init-weights: '{cfg.train.init_weights}' does not exist")
-        if cfg.model.arch == "hiera":  # also timm's / Hiera's own backbone weights (`.mae`)
-            from ..models.hiera import read_init_weights
-
-            init_state = read_init_weights(cfg.train.init_weights)
-        else:  # an ummae checkpoint, or the paper's released weights (converted for this run)
-            from ..models.official import read_init_weights
-
-            init_state = read_init_weights(cfg.train.init_weights, cfg)
+        # an ummae checkpoint, or what else the backbone reads (the paper's released weights,
+        # converted for this run; timm's / Hiera's own backbone weights)
+        init_state = backbone_spec(cfg.model.arch).read_init_weights(cfg.train.init_weights, cfg)
     return init_state
 
 
 def _load_init_weights(model: torch.nn.Module, init_state: dict | None, cfg: PretrainConfig) -> None:
-    if init_state is not None and "model" not in init_state:  # a Hiera backbone's weights: encoder only
-        from ..models.hiera import load_backbone_weights
-
-        load_backbone_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
+    if init_state is not None and "model" not in init_state:  # a backbone's own weights: encoder only
+        backbone_spec(cfg.model.arch).load_backbone_weights(model, init_state,
+                                                            f"--init-weights '{cfg.train.init_weights}'")
     elif init_state is not None:
         load_weights(model, init_state, f"--init-weights '{cfg.train.init_weights}'")
 
@@ -196,16 +190,6 @@ def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
         persistent_workers=workers > 0,
         worker_init_fn=ignore_stop_signals_in_worker,  # the main process stops them at a step boundary
     )
-
-
-def _batch_masks(batch: dict, masking, grid_size: tuple[int, int], has_secondary: bool) -> MaskSample:
-    """The masks of a DataLoader batch, as drawn by `masking` in the workers. Masks drawn by
-    `UniformMasking` are flagged uniform, so the encoder need not read them back from the device
-    to check them."""
-    if hasattr(masking, "from_batch"):  # EMAE's parts ([B, K, L] masks) rebuild themselves
-        return masking.from_batch(batch)
-    return MaskSample(batch["mask"], batch["ids_keep"], grid_size, batch["secondary"] if has_secondary else None,
-                      isinstance(masking, UniformMasking))
 
 
 @dataclass
@@ -275,12 +259,11 @@ def _build_session(cfg: PretrainConfig, env: DistEnv, device: torch.device, data
 def _train_step(s: _Session) -> TrainStep:
     """The optimizer step of pre-training: a DataLoader batch -> images and masks -> the model's loss."""
     cfg, device, model = s.cfg, s.device, s.model
-    has_secondary = cfg.method == "ummae"
 
     def prepare(batch_data: dict):
         s.skipped_files.update(p for x in batch_data["skipped"] if x for p in x.split("\n"))
         imgs = to_model_input(batch_data["image"], device)  # uint8 -> device, normalised there
-        masks = _batch_masks(batch_data, model.masking, model.grid_size, has_secondary)
+        masks = model.masking.sample_type.from_batch(batch_data)  # as the workers drew them
         masks = masks.to(device, non_blocking=True)
         return (imgs, masks), imgs.shape[0]
 
@@ -360,8 +343,7 @@ def _train_one_epoch(s: _Session, log: "_Log", points: CheckPoints) -> None:
     spe, accum, batch = s.data.steps_per_epoch, s.cfg.train.accum_steps, s.cfg.train.batch_size
     epoch = s.step // spe
     model = s.model
-    if hasattr(model, "set_epoch"):  # EMAE: the consistency term's start epoch
-        model.set_epoch(epoch)
+    model.set_epoch(epoch)  # e.g. EMAE: the consistency term's start epoch
     s.data.sampler.set_epoch(epoch, start=(s.step % spe) * accum * batch)
     batches = iter(s.loader)
     while True:

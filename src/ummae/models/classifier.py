@@ -15,6 +15,9 @@ The classification path is split at the last feature map, because RecursiveMix
 the stem (patch embedding, its norm, mask token, ViT tokens) is layer 0, block k is layer k,
 a pyramid stage's patch merging joins that stage's first block (as timm counts Swin), and the
 encoder's final norm, `fc_norm` and `head` form the last layer (lr scale 1).
+
+What differs between backbones (the encoder's output layout, its block names) is the backbone's
+`ClassifierLayout`, declared with its spec (`specs.BackboneSpec.classifier`).
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ from timm.layers import trunc_normal_
 from timm.models.hiera import Hiera
 from torchvision.ops import roi_align
 
-from ..config import PretrainConfig
+from ..checkpoint_file import load_checkpoint
+from ..config import PretrainConfig, apply_overrides
 from ..errors import UmmaeError
+from .loading import build_backbone
+from .loading import encoder_source as load_source
+from .specs import ClassifierLayout, backbone_for
 
 __all__ = ["Classifier", "roi_align_map", "encoder_source", "build_classifier", "load_finetuned"]
 
@@ -65,25 +72,24 @@ class Classifier(nn.Module):
     """An encoder plus global average pool, LayerNorm and a linear head.
 
     Args:
-        encoder: a full-image `SwinTransformer`, `PyramidVisionTransformer` or
-            `VisionTransformer` (no head of its own: `num_classes=0`).
+        encoder: a full-image encoder of a registered backbone (no head of its own:
+            `num_classes=0`).
         num_classes: classes of the head.
+        layout: how to read the encoder (default: its backbone's, `backbone_for(encoder)`).
 
     The encoder's mask token is frozen: full images never use it, and a parameter without a
     gradient would stall DDP.
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int):
+    def __init__(self, encoder: nn.Module, num_classes: int, layout: ClassifierLayout | None = None):
         super().__init__()
         if num_classes < 1:
             raise UmmaeError(f"a classifier needs at least one class, got {num_classes}")
         self.encoder = encoder
         self.num_classes = num_classes
         self.num_features = int(encoder.num_features)
-        # ViT: `[B, 1+N, C]` tokens; pyramids: `[B, h, w, C]` maps.
-        self.is_vit = hasattr(encoder, "cls_token") and hasattr(encoder, "blocks")
-        # timm's Hiera: `[B, N, C]` tokens in raster order, its final norm in `head.norm`.
-        self.is_hiera = isinstance(encoder, Hiera)
+        self.layout = layout or backbone_for(encoder).classifier
+        self.is_hiera = isinstance(encoder, Hiera)  # kept for callers that report it
         self.fc_norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes)
         trunc_normal_(self.head.weight, std=2e-5)  # a near-zero head, as MAE's fine-tuning
@@ -94,8 +100,7 @@ class Classifier(nn.Module):
     # -- the timm model API -------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        inner = self.encoder.no_weight_decay() if hasattr(self.encoder, "no_weight_decay") else set()
-        return {f"encoder.{name}" for name in inner}
+        return {f"encoder.{name}" for name in getattr(self.encoder, "no_weight_decay", set)()}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -103,25 +108,12 @@ class Classifier(nn.Module):
 
         Names that match nothing (encoder's final norm, `fc_norm`, `head`) go to the last layer.
         """
-        if self.is_vit:
-            return dict(stem=r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre|mask_token)",
-                        blocks=r"^encoder\.blocks\.(\d+)")
-        if self.is_hiera:  # timm's Hiera.group_matcher, under the `encoder.` prefix
-            return dict(stem=r"^encoder\.(?:pos_embed|patch_embed)", blocks=r"^encoder\.blocks\.(\d+)")
-        stem = r"^encoder\.(?:patch_embed|patch_norm|mask_token)"
-        if coarse:
-            return dict(stem=stem, blocks=r"^encoder\.stages\.(\d+)")
-        return dict(stem=stem, blocks=[
-            (r"^encoder\.stages\.(\d+)\.downsample", (0,)),  # merging joins the stage's first block
-            (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)", None),
-        ])
+        return self.layout.group_matcher(coarse)
 
     @property
     def num_blocks(self) -> int:
         """Transformer blocks of the encoder (the layers of layer-wise lr decay, stem and head aside)."""
-        if self.is_vit or self.is_hiera:
-            return len(self.encoder.blocks)
-        return sum(len(stage.blocks) for stage in self.encoder.stages)
+        return self.layout.num_blocks(self.encoder)
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -135,17 +127,7 @@ class Classifier(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` -> last feature map `[B, C, h, w]` (encoder's final norm applied)."""
-        feats = self.encoder.forward_features(x)
-        if self.is_vit:  # [B, 1+N, C]: drop the prefix tokens, lay the patches on their grid
-            tokens = feats[:, self.encoder.num_prefix_tokens:]
-            gh, gw = self.encoder.patch_embed.grid_size
-            return tokens.transpose(1, 2).reshape(x.shape[0], self.num_features, gh, gw)
-        if self.is_hiera:  # [B, h*w, C] -> its final norm per token (as in pre-training) -> map
-            tokens = self.encoder.head.norm(feats)
-            stride = self.encoder.feature_info[-1]["reduction"]
-            gh, gw = x.shape[-2] // stride, x.shape[-1] // stride
-            return tokens.transpose(1, 2).reshape(x.shape[0], self.num_features, gh, gw)
-        return feats.permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
+        return self.layout.feature_map(self.encoder, self.encoder.forward_features(x), x)
 
     def forward_head_from_map(self, fmap: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """`[B, C, h, w]` -> global average pool -> LayerNorm -> linear -> `[B, num_classes]`."""
@@ -177,8 +159,6 @@ def encoder_source(path: str | Path) -> tuple[PretrainConfig, dict[str, torch.Te
     """`(configuration, encoder weights without prefix)` of an encoder checkpoint: what `ummae
     pretrain` or `ummae finetune` writes (the encoder under `encoder.`), or an `ummae export`
     `.safetensors` file with its card (see `loading.encoder_source`)."""
-    from .loading import encoder_source as load_source
-
     path = Path(path)
     if not path.is_file():
         raise UmmaeError(f"--checkpoint '{path}' does not exist")
@@ -202,8 +182,6 @@ def build_classifier(cfg: PretrainConfig, weights: dict[str, torch.Tensor] | Non
         position table when the size changed (a fixed sin-cos table, rebuilt for the new grid).
         Any other key that does not fit raises `UmmaeError`.
     """
-    from .loading import build_backbone
-
     encoder = build_backbone(cfg, 0, drop_path_rate, img_size)
     model = Classifier(encoder, num_classes)
     if weights is None:
@@ -213,7 +191,7 @@ def build_classifier(cfg: PretrainConfig, weights: dict[str, torch.Tensor] | Non
     for key, value in weights.items():
         name = f"encoder.{key}"
         if name in own and own[name].shape != value.shape:
-            if key == "pos_embed" and model.is_vit:  # fixed sin-cos table of another grid
+            if key == "pos_embed" and model.layout.fixed_pos_embed:  # a fixed table of another grid
                 rebuilt.append(name)
                 continue
             raise UmmaeError(f"encoder weight '{key}' has shape {tuple(value.shape)}, the rebuilt "
@@ -229,10 +207,6 @@ def build_classifier(cfg: PretrainConfig, weights: dict[str, torch.Tensor] | Non
 
 def load_finetuned(path: str | Path) -> tuple[Classifier, list[str]]:
     """`(classifier in eval mode, class names)` of an `ummae finetune` checkpoint (best.pt / last.pt)."""
-    from ..config import apply_overrides
-    from ..engine.checkpoint import load_checkpoint
-    from .loading import build_backbone
-
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), dict) or "classes" not in state:
         raise UmmaeError(f"'{path}' is not an `ummae finetune` checkpoint (no classes)")

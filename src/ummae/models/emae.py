@@ -24,6 +24,8 @@ and `forward` returns `(loss, pred [B*K, L, D], parts)`. It serves two models:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -31,7 +33,8 @@ from ..errors import ConfigError
 from ..masking import DisjointPartsMasking, MaskSample, PartsSample
 from ..objectives import CONSISTENCY_DISTANCES, masked_mse_loss, pixel_targets, self_consistency_loss
 from .hiera import HieraMAE
-from .mim import MaskedAutoencoder
+from .mim import MaskedAutoencoder, random_masking_backbones
+from .specs import MethodSpec, register_method
 
 __all__ = ["EMAEMixin", "EfficientMaskedAutoencoder", "HieraEMAE"]
 
@@ -65,10 +68,9 @@ class EMAEMixin:
         """Tell the model the training epoch (for `consistency_start_epoch`)."""
         self.epoch = float(epoch)
 
-    def sample_masks(self, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> PartsSample:
-        """K disjoint parts for each of `batch_size` images."""
-        return self.masking(batch_size, generator=generator, device=device)
+    def check_masks(self, imgs: torch.Tensor, masks: PartsSample) -> None:
+        if not isinstance(masks, PartsSample) or masks.mask.shape[0] != imgs.shape[0]:
+            raise ConfigError("EMAE needs a PartsSample (K disjoint parts) for every image")
 
     def forward_encoder(self, imgs: torch.Tensor, masks: PartsSample | MaskSample) -> torch.Tensor:
         """Features of every part's visible units, all parts in one batch.
@@ -96,40 +98,26 @@ class EMAEMixin:
         Args:
             imgs: `[B, 3, H, W]`; pred: `[B*K, L, D]` image-major; masks: the `PartsSample`.
         """
-        B, K = masks.mask.shape[:2]
+        return self._loss_terms(imgs, pred, masks.mask)
+
+    def _loss_terms(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, K = mask.shape[:2]
         target = pixel_targets(imgs, self.unit, self.norm_pix_loss)  # [B, L, D], once per image, not per part
         pred = pred.float().reshape(B, K, *pred.shape[1:])  # [B, K, L, D]
         # Every part masks the same number of units, so the masked-unit mean over all B*K parts
         # equals the mean over k of the K per-part losses.
         target = target.float().unsqueeze(1).expand_as(pred)
-        return {"reconstruction": masked_mse_loss(pred, target, masks.mask),
-                "consistency": self_consistency_loss(pred, masks.mask, self.consistency_distance)}
+        return {"reconstruction": masked_mse_loss(pred, target, mask),
+                "consistency": self_consistency_loss(pred, mask, self.consistency_distance)}
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, masks: PartsSample) -> torch.Tensor:
-        """reconstruction + weight x consistency (weight 0 before `consistency_start_epoch`)."""
-        terms = self.loss_terms(imgs, pred, masks)
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """reconstruction + weight x consistency (weight 0 before `consistency_start_epoch`).
+
+        Args:
+            mask: `[B, K, L]`, the parts' masks (`PartsSample.mask`)."""
+        terms = self._loss_terms(imgs, pred, mask)
         weight = self.consistency_weight if self.epoch >= self.consistency_start_epoch else 0.0
         return terms["reconstruction"] + weight * terms["consistency"]
-
-    def forward(self, imgs: torch.Tensor, masks: PartsSample | None = None,
-                generator: torch.Generator | None = None):
-        """
-        Args:
-            imgs: `[B, 3, H, W]` normalised images of the pre-training size.
-            masks: the images' parts, or None to draw them (with `generator`).
-
-        Returns:
-            `(loss, pred [B*K, L, unit*unit*3] image-major, parts)`.
-        """
-        if tuple(imgs.shape[-2:]) != self.img_size:
-            raise ConfigError(f"model was built for {self.img_size} images, got {tuple(imgs.shape[-2:])}")
-        if masks is None:
-            masks = self.sample_masks(imgs.shape[0], generator=generator, device=imgs.device)
-        if not isinstance(masks, PartsSample) or masks.mask.shape[0] != imgs.shape[0]:
-            raise ConfigError("EMAE needs a PartsSample (K disjoint parts) for every image")
-        features = self.forward_encoder(imgs, masks)  # B*K part samples in one pass
-        pred = self.forward_decoder(features, masks)  # [B*K, L, D]
-        return self.forward_loss(imgs, pred, masks), pred, masks
 
 
 class EfficientMaskedAutoencoder(EMAEMixin, MaskedAutoencoder):
@@ -163,6 +151,17 @@ class EfficientMaskedAutoencoder(EMAEMixin, MaskedAutoencoder):
         self._setup_emae(num_parts, uniform, secondary_ratio, consistency_weight, consistency_distance,
                          consistency_start_epoch)
 
+    @classmethod
+    def from_config(cls, cfg, encoder: nn.Module, masking: str | None = None) -> "EfficientMaskedAutoencoder":
+        """The model of a `PretrainConfig` (its `emae` section decides the parts; `masking` unused)."""
+        e, m = cfg.emae, cfg.model
+        return cls(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size, num_parts=e.num_parts,
+                   uniform=e.parts == "uniform", secondary_ratio=cfg.masking.secondary_ratio,
+                   consistency_weight=e.consistency_weight, consistency_distance=e.consistency_distance,
+                   consistency_start_epoch=e.consistency_start_epoch, norm_pix_loss=m.norm_pix_loss,
+                   decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+                   decoder_norm_eps=m.decoder_norm_eps)
+
 
 class HieraEMAE(EMAEMixin, HieraMAE):
     """EMAE around timm's Hiera: K random disjoint parts of the mask-unit grid per image.
@@ -190,3 +189,66 @@ class HieraEMAE(EMAEMixin, HieraMAE):
                          decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
         self._setup_emae(num_parts, False, 0.0, consistency_weight, consistency_distance,
                          consistency_start_epoch)
+
+    @classmethod
+    def from_config(cls, cfg, encoder: nn.Module, masking: str | None = None) -> "HieraEMAE":
+        """The model of a `PretrainConfig` (random parts; `masking` unused)."""
+        e, m = cfg.emae, cfg.model
+        return cls(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size, num_parts=e.num_parts,
+                   consistency_weight=e.consistency_weight, consistency_distance=e.consistency_distance,
+                   consistency_start_epoch=e.consistency_start_epoch, norm_pix_loss=m.norm_pix_loss,
+                   decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: `method: emae`
+
+# The backbone's autoencoder (`BackboneSpec.autoencoder`) -> EMAE around it.
+EMAE_MODELS: dict[type, type] = {MaskedAutoencoder: EfficientMaskedAutoencoder, HieraMAE: HieraEMAE}
+
+
+def _build(cfg, backbone, encoder: nn.Module) -> nn.Module:
+    autoencoder = backbone.autoencoder or MaskedAutoencoder
+    if autoencoder not in EMAE_MODELS:
+        raise ConfigError(f"method emae has no model around {autoencoder.__name__} (model.arch {backbone.name})")
+    return EMAE_MODELS[autoencoder].from_config(cfg, encoder)
+
+
+def _validate(cfg, backbone) -> None:
+    e, arch = cfg.emae, backbone.name
+    if e.parts not in ("uniform", "random"):
+        raise ConfigError(f"emae.parts must be uniform or random, got {e.parts!r}")
+    if e.parts == "uniform" and not backbone.mask_token:
+        raise ConfigError(f"emae.parts uniform does not apply to model.arch {arch} ({arch} has no mask token "
+                          "for secondary masking and drops any units itself); use emae.parts=random")
+    if e.parts == "random" and backbone.needs_uniform_masks:
+        raise ConfigError(f"emae.parts random needs model.arch {random_masking_backbones()}: {arch} windows/"
+                          "reductions need uniform parts; use emae.parts=uniform")
+    if e.num_parts < 2:
+        raise ConfigError(f"emae.num_parts must be >= 2, got {e.num_parts}")
+    if e.parts == "uniform" and e.num_parts != 4:
+        raise ConfigError(f"emae.parts uniform deals each 2x2 block to 4 parts: emae.num_parts must be 4, "
+                          f"got {e.num_parts}")
+    units = (cfg.data.img_size // max(cfg.masking.unit_size, 1)) ** 2
+    if e.parts == "random" and units % e.num_parts:
+        raise ConfigError(f"emae.num_parts {e.num_parts} does not divide the {units} mask units of a "
+                          f"{cfg.data.img_size} px image with {cfg.masking.unit_size} px units")
+    if e.consistency_distance not in ("l1", "l2"):
+        raise ConfigError(f"emae.consistency_distance must be l1 or l2, got {e.consistency_distance!r}")
+    if not (math.isfinite(e.consistency_weight) and e.consistency_weight >= 0):
+        raise ConfigError(f"emae.consistency_weight must be >= 0, got {e.consistency_weight}")
+    if not (math.isfinite(e.consistency_start_epoch) and e.consistency_start_epoch >= 0):
+        raise ConfigError(f"emae.consistency_start_epoch must be >= 0, got {e.consistency_start_epoch}")
+
+
+def _describe(cfg) -> str:
+    e, k = cfg.emae, cfg.masking
+    sm = f" + SM {k.secondary_ratio:g}" if e.parts == "uniform" else ""
+    return f"{e.num_parts} disjoint {e.parts} parts{sm} + consistency, {k.unit_size}px units"
+
+
+register_method(MethodSpec(
+    name="emae", build=_build, validate=_validate, uniform_masks=lambda cfg: cfg.emae.parts == "uniform",
+    describe_masking=_describe,
+    # EMAE counts images (batch, images/s, lr rule); say that each is used K times.
+    images_note=lambda cfg: f" images x {cfg.emae.num_parts} parts"))

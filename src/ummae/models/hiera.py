@@ -46,10 +46,14 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from timm.models.hiera import Hiera
+
 from ..errors import ConfigError, UmmaeError
 from ..masking import MaskSample, RandomMasking
 from ..objectives import masked_mse_loss, pixel_targets
 from .decoder import MAEDecoder
+from .method import MaskedImageModel
+from .specs import BackboneSpec, ClassifierLayout, register_backbone
 
 __all__ = ["build_hiera", "HieraMAE", "hiera_timm_model", "load_backbone_weights", "HIERA_VARIANTS"]
 
@@ -98,7 +102,7 @@ def _stage_unit_sides(encoder: nn.Module) -> list[int]:
     return [side // q ** min(i, encoder.q_pool) for i in range(len(encoder.stage_ends))]
 
 
-class HieraMAE(nn.Module):
+class HieraMAE(MaskedImageModel):
     """MAE around timm's Hiera (see the module docstring).
 
     Args:
@@ -147,15 +151,20 @@ class HieraMAE(nn.Module):
         self.decoder = MAEDecoder(self.grid_size, unit, widths[-1], upsample=1,
                                   decoder_dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads)
 
+    @classmethod
+    def from_config(cls, cfg, encoder: nn.Module, masking: str) -> "HieraMAE":
+        """The model of a `PretrainConfig` (method mae: random masks of Hiera's mask units)."""
+        if masking != "random":
+            raise ConfigError(f"Hiera drops masked units itself: it takes random masks, not {masking}")
+        m = cfg.model
+        return cls(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
+                   mask_ratio=cfg.masking.mask_ratio, norm_pix_loss=m.norm_pix_loss, decoder_dim=m.decoder_dim,
+                   decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads)
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
         return names | {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
-
-    def sample_masks(self, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> MaskSample:
-        """Random masks of the unit grid (`round(L * mask_ratio)` units hidden per image)."""
-        return self.masking(batch_size, generator=generator, device=device)
 
     @staticmethod
     def visible_units(masks: MaskSample) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,17 +234,6 @@ class HieraMAE(nn.Module):
         target = pixel_targets(imgs, self.unit, self.norm_pix_loss)
         return masked_mse_loss(pred.float(), target.float(), mask)
 
-    def forward(self, imgs: torch.Tensor, masks: MaskSample | None = None,
-                generator: torch.Generator | None = None):
-        """`imgs [B, 3, H, W]` -> `(loss, pred [B, L, unit*unit*3], masks)`; masks drawn if None."""
-        if tuple(imgs.shape[-2:]) != self.img_size:
-            raise ConfigError(f"model was built for {self.img_size} images, got {tuple(imgs.shape[-2:])}")
-        if masks is None:
-            masks = self.sample_masks(imgs.shape[0], generator=generator, device=imgs.device)
-        features = self.forward_encoder(imgs, masks)
-        pred = self.forward_decoder(features, masks)
-        return self.forward_loss(imgs, pred, masks.mask), pred, masks
-
 
 # Keys of Hiera's own MAE checkpoints that belong to the MAE head, not the backbone.
 _MAE_ONLY = ("multi_scale_fusion_heads.", "decoder", "mask_token", "fusion.")
@@ -292,3 +290,50 @@ def read_init_weights(path: str) -> dict:
     if not isinstance(state, dict):
         raise UmmaeError(f"--init-weights: '{path}' holds no state dict")
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: `model.arch: hiera`
+
+def _validate(cfg) -> None:
+    """timm's Hiera: 4 stages (3 q-pools: stride 32), heads doubling per stage as its width does,
+    mask units of 8x8 tokens (what its unrolling makes contiguous) that tile the image. (Which
+    methods run on it, the methods say: it has no mask token and takes no uniform masks.)"""
+    m, unit, size = cfg.model, cfg.masking.unit_size, cfg.data.img_size
+    if len(m.depths) != 4:
+        raise ConfigError(f"model.depths for hiera has 4 stages, e.g. [1, 2, 7, 2], got {m.depths}")
+    if len(m.num_heads) == 4 and list(m.num_heads) != [m.num_heads[0] * 2 ** i for i in range(4)]:
+        raise ConfigError(f"model.num_heads for hiera doubles per stage (timm's head_mul 2), e.g. "
+                          f"[1, 2, 4, 8], got {m.num_heads}")
+    if unit != UNIT_TOKENS * m.patch_size or unit < 1 or size % unit:
+        raise ConfigError(f"hiera: masking.unit_size must be 8 x model.patch_size ({8 * m.patch_size} px: "
+                          f"Hiera's mask units are 8x8 tokens) and divide data.img_size; got unit {unit} "
+                          f"for {size} px")
+
+
+def _feature_map(encoder: nn.Module, feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`[B, h*w, C]` tokens in raster order -> its final norm per token (as in pre-training) -> map."""
+    tokens = encoder.head.norm(feats)
+    stride = encoder.feature_info[-1]["reduction"]
+    gh, gw = x.shape[-2] // stride, x.shape[-1] // stride
+    return tokens.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], gh, gw)
+
+
+register_backbone(BackboneSpec(
+    name="hiera", encoder_class=Hiera,
+    build=lambda cfg: build_hiera(cfg.model, cfg.data.img_size, cfg.masking.unit_size),
+    validate=_validate, mask_token=False, autoencoder=HieraMAE,
+    classifier=ClassifierLayout(  # timm's Hiera.group_matcher, under the `encoder.` prefix
+        feature_map=_feature_map,
+        group_matcher=lambda coarse: dict(stem=r"^encoder\.(?:pos_embed|patch_embed)",
+                                          blocks=r"^encoder\.blocks\.(\d+)"),
+        num_blocks=lambda encoder: len(encoder.blocks)),
+    # timm's own Hiera: plain `hiera_*` weights, no ummae needed to load them
+    timm_model=lambda cfg: hiera_timm_model(cfg.model, cfg.data.img_size, cfg.masking.unit_size),
+    # also timm's / Hiera's own backbone weights (`.mae`)
+    read_init_weights=lambda path, cfg: read_init_weights(path),
+    load_backbone_weights=load_backbone_weights,
+    ignored_keys={"model.embed_dims": "model.arch hiera reads model.embed_dim (doubled per stage)",
+                  "model.mlp_ratios": "model.arch hiera reads model.mlp_ratio",
+                  "model.sr_ratios": "model.sr_ratios does not apply to model.arch hiera"},
+))

@@ -2,34 +2,57 @@
 
 A pre-training checkpoint carries its whole configuration, so the backbone can be rebuilt
 exactly; what changes for full images is only the attention geometry, which no weight depends
-on: Swin's window doubles from the compact grid's (8) to the full image's (16 at 256 px), PVT
-uses its full-image reduction ratios (its masked path halves them on the fly), ViT is unchanged.
+on (each backbone's spec says how: `specs.full_image_config`): Swin's window doubles from the
+compact grid's (8) to the full image's (16 at 256 px), PVT uses its full-image reduction ratios
+(its masked path halves them on the fly), ViT is unchanged.
+
+An `ummae export` (`NAME.safetensors` + its `NAME.json` card) is read here too (`read_card`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..checkpoint_file import load_checkpoint
 from ..config import PretrainConfig, apply_overrides
 from ..errors import ConfigError, UmmaeError
+from .specs import build_encoder, full_image_config
 
-__all__ = ["full_image_window", "load_pretrain_checkpoint", "build_backbone", "load_backbone",
-           "encoder_state_dict", "encoder_source"]
+__all__ = ["load_pretrain_checkpoint", "build_backbone", "load_backbone", "encoder_state_dict",
+           "encoder_source", "read_card", "card_path"]
+
+SUFFIX = ".safetensors"  # of an export's weights; its card is NAME.json beside it
 
 
-def full_image_window(cfg: PretrainConfig) -> int:
-    """Swin window for full images: UM-MAE (and EMAE, whose Swin parts are uniform) pre-train on
-    the half-size compact grid, so 2x."""
-    return cfg.model.window_size * 2 if cfg.method in ("ummae", "emae") else cfg.model.window_size
+def card_path(weights: str | Path) -> Path:
+    """`NAME.safetensors` -> `NAME.json`."""
+    weights = Path(weights)
+    return weights.with_name(weights.name[:-len(SUFFIX)] + ".json")
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The JSON card of an export, given its `.safetensors` or `.json` path."""
+    path = Path(path)
+    card_file = card_path(path) if path.name.endswith(SUFFIX) else path
+    if not card_file.is_file():
+        raise UmmaeError(f"'{card_file}' does not exist (written next to the weights by `ummae export`)")
+    try:
+        card = json.loads(card_file.read_text())
+    except (OSError, ValueError) as e:
+        raise UmmaeError(f"'{card_file}' is not a readable export card ({e})") from None
+    if not isinstance(card, dict) or not isinstance(card.get("model"), str) \
+            or not isinstance(card.get("model_args"), dict):
+        raise UmmaeError(f"'{card_file}' is not an export card (needs 'model' and 'model_args')")
+    return card
 
 
 def load_pretrain_checkpoint(path: str | Path) -> tuple[PretrainConfig, dict]:
     """`(configuration, checkpoint dict)` of an `ummae pretrain` checkpoint (weights_only load)."""
-    from ..engine.checkpoint import load_checkpoint
-
     state = load_checkpoint(path)
     saved = state.get("config")
     if not isinstance(saved, dict):
@@ -55,10 +78,8 @@ def encoder_source(path: str | Path) -> tuple[PretrainConfig, dict[str, torch.Te
     records the pre-training configuration).
     """
     path = Path(path)
-    if path.name.endswith(".safetensors"):
+    if path.name.endswith(SUFFIX):
         from safetensors.torch import load_file
-
-        from ..export import read_card
 
         if not path.is_file():
             raise UmmaeError(f"exported encoder '{path}' does not exist")
@@ -87,22 +108,14 @@ def build_backbone(cfg: PretrainConfig, num_classes: int = 0, drop_path_rate: fl
         drop_path_rate: stochastic depth for fine-tuning (default: the pre-training value).
         img_size: input size (ViT's position table depends on it; default: the pre-training size).
     """
-    from . import build_encoder
-
-    cfg = copy.deepcopy(cfg)
+    cfg = full_image_config(cfg)  # a copy
     if drop_path_rate is not None:
         cfg.model.drop_path_rate = drop_path_rate
     if img_size is not None:
         cfg.data.img_size = img_size
-    cfg.model.window_size = full_image_window(cfg)
     encoder = build_encoder(cfg)
-    if num_classes > 0:
-        if not hasattr(encoder, "reset_classifier") and not hasattr(encoder, "head"):
-            raise ConfigError(f"{type(encoder).__name__} has no classification head")
-        if hasattr(encoder, "reset_classifier"):
-            encoder.reset_classifier(num_classes)
-        else:
-            encoder.head = torch.nn.Linear(encoder.num_features, num_classes)
+    if num_classes > 0:  # timm's classifier API, which every backbone answers
+        encoder.reset_classifier(num_classes)
     return encoder
 
 

@@ -9,27 +9,32 @@ The whole method in five verbs, as in MAE:
 
 UM-MAE = this model with uniform masking; plain MAE = random masking (ViT only: a windowed or
 spatially reduced encoder needs the regular compact grid that only uniform masks give).
+
+Both methods are registered at the end of the file (`ummae.models.specs`): `method: ummae` and
+`method: mae` build `BackboneSpec.autoencoder` (this class unless the backbone brings its own, as
+timm's Hiera does: `hiera.HieraMAE`) around the configured encoder.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.profiler import record_function
 
 from ..errors import ConfigError
 from ..masking import MaskSample, RandomMasking, UniformMasking
 from ..objectives import masked_mse_loss, pixel_targets
 from .decoder import MAEDecoder
+from .method import MaskedImageModel
+from .specs import MethodSpec, backbone_names, backbone_spec, register_method
 
-__all__ = ["MaskedAutoencoder"]
+__all__ = ["MaskedAutoencoder", "random_masking_backbones"]
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(MaskedImageModel):
     """MAE with uniform (UM-MAE) or random (MAE) masking.
 
     Args:
@@ -88,15 +93,19 @@ class MaskedAutoencoder(nn.Module):
                                   upsample=encoder.stride // unit, decoder_dim=decoder_dim,
                                   depth=decoder_depth, num_heads=decoder_heads, norm_eps=decoder_norm_eps)
 
+    @classmethod
+    def from_config(cls, cfg, encoder: nn.Module, masking: str) -> "MaskedAutoencoder":
+        """The model of a `PretrainConfig` around `encoder`, with "uniform" or "random" masking."""
+        m = cfg.model
+        return cls(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size, masking=masking,
+                   mask_ratio=cfg.masking.mask_ratio, secondary_ratio=cfg.masking.secondary_ratio,
+                   norm_pix_loss=m.norm_pix_loss, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
+                   decoder_heads=m.decoder_heads, decoder_norm_eps=m.decoder_norm_eps)
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         names = {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", set)()}
         return names | {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
-
-    def sample_masks(self, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> MaskSample:
-        """Masks for `batch_size` images (uniform with secondary masking, or random)."""
-        return self.masking(batch_size, generator=generator, device=device)
 
     def forward_encoder(self, imgs: torch.Tensor, masks: MaskSample) -> torch.Tensor:
         """Features of the visible units only.
@@ -116,25 +125,38 @@ class MaskedAutoencoder(nn.Module):
         target = pixel_targets(imgs, self.unit, self.norm_pix_loss)
         return masked_mse_loss(pred.float(), target.float(), mask)
 
-    def forward(self, imgs: torch.Tensor, masks: MaskSample | None = None,
-                generator: torch.Generator | None = None):
-        """
-        Args:
-            imgs: `[B, 3, H, W]` normalised images of the pre-training size.
-            masks: masks to use, or None to draw them (with `generator`).
 
-        Returns:
-            `(loss, pred [B, L, unit*unit*3], masks)`.
-        """
-        if tuple(imgs.shape[-2:]) != self.img_size:
-            raise ConfigError(f"model was built for {self.img_size} images, got {tuple(imgs.shape[-2:])}")
-        if masks is None:
-            with record_function("masks"):
-                masks = self.sample_masks(imgs.shape[0], generator=generator, device=imgs.device)
-        with record_function("encoder"):
-            features = self.forward_encoder(imgs, masks)
-        with record_function("decoder"):
-            pred = self.forward_decoder(features, masks)
-        with record_function("loss"):
-            loss = self.forward_loss(imgs, pred, masks.mask)
-        return loss, pred, masks
+# ---------------------------------------------------------------------------------------------
+# registration: `method: ummae` and `method: mae`
+
+def random_masking_backbones() -> str:
+    """The registered backbones that run any set of visible units ("vit or hiera")."""
+    return " or ".join(n for n in backbone_names() if not backbone_spec(n).needs_uniform_masks)
+
+
+def _build(masking: str):
+    def build(cfg, backbone, encoder: nn.Module) -> nn.Module:
+        return (backbone.autoencoder or MaskedAutoencoder).from_config(cfg, encoder, masking)
+    return build
+
+
+def _validate_ummae(cfg, backbone) -> None:
+    if not backbone.mask_token:
+        raise ConfigError(f"method ummae needs a backbone with a mask token for secondary masking; model.arch "
+                          f"{backbone.name} has none (and drops masked units itself): use method mae or emae")
+
+
+def _validate_mae(cfg, backbone) -> None:
+    if backbone.needs_uniform_masks:
+        raise ConfigError(f"method mae (random masking) needs model.arch {random_masking_backbones()}: "
+                          f"{backbone.name} windows/reductions need uniform masking; use method ummae")
+
+
+register_method(MethodSpec(
+    name="ummae", build=_build("uniform"), validate=_validate_ummae, uniform_masks=lambda cfg: True,
+    describe_masking=lambda cfg: (f"uniform 75% + SM {cfg.masking.secondary_ratio:g}, "
+                                  f"{cfg.masking.unit_size}px units"),
+    ignored_keys=lambda cfg: {"masking.mask_ratio": "method ummae uses uniform masking, which always masks 75%"}))
+register_method(MethodSpec(
+    name="mae", build=_build("random"), validate=_validate_mae, uniform_masks=lambda cfg: False,
+    describe_masking=lambda cfg: f"random {cfg.masking.mask_ratio:.0%}, {cfg.masking.unit_size}px units"))

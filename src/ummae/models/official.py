@@ -51,7 +51,11 @@ from typing import Sequence
 
 import torch
 
+from ..checkpoint_file import load_checkpoint, save_checkpoint
+from ..config import apply_set_options, config_to_dict
 from ..errors import ConfigError, UmmaeError
+from ..presets import get_preset
+from .specs import build_pretrain_model, check_config
 
 __all__ = ["OFFICIAL_OPTIONS", "ConversionResult", "official_config", "read_official",
            "convert_state_dict", "convert_official", "sincos_channel_order", "is_official_state_dict",
@@ -113,14 +117,14 @@ def set_value(v) -> str:
 def official_config(preset: str, sets: Sequence[str] = ()):
     """The `PretrainConfig` of `preset` with the official architecture options (then `sets`,
     `--set KEY=VALUE` items, which win)."""
-    from ..config import resolve_config
-
-    arch = resolve_config(preset).model.arch
+    arch = get_preset(preset).model.arch
     if arch not in OFFICIAL_OPTIONS:
         raise ConfigError(f"preset '{preset}' is model.arch {arch}: the official UM-MAE checkpoints are "
                           f"Swin, PVT and ViT ({', '.join(OFFICIAL_OPTIONS)})")
     options = [f"model.{k}={set_value(v)}" for k, v in OFFICIAL_OPTIONS[arch].items()]
-    cfg = resolve_config(preset, sets=options + list(sets))
+    cfg = get_preset(preset)
+    apply_set_options(cfg, options + list(sets))
+    check_config(cfg)
     if cfg.method not in ("ummae", "mae"):
         raise ConfigError(f"preset '{preset}' is method {cfg.method}: the official checkpoints are UM-MAE "
                           "(MAE-style) pre-training; choose a ummae_* (or, for ViT, mae_*) preset")
@@ -305,8 +309,6 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg, source: str = "th
         source: how errors name the file.
         seed: seed of the weights the file does not provide (ViT decoder).
     """
-    from . import build_pretrain_model
-
     m = cfg.model
     arch = m.arch
     if arch not in OFFICIAL_OPTIONS:
@@ -386,9 +388,6 @@ def convert_official(path: str | Path, preset: str, out: str | Path, sets: Seque
     Returns:
         `(ConversionResult, cfg)`.
     """
-    from ..config import config_to_dict
-    from ..engine.checkpoint import save_checkpoint
-
     official = read_official(path)
     cfg = official_config(preset, sets)
     result = convert_state_dict(official, cfg, f"'{path}'")
@@ -404,8 +403,6 @@ def read_init_weights(path: str | Path, cfg) -> dict:
     """`pretrain --init-weights` for Swin, PVT and ViT runs: an ummae checkpoint as
     `load_checkpoint` reads it, or an official UM-MAE checkpoint converted on the fly for `cfg`
     (which must carry `OFFICIAL_OPTIONS`; the error says which `--set` items are missing)."""
-    from ..engine.checkpoint import load_checkpoint
-
     source = f"--init-weights '{path}'"
     try:
         state = load_checkpoint(path)

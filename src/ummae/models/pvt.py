@@ -51,7 +51,9 @@ from torch.fx import _symbolic_trace
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags
 from ..errors import ConfigError
 from ..masking import MaskSample, require_uniform
-from .pyramid import PyramidBackbone
+from . import official
+from .pyramid import PYRAMID_LAYOUT, PyramidBackbone
+from .specs import BackboneSpec, non_default_options, register_backbone
 from .weight_init import init_linear_and_norm
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "masked_sr_ratio"]
@@ -425,3 +427,43 @@ class PyramidVisionTransformer(PyramidBackbone):
         for stage, ratio in zip(stages, self.sr_ratios):
             x = stage(x, ratio)
             yield x
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: `model.arch: pvt`
+
+def _build(cfg) -> PyramidVisionTransformer:
+    m = cfg.model
+    return PyramidVisionTransformer(
+        patch_size=m.patch_size, embed_dims=m.embed_dims, depths=m.depths, num_heads=m.num_heads,
+        mlp_ratios=m.mlp_ratios, sr_ratios=m.sr_ratios, drop_path_rate=m.drop_path_rate,
+        embed_norm=m.embed_norm, sr_every_stage=m.sr_every_stage, norm_eps=m.norm_eps)
+
+
+def _validate(cfg) -> None:
+    m = cfg.model
+    for key in ("embed_dims", "mlp_ratios", "sr_ratios"):
+        value = getattr(m, key)
+        if value is None or len(value) != len(m.depths) or any(not v > 0 for v in value):
+            raise ConfigError(f"model.{key} must have one positive number per stage ({len(m.depths)}) "
+                              f"for pvt, got {value}")
+
+
+def _timm_model(cfg) -> tuple[str, dict]:
+    """`ummae_pvt` (`models.registry`) with the full-image reduction ratios (the configured ones:
+    the masked path halves them on the fly)."""
+    m = cfg.model
+    args = dict(patch_size=m.patch_size, embed_dims=list(m.embed_dims), depths=list(m.depths),
+                num_heads=list(m.num_heads), mlp_ratios=list(m.mlp_ratios), sr_ratios=list(m.sr_ratios))
+    args.update(non_default_options(m, "embed_norm", "sr_every_stage", "norm_eps"))
+    return "ummae_pvt", args
+
+
+register_backbone(BackboneSpec(
+    name="pvt", encoder_class=PyramidVisionTransformer, build=_build, classifier=PYRAMID_LAYOUT,
+    validate=_validate, stage_widths=lambda m: list(m.embed_dims),
+    needs_uniform_masks=PyramidVisionTransformer.needs_uniform_mask, masked_feature_map=True,
+    timm_model=_timm_model, read_init_weights=official.read_init_weights,
+    ignored_keys={"model.embed_dim": "model.arch pvt uses model.embed_dims (one value per stage)",
+                  "model.mlp_ratio": "model.arch pvt uses model.mlp_ratios (one value per stage)"},
+))

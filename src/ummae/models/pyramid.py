@@ -15,8 +15,9 @@ import torch.nn as nn
 from timm.models._features import feature_take_indices
 
 from ..errors import ConfigError
+from .specs import ClassifierLayout
 
-__all__ = ["PyramidBackbone", "GLOBAL_POOLS"]
+__all__ = ["PyramidBackbone", "GLOBAL_POOLS", "PYRAMID_LAYOUT"]
 
 # Pooling before the head: average (timm's Swin and PVT v2 default), max, or none ("": the head,
 # if any, is applied to every position of the `[B, H, W, C]` map).
@@ -169,3 +170,29 @@ class PyramidBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# classification (`models.classifier`): the layout both pyramids register with their spec
+
+def _feature_map(encoder: PyramidBackbone, feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return feats.permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
+
+
+def _group_matcher(coarse: bool) -> dict:
+    """Stem = layer 0; each block a layer; a stage's patch merging joins its first block (as timm
+    counts Swin)."""
+    stem = r"^encoder\.(?:patch_embed|patch_norm|mask_token)"
+    if coarse:
+        return dict(stem=stem, blocks=r"^encoder\.stages\.(\d+)")
+    return dict(stem=stem, blocks=[
+        (r"^encoder\.stages\.(\d+)\.downsample", (0,)),  # merging joins the stage's first block
+        (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)", None),
+    ])
+
+
+def _num_blocks(encoder: PyramidBackbone) -> int:
+    return sum(len(stage.blocks) for stage in encoder.stages)
+
+
+PYRAMID_LAYOUT = ClassifierLayout(feature_map=_feature_map, group_matcher=_group_matcher, num_blocks=_num_blocks)

@@ -35,10 +35,9 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-__all__ = ["ummae_swin", "ummae_pvt", "ummae_vit", "checkpoint_filter_fn", "TIMM_NAMES"]
+__all__ = ["ummae_swin", "ummae_pvt", "ummae_vit", "checkpoint_filter_fn"]
 
-# Backbone family (`model.arch` of a configuration) -> registered timm name.
-TIMM_NAMES = {"swin": "ummae_swin", "pvt": "ummae_pvt", "vit": "ummae_vit"}
+# Which of these names a configuration exports to, its backbone's spec says (`BackboneSpec.timm_model`).
 
 
 def _cfg(**kwargs) -> dict:

@@ -16,16 +16,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.profiler import record_function
 
 from ..errors import ConfigError
 from ..masking import MaskSample, RandomMasking
 from ..objectives import masked_l1_loss, patchify
+from .method import MaskedImageModel
+from .specs import MethodSpec, backbone_names, backbone_spec, register_method
 
 __all__ = ["SimMIM"]
 
 
-class SimMIM(nn.Module):
+class SimMIM(MaskedImageModel):
     """SimMIM around a pyramid encoder with `forward_features(imgs, replace)`.
 
     Args:
@@ -56,14 +57,15 @@ class SimMIM(nn.Module):
         # SimMIM's one-layer head: a 1x1 conv (= linear) to stride^2 * 3 values, then pixel shuffle.
         self.decoder = nn.Linear(encoder.num_features, stride * stride * 3)
 
+    @classmethod
+    def from_config(cls, cfg, encoder: nn.Module) -> "SimMIM":
+        """The model of a `PretrainConfig` around `encoder`."""
+        return cls(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size,
+                   mask_ratio=cfg.masking.mask_ratio)
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", set)()}
-
-    def sample_masks(self, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> MaskSample:
-        """Random masks (`mask_ratio` of the units) for `batch_size` images."""
-        return self.masking(batch_size, generator=generator, device=device)
 
     def patch_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """`[B, L]` unit mask -> `[B, H/p, W/p]` patch mask (each unit covers (unit/p)^2 patches)."""
@@ -75,8 +77,9 @@ class SimMIM(nn.Module):
         """`[B, 3, H, W]` -> `[B, H/stride, W/stride, C]`: every token, masked ones as the mask token."""
         return self.encoder.forward_features(imgs, replace=self.patch_mask(masks.mask))
 
-    def forward_decoder(self, features: torch.Tensor) -> torch.Tensor:
-        """`[B, h, w, C]` -> `[B, L, unit*unit*3]` predicted pixels per unit."""
+    def forward_decoder(self, features: torch.Tensor, masks: MaskSample | None = None) -> torch.Tensor:
+        """`[B, h, w, C]` -> `[B, L, unit*unit*3]` predicted pixels per unit (of every unit: the
+        head needs no masks)."""
         x = self.decoder(features).permute(0, 3, 1, 2)  # [B, s*s*3, h, w]
         image = F.pixel_shuffle(x, self.encoder.stride)  # [B, 3, H, W]
         return patchify(image, self.unit)
@@ -85,18 +88,17 @@ class SimMIM(nn.Module):
         """L1 on the raw pixels of the masked units."""
         return masked_l1_loss(pred.float(), patchify(imgs, self.unit).float(), mask)
 
-    def forward(self, imgs: torch.Tensor, masks: MaskSample | None = None,
-                generator: torch.Generator | None = None):
-        """Same contract as `MaskedAutoencoder.forward`: returns `(loss, pred, masks)`."""
-        if tuple(imgs.shape[-2:]) != self.img_size:
-            raise ConfigError(f"model was built for {self.img_size} images, got {tuple(imgs.shape[-2:])}")
-        if masks is None:
-            with record_function("masks"):
-                masks = self.sample_masks(imgs.shape[0], generator=generator, device=imgs.device)
-        with record_function("encoder"):
-            features = self.forward_encoder(imgs, masks)
-        with record_function("decoder"):
-            pred = self.forward_decoder(features)
-        with record_function("loss"):
-            loss = self.forward_loss(imgs, pred, masks.mask)
-        return loss, pred, masks
+
+def _validate(cfg, backbone) -> None:
+    if not backbone.masked_feature_map:
+        able = " and ".join(n for n in backbone_names() if backbone_spec(n).masked_feature_map)
+        other = "ummae" if backbone.needs_uniform_masks else "mae"
+        raise ConfigError(f"method simmim is implemented for model.arch {able}, not {backbone.name} "
+                          f"(pre-train it with method {other})")
+
+
+register_method(MethodSpec(
+    name="simmim", build=lambda cfg, backbone, encoder: SimMIM.from_config(cfg, encoder), validate=_validate,
+    uniform_masks=lambda cfg: False,
+    describe_masking=lambda cfg: (f"random {cfg.masking.mask_ratio:.0%} -> mask tokens, "
+                                  f"{cfg.masking.unit_size}px units")))

@@ -40,7 +40,9 @@ from timm.models.swin_transformer import PatchMerging, window_partition, window_
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags, full_coordinates
 from ..errors import ConfigError
 from ..masking import MaskSample, require_uniform
-from .pyramid import PyramidBackbone
+from . import official
+from .pyramid import PYRAMID_LAYOUT, PyramidBackbone
+from .specs import BackboneSpec, non_default_options, register_backbone
 from .weight_init import init_linear_and_norm
 
 __all__ = ["SwinTransformer", "CoordinatePositionBias", "CoordinateLattice", "ConvPatchMerging", "merge_coordinates"]
@@ -642,3 +644,48 @@ class SwinTransformer(PyramidBackbone):
         for stage in stages:
             x, coords, lattice = stage(x, coords, self.window_size, lattice)
             yield x
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: `model.arch: swin`
+
+def _build(cfg) -> SwinTransformer:
+    m = cfg.model
+    return SwinTransformer(
+        patch_size=m.patch_size, embed_dim=m.embed_dim, depths=m.depths, num_heads=m.num_heads,
+        window_size=m.window_size, mlp_ratio=m.mlp_ratio, pos_hidden_dim=m.pos_hidden_dim,
+        drop_path_rate=m.drop_path_rate, merge=m.merge, norm_eps=m.norm_eps)
+
+
+def _full_image(cfg, compact: bool):
+    """UM-MAE (and UM-EMAE) pre-train on the half-size compact grid: the full image's window is 2x."""
+    if compact:
+        cfg.model.window_size *= 2
+    return cfg
+
+
+def _timm_model(cfg) -> tuple[str, dict]:
+    """`ummae_swin` (`models.registry`) with the full-image sizes; the official-checkpoint options
+    only where they differ from the defaults, so ordinary cards stay as they were."""
+    m = cfg.model
+    args = dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depths=list(m.depths),
+                num_heads=list(m.num_heads), window_size=m.window_size, mlp_ratio=m.mlp_ratio,
+                pos_hidden_dim=m.pos_hidden_dim)
+    args.update(non_default_options(m, "merge", "norm_eps"))
+    return "ummae_swin", args
+
+
+def _finetune_defaults(m) -> dict:
+    large = m.embed_dim >= 192  # Swin-L and wider
+    return {"layer_decay": 0.7 if large else 0.85, "drop_path": 0.2 if large else 0.1}
+
+
+register_backbone(BackboneSpec(
+    name="swin", encoder_class=SwinTransformer, build=_build, classifier=PYRAMID_LAYOUT,
+    needs_uniform_masks=SwinTransformer.needs_uniform_mask, masked_feature_map=True,
+    full_image=_full_image, timm_model=_timm_model, finetune_defaults=_finetune_defaults,
+    read_init_weights=official.read_init_weights,
+    ignored_keys={"model.embed_dims": "model.embed_dims is for per-stage widths; swin uses model.embed_dim",
+                  "model.mlp_ratios": "model.mlp_ratios is for per-stage ratios; swin uses model.mlp_ratio",
+                  "model.sr_ratios": "model.sr_ratios (spatial reduction) does not apply to model.arch swin"},
+))

@@ -38,6 +38,8 @@ from torch.fx import _symbolic_trace
 
 from ..errors import ConfigError
 from ..masking import MaskSample
+from . import official
+from .specs import BackboneSpec, ClassifierLayout, register_backbone
 from .weight_init import init_linear_and_norm
 
 __all__ = ["VisionTransformer"]
@@ -252,3 +254,49 @@ class VisionTransformer(timm_vit.VisionTransformer):
         # tokens to `ids_keep`, so a token without a unit has nowhere to go. (MAE's own decoder
         # carries the class token through and drops it at the end, which predicts nothing.)
         return x[:, self.num_prefix_tokens:]
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: `model.arch: vit`
+
+def _build(cfg) -> VisionTransformer:
+    m = cfg.model
+    return VisionTransformer(
+        img_size=cfg.data.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depths[0],
+        num_heads=m.num_heads[0], mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate)
+
+
+def _validate(cfg) -> None:
+    if len(cfg.model.depths) != 1:
+        raise ConfigError(f"model.depths for vit is one number of blocks, e.g. [12], got {cfg.model.depths}")
+
+
+def _timm_model(cfg) -> tuple[str, dict]:
+    """`ummae_vit` (`models.registry`); its position table fixes the input size."""
+    m = cfg.model
+    return "ummae_vit", dict(img_size=cfg.data.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
+                             depth=m.depths[0], num_heads=m.num_heads[0], mlp_ratio=m.mlp_ratio)
+
+
+def _feature_map(encoder: VisionTransformer, feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`[B, 1+N, C]` -> the patch tokens on their grid `[B, C, gh, gw]` (prefix tokens dropped)."""
+    tokens = feats[:, encoder.num_prefix_tokens:]
+    gh, gw = encoder.patch_embed.grid_size
+    return tokens.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], gh, gw)
+
+
+register_backbone(BackboneSpec(
+    name="vit", encoder_class=VisionTransformer, build=_build, validate=_validate,
+    stage_widths=lambda m: [m.embed_dim],
+    classifier=ClassifierLayout(
+        feature_map=_feature_map,
+        group_matcher=lambda coarse: dict(
+            stem=r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre|mask_token)",
+            blocks=r"^encoder\.blocks\.(\d+)"),
+        num_blocks=lambda encoder: len(encoder.blocks), fixed_pos_embed=True),
+    timm_model=_timm_model, finetune_defaults=lambda m: {"layer_decay": 0.8, "drop_path": 0.1},
+    read_init_weights=official.read_init_weights, profile_blocks=("vit", timm_vit.Block),
+    ignored_keys={"model.embed_dims": "model.embed_dims is for per-stage widths; vit uses model.embed_dim",
+                  "model.mlp_ratios": "model.mlp_ratios is for per-stage ratios; vit uses model.mlp_ratio",
+                  "model.sr_ratios": "model.sr_ratios (spatial reduction) does not apply to model.arch vit"},
+))

@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..config import PretrainConfig
 from ..models import build_pretrain_model
+from ..models.specs import backbone_spec
 from .bench import BenchStep, sync_device
 
 __all__ = ["profile_step", "format_profile"]
@@ -51,10 +52,10 @@ def _known_labels() -> set[str]:
 
 
 @contextlib.contextmanager
-def _vit_block_labels(model: torch.nn.Module):
-    """Label timm ViT blocks' attention / MLP / norms (their code has no labels of its own)."""
-    from timm.models.vision_transformer import Block
-
+def _block_labels(model: torch.nn.Module, blocks: tuple[str, type] | None):
+    """Label the attention / MLP / norms of the blocks its backbone names (`BackboneSpec.
+    profile_blocks`: `(prefix, block class)`, e.g. timm's ViT blocks, whose code has no labels of
+    its own) as `prefix.attention`, `prefix.mlp`, `prefix.norm`."""
     handles, stack = [], []
 
     def enter(name):
@@ -67,12 +68,13 @@ def _vit_block_labels(model: torch.nn.Module):
     def leave(module, args, out):
         stack.pop().__exit__(None, None, None)
 
+    prefix, block_class = blocks or ("", ())
     encoder = getattr(model, "encoder", model)
     for block in encoder.modules():
-        if not isinstance(block, Block):
+        if not isinstance(block, block_class):
             continue
-        for name, module in (("vit.attention", block.attn), ("vit.mlp", block.mlp),
-                             ("vit.norm", block.norm1), ("vit.norm", block.norm2)):
+        for name, module in ((f"{prefix}.attention", block.attn), (f"{prefix}.mlp", block.mlp),
+                             (f"{prefix}.norm", block.norm1), (f"{prefix}.norm", block.norm2)):
             if isinstance(module, torch.nn.Identity):
                 continue
             handles += [module.register_forward_pre_hook(enter(name)),
@@ -92,7 +94,7 @@ def profile_step(cfg: PretrainConfig, device: torch.device, batch_size: int, ste
     cfg.train.accum_steps = 1
     run = BenchStep(cfg, device, build_model or build_pretrain_model)
     model, step = run.model, run.step
-    with _vit_block_labels(model):
+    with _block_labels(model, backbone_spec(cfg.model.arch).profile_blocks):
         for _ in range(warmup):
             step()
         sync_device(device)
