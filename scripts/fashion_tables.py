@@ -366,7 +366,7 @@ NOT_RUN = "not run yet"
 
 
 def tables(results: dict, args) -> list[str]:
-    lines = ["| pre-training (60,000 images, seed 0) | epochs | CPU time (s) | wall-clock (s) | peak RSS (MiB) "
+    lines = ["| pre-training (the training images, labels unused, seed 0) | epochs | CPU time (s) | wall-clock (s) | peak RSS (MiB) "
              "| images / CPU-s | images/s (loader, median) | final loss |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["pretraining"].items():
         if r is None:
@@ -427,18 +427,19 @@ def pictures(results: dict, out: Path) -> None:
     rows = {k: r for k, r in results["frozen"].items() if r}
     if rows:
         keys = ["few10_knn", "few10_linprobe", "few100_knn", "few100_linprobe"]
-        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+        fig, ax = plt.subplots(figsize=(9, 3.6), dpi=120)
         width = 0.8 / len(rows)
+        colours = plt.cm.tab20.colors
         for i, (name, r) in enumerate(rows.items()):
             means = [r[k]["mean"] for k in keys]
             err = [[m - r[k]["min"] for m, k in zip(means, keys)], [r[k]["max"] - m for m, k in zip(means, keys)]]
             ax.bar([j + i * width for j in range(len(keys))], means, width, yerr=err, capsize=2,
-                   label=name.removeprefix("pre_"))
+                   color=colours[i % len(colours)], label=name.removeprefix("pre_"))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))],
                       ["10/class k-NN", "10/class linear", "100/class k-NN", "100/class linear"])
         ax.set_ylabel("test top-1 (%), draws' range")
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(out / "few_label.png")
         plt.close(fig)
@@ -484,13 +485,15 @@ def main(argv: list[str] | None = None) -> int:
                                                        sys.executable: "python"})
         print(f"copied {n} record files from {args.out} to {args.save_records}")
         return 0
-    if not (args.data / "train").is_dir():
+    if not args.report and not (args.data / "train").is_dir():
         code = subprocess.run([sys.executable, str(REPO / "scripts" / "make_fashion_folder.py"), str(args.data),
                                "--size", str(IMG)]).returncode
         if code:
             return code
     if args.quick:
-        args.data = quick_folder(args.data, args.data.with_name(args.data.name + "_quick"), 200, 50)
+        args.data = args.data.with_name(args.data.name + "_quick")
+        if not args.report:
+            quick_folder(args.data.with_name(args.data.name.removesuffix("_quick")), args.data, 200, 50)
         args.epochs, args.ft_few_epochs, args.ft_full_epochs, args.draws, args.few_copies = 1, 1, 1, 2, 1
         args.ft_seeds, args.ft_full_seeds = args.ft_seeds[:1], args.ft_full_seeds[:1]
     if args.records:
