@@ -70,7 +70,7 @@ import time
 from pathlib import Path
 
 from tables_runner import (Job, Runner, fmt, plot_curves, read_metrics, save_records, seed_records, summarise,
-                           val_curve)
+                           to_rerun, val_curve)
 
 REPO = Path(__file__).resolve().parent.parent
 UMMAE = [sys.executable, "-m", "ummae"]
@@ -481,7 +481,11 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_one(args)
         return 0
     if args.save_records:
+        # the checkout that ran the evaluation jobs (their argv: python SCRIPT ...), this one or a copy
+        roots = {str(Path(json.loads(p.read_text())["argv"][1]).parent.parent)
+                 for p in (args.out / "jobs").glob("eval_*.json")}
         n = save_records(args.out, args.save_records, {str(args.out): "<out>", str(args.data): "<data>",
+                                                       **{r: "<repo>" for r in roots | {str(REPO)}},
                                                        sys.executable: "python"})
         print(f"copied {n} record files from {args.out} to {args.save_records}")
         return 0
@@ -497,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs, args.ft_few_epochs, args.ft_full_epochs, args.draws, args.few_copies = 1, 1, 1, 2, 1
         args.ft_seeds, args.ft_full_seeds = args.ft_seeds[:1], args.ft_full_seeds[:1]
     if args.records:
-        n = seed_records(args.records, args.out, {"<out>": str(args.out), "<data>": str(args.data)})
+        n = seed_records(args.records, args.out, {"<out>": str(args.out), "<data>": str(args.data),
+                                                  "<repo>": str(REPO)})
         print(f"seeded {n} record files from {args.records}")
     deadline = time.time() + 60 * args.deadline if args.deadline else None
     runner = Runner(args.out, args.jobs, deadline, REPO)
@@ -505,9 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs = build_jobs(args, runner)
         if args.only:
             jobs = [j for j in jobs if any(j.name.startswith(o) for o in args.only)]
-        if args.list:
+        if args.list:  # what `runner.run` would do: todo (never ran), rerun (its outputs are needed), done
+            todo = {j.name for j in to_rerun(jobs, lambda name: runner.record_path(name).exists())}
             for j in jobs:
-                print(f"{'done' if runner.record(j.name) else 'todo'}  {j.name}")
+                print(f"{'done' if j.name not in todo else 'rerun' if runner.record(j.name) else 'todo'}  {j.name}")
             return 0
         runner.run(jobs)
     report(args, runner)

@@ -72,3 +72,18 @@ def test_report_before_anything_ran(tiny_data, tmp_path, capsys):
     assert tables.count(fashion_tables.NOT_RUN) == 9 + 13 + 10
     results = json.loads((out / "results.json").read_text())
     assert results["frozen"]["raw_pixels"] is None and results["finetune"]["few"]["ummae_swin"] is None
+
+
+def test_committed_records_without_checkpoints_rerun_what_pending_jobs_need(tiny_data, tmp_path, capsys):
+    # records as committed from another machine: the UM-MAE pre-training and its evaluation ran there
+    records = tmp_path / "docs"
+    (records / "jobs").mkdir(parents=True)
+    for name in ("pre_ummae_swin_e4", "eval_pre_ummae_swin_e4"):
+        (records / "jobs" / f"{name}.json").write_text(json.dumps(
+            {"argv": ["python", "--data", "<data>/train", "--epochs", "4"], "seconds": 1.0, "cpu_seconds": 1.0}))
+    out = tmp_path / "new"
+    assert fashion_tables.main(["--data", str(tiny_data), "--out", str(out), "--records", str(records), "--list"]) == 0
+    status = dict(line.split()[::-1] for line in capsys.readouterr().out.splitlines() if "  " in line)
+    assert status["pre_ummae_swin_e4"] == "rerun"  # fine-tuning and random init still need its checkpoint
+    assert status["eval_pre_ummae_swin_e4"] == "done" and status["pre_simmim_swin_e4"] == "todo"
+    assert str(tiny_data) in (out / "jobs" / "pre_ummae_swin_e4.json").read_text()  # <data> put back
