@@ -355,7 +355,7 @@ def report(args, runner: Runner) -> dict:
     results = {"epochs": E, "img_size": IMG, "pretraining": pretraining, "frozen": frozen, "finetune": finetune,
                "bench": bench, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = tables(results, args)
+    lines = tables(results, args) + [""] + targets(results, E)
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     pictures(results, out)
     print("\n".join(lines))
@@ -399,6 +399,59 @@ def tables(results: dict, args) -> list[str]:
             n = min(len(c) for c in r["curves"])
             curve = " ".join(f"{statistics.fmean(c[e] for c in r['curves']):.1f}" for e in range(n))
             lines.append(f"| {arm} | {fmt(r['final_top1'])} | {len(r['seeds'])} | {fmt(r['cpu_s'])} | {curve} |")
+    return lines
+
+
+def targets(results: dict, E: int) -> list[str]:
+    """The issue's targets, each "met", "missed" or "not run yet", with the numbers compared."""
+    frozen, ft = results["frozen"], results["finetune"]
+    pre = {cfg: frozen.get(f"pre_{cfg}_e{E}") for cfg in CONFIGS}
+    done = {cfg: r for cfg, r in pre.items() if r}
+    lines = ["| target (issue 20) | compared | verdict |", "|---|---|---|"]
+
+    def add(name: str, ok: bool | None, compared: str) -> None:
+        lines.append(f"| {name} | {compared} | {NOT_RUN if ok is None else 'met' if ok else 'missed'} |")
+
+    raw = frozen.get("raw_pixels")
+    if done and raw:
+        best = max(done, key=lambda c: done[c]["linprobe"]["mean"])
+        gap = done[best]["linprobe"]["mean"] - raw["linprobe"]["mean"]
+        add("best frozen linear probe >= raw pixels + 3", gap >= 3, f"{best} {done[best]['linprobe']['mean']:.1f} vs "
+            f"{raw['linprobe']['mean']:.1f} ({gap:+.1f})")
+    else:
+        add("best frozen linear probe >= raw pixels + 3", None, "")
+    for protocol in ("knn", "linprobe"):
+        key, name = f"few10_{protocol}", f"10 per class ({protocol}) >= raw pixels and random init + 5"
+        scored = {c: r for c, r in done.items() if frozen.get(f"random_{ARCH[c]}")}
+        if scored and raw:
+            margin = {c: r[key]["mean"] - max(raw[key]["mean"], frozen[f"random_{ARCH[c]}"][key]["mean"])
+                      for c, r in scored.items()}
+            best = max(margin, key=margin.get)
+            add(name, margin[best] >= 5, f"{best} {scored[best][key]['mean']:.1f}, margin {margin[best]:+.1f}")
+        else:
+            add(name, None, "")
+    full, few = ft["full"], ft["few"]
+    if full["ummae_swin"] and full["random_swin"]:
+        pairs = [(u, r) for s, u in zip(full["ummae_swin"]["seeds"], full["ummae_swin"]["final_top1"]["values"])
+                 for t, r in zip(full["random_swin"]["seeds"], full["random_swin"]["final_top1"]["values"]) if s == t]
+        add("fine-tuned UM-MAE > random init on every seed, all labels", bool(pairs) and all(u > r for u, r in pairs),
+            " / ".join(f"{u:.1f} vs {r:.1f}" for u, r in pairs))
+    else:
+        add("fine-tuned UM-MAE > random init on every seed, all labels", None, "")
+    if few["ummae_swin"] and few["random_swin"]:
+        gap = few["ummae_swin"]["final_top1"]["mean"] - few["random_swin"]["final_top1"]["mean"]
+        add("fine-tuned UM-MAE >= random init + 3, 1% labels", gap >= 3, f"{gap:+.1f} (means)")
+    else:
+        add("fine-tuned UM-MAE >= random init + 3, 1% labels", None, "")
+    cost = results["pretraining"]
+    u, m = cost.get(f"pre_ummae_swin_e{E}"), cost.get(f"pre_simmim_swin_e{E}")
+    if full["ummae_swin"] and full["simmim_swin"] and u and m:
+        gap = full["ummae_swin"]["final_top1"]["mean"] - full["simmim_swin"]["final_top1"]["mean"]
+        ratio = u["cpu_s"] / m["cpu_s"]
+        add("UM-MAE fine-tuned within 0.5 of SimMIM at <= 0.6x its pre-training CPU time",
+            gap >= -0.5 and ratio <= 0.6, f"{gap:+.1f} points at {ratio:.2f}x")
+    else:
+        add("UM-MAE fine-tuned within 0.5 of SimMIM at <= 0.6x its pre-training CPU time", None, "")
     return lines
 
 

@@ -68,8 +68,8 @@ def test_report_before_anything_ran(tiny_data, tmp_path, capsys):
     out = tmp_path / "out"
     assert fashion_tables.main(["--data", str(tiny_data), "--out", str(out), "--report"]) == 0
     tables = (out / "tables.md").read_text()
-    # 9 pre-training runs; their 9 frozen rows + 3 random inits + raw pixels; 2 x 5 fine-tuning arms
-    assert tables.count(fashion_tables.NOT_RUN) == 9 + 13 + 10
+    # 9 pre-training runs; their 9 frozen rows + 3 random inits + raw pixels; 2 x 5 fine-tuning arms; 6 targets
+    assert tables.count(fashion_tables.NOT_RUN) == 9 + 13 + 10 + 6
     results = json.loads((out / "results.json").read_text())
     assert results["frozen"]["raw_pixels"] is None and results["finetune"]["few"]["ummae_swin"] is None
 
