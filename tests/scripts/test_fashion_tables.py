@@ -87,3 +87,24 @@ def test_committed_records_without_checkpoints_rerun_what_pending_jobs_need(tiny
     assert status["pre_ummae_swin_e4"] == "rerun"  # fine-tuning and random init still need its checkpoint
     assert status["eval_pre_ummae_swin_e4"] == "done" and status["pre_simmim_swin_e4"] == "todo"
     assert str(tiny_data) in (out / "jobs" / "pre_ummae_swin_e4.json").read_text()  # <data> put back
+
+
+def test_targets_verdicts():
+    def row(lin, few):
+        s = lambda v: fashion_tables.summarise([v])  # noqa: E731
+        return {"linprobe": s(lin), "few10_knn": s(few), "few10_linprobe": s(few - 1)}
+
+    def arm(values):
+        return {"seeds": list(range(len(values))), "final_top1": fashion_tables.summarise(values)}
+
+    frozen = {"pre_ummae_swin_e4": row(88.0, 80.0), "pre_mae_vit_e4": row(86.0, 70.0), "random_swin": row(80.0, 72.0),
+              "random_vit": row(79.0, 71.0), "raw_pixels": row(84.5, 74.0)}
+    results = {"frozen": frozen,
+               "finetune": {"full": {"ummae_swin": arm([92.0, 91.0]), "random_swin": arm([91.5, 91.2]),
+                                     "simmim_swin": arm([91.4, 91.4])},
+                            "few": {"ummae_swin": arm([75.0, 76.0]), "random_swin": arm([70.0, 72.0])}},
+               "pretraining": {"pre_ummae_swin_e4": {"cpu_s": 50.0}, "pre_simmim_swin_e4": {"cpu_s": 100.0}}}
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in fashion_tables.targets(results, 4)[2:]]
+    # probe 88.0 vs 84.5 (+3.5): met; 10/class k-NN 80 vs max(74, 72) +6: met, linear 79 vs 73 +6: met;
+    # all labels: 92 > 91.5 but 91.0 < 91.2: missed; 1%: +4.5: met; +0.1 points vs SimMIM at 0.5x: met
+    assert verdicts == ["met", "met", "met", "missed", "met", "met"]
