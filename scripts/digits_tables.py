@@ -170,7 +170,9 @@ def build_jobs(args, runner: Runner) -> list[Job]:
             if cfg == "mae_hiera" and s != args.seeds[0]:
                 continue  # Hiera at equal epochs: one seed, to calibrate its equal-time budget
             name = f"pre_{cfg}_e{E}_s{s}"
-            jobs.append(Job(name, pretrain_argv(cfg, run_dir(name), s, E, data)))
+            # outputs: a cache seeded from records elsewhere re-runs it when a pending job needs the checkpoint
+            jobs.append(Job(name, pretrain_argv(cfg, run_dir(name), s, E, data),
+                            outputs=[run_dir(name) / "checkpoint.pt"]))
             jobs.append(eval_job(name, ["--checkpoint", str(run_dir(name) / "checkpoint.pt")], [name]))
         # 2. equal time: the cheaper method gets the CPU time its partner took (seed-0 ratio)
         for cfg, partner in EQUAL_TIME.items():

@@ -366,8 +366,8 @@ NOT_RUN = "not run yet"
 
 
 def tables(results: dict, args) -> list[str]:
-    lines = ["| pre-training (the training images, labels unused, seed 0) | epochs | CPU time (s) | wall-clock (s) | peak RSS (MiB) "
-             "| images / CPU-s | images/s (loader, median) | final loss |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| pre-training (the training images, labels unused, seed 0) | epochs | CPU time (s) | wall-clock (s) "
+             "| peak RSS (MiB) | images / CPU-s | images/s (loader, median) | final loss |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["pretraining"].items():
         if r is None:
             lines.append(f"| {name} | {NOT_RUN} | | | | | | |")
