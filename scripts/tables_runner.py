@@ -28,7 +28,9 @@ from typing import Callable
 class Job:
     """One subprocess; `argv` may be computed when the job starts (from finished jobs' records).
 
-    `outputs`: files the job leaves that jobs depending on it read (checkpoints).
+    `outputs`: files the job leaves that jobs depending on it read (checkpoints). The folders
+    holding them are the job's own: it starts with them empty (an old one is moved to
+    `<folder>.replaced`), so a re-run or a restarted killed run does not append to old curves.
     """
 
     name: str
@@ -113,6 +115,10 @@ class Runner:
                 if ready is None:
                     break
                 pending.remove(ready)
+                for folder in {Path(o).parent for o in ready.outputs if Path(o).parent.exists()}:
+                    aside = folder.with_name(folder.name + ".replaced")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    folder.rename(aside)
                 argv = ready.argv() if callable(ready.argv) else ready.argv
                 log = open(self.out / "jobs" / f"{ready.name}.log", "w")
                 running[ready.name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
@@ -152,7 +158,8 @@ def _copy(src: Path, target: Path, replace: dict[str, str]) -> None:
 
 
 def save_records(out: Path, dest: Path, replace: dict[str, str] | None = None) -> int:
-    """Copy the cache's records (`RECORD_GLOBS`) to `dest`; returns how many files.
+    """Copy the cache's records (`RECORD_GLOBS`) to `dest`; returns how many files. A run folder's
+    files only once its job has finished (`jobs/<name>.json`): a running one's curve is partial.
 
     `replace`: machine paths -> placeholders in the copies (e.g. {str(out): "<out>"}), so that the
     committed records name no machine's folders; `seed_records` puts them back.
@@ -160,7 +167,9 @@ def save_records(out: Path, dest: Path, replace: dict[str, str] | None = None) -
     n = 0
     for pattern in RECORD_GLOBS:
         for src in sorted(out.glob(pattern)):
-            if src.name.endswith(".replaced.json"):
+            rel = src.relative_to(out)
+            if src.name.endswith(".replaced.json") or (rel.parts[0] == "runs" and not
+                                                       (out / "jobs" / f"{rel.parts[1]}.json").exists()):
                 continue
             _copy(src, dest / src.relative_to(out), replace or {})
             n += 1

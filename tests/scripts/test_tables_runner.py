@@ -48,11 +48,14 @@ def test_missing_checkpoint_reruns_its_job_only_when_needed(tmp_path):
     runner.run(fake_grid(tmp_path))
     ckpt = tmp_path / "cache" / "runs" / "pre" / "checkpoint.pt"
     ckpt.unlink()  # a new machine: the records came along, the checkpoint did not
+    (ckpt.parent / "metrics.jsonl").write_text("old curve\n")
     runner.run(fake_grid(tmp_path))  # nobody still to run needs it: nothing runs
     assert ran(tmp_path) == ["pre", "eval", "ft", "raw"]
     runner.record_path("ft").unlink()  # ft still has to run and needs pre's checkpoint
     runner.run(fake_grid(tmp_path))
     assert ran(tmp_path)[4:] == ["pre", "ft"] and ckpt.exists()
+    assert not (ckpt.parent / "metrics.jsonl").exists()  # the re-run started in a clean folder
+    assert (ckpt.parent.with_name("pre.replaced") / "metrics.jsonl").read_text() == "old curve\n"
     assert (tmp_path / "cache" / "jobs" / "pre.replaced.json").exists()
 
 
@@ -83,10 +86,12 @@ def test_records_round_trip_without_checkpoints(tmp_path):
     Runner(cache, 1, None, tmp_path).run(fake_grid(tmp_path))
     (cache / "runs" / "pre" / "metrics.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
     (cache / "eval" / "pre.json").write_text("{}")
+    (cache / "runs" / "still_running").mkdir()
+    (cache / "runs" / "still_running" / "metrics.jsonl").write_text("{}\n")  # no record yet: not saved
     n = save_records(cache, tmp_path / "docs")
     saved = sorted(str(p.relative_to(tmp_path / "docs")) for p in (tmp_path / "docs").rglob("*") if p.is_file())
     assert n == len(saved) and "runs/pre/metrics.jsonl" in saved and "eval/pre.json" in saved
-    assert not any(s.endswith(".pt") or s.endswith(".log") for s in saved)
+    assert not any(s.endswith(".pt") or s.endswith(".log") or "still_running" in s for s in saved)
     fresh = tmp_path / "fresh"
     assert seed_records(tmp_path / "docs", fresh) == n
     assert seed_records(tmp_path / "docs", fresh) == 0  # what the cache has wins
