@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+from tables_runner import Job, Runner, fmt, plot_curves, summarise, val_curve
 
 REPO = Path(__file__).resolve().parent.parent
 UMMAE = [sys.executable, "-m", "ummae"]
@@ -98,75 +97,6 @@ SEARCH = {
 }
 
 
-@dataclass
-class Job:
-    """One subprocess; `argv` may be computed when the job starts (from finished jobs' records)."""
-
-    name: str
-    argv: list[str] | Callable[[], list[str]]
-    deps: list[str] = field(default_factory=list)
-
-
-class Runner:
-    """Runs jobs `jobs` at a time in list order (a job waits for its deps), caching each record."""
-
-    def __init__(self, out: Path, jobs: int, deadline: float | None):
-        self.out, self.slots, self.deadline = out, jobs, deadline
-        for sub in ("jobs", "bench", "eval"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-
-    def record_path(self, name: str) -> Path:
-        return self.out / "jobs" / f"{name}.json"
-
-    def record(self, name: str) -> dict | None:
-        path = self.record_path(name)
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def run(self, jobs: list[Job]) -> None:
-        pending = [j for j in jobs if self.record(j.name) is None]
-        running: dict[str, tuple[subprocess.Popen, float, list[str]]] = {}
-        failed: set[str] = set()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        while pending or running:
-            for name, (proc, start, argv) in list(running.items()):
-                # wait4, not Popen.poll: it also returns the CPU time the run used (its data
-                # workers included), which other programs on the machine do not inflate.
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid == 0:
-                    continue
-                del running[name]
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                seconds = time.time() - start
-                if proc.returncode != 0:
-                    failed.add(name)
-                    print(f"[{time.strftime('%H:%M:%S')}] FAILED {name} (exit {proc.returncode}); "
-                          f"see {self.out / 'jobs' / (name + '.log')}", flush=True)
-                    continue
-                cpu = usage.ru_utime + usage.ru_stime
-                self.record_path(name).write_text(json.dumps({"argv": argv, "seconds": seconds, "cpu_seconds": cpu}))
-                print(f"[{time.strftime('%H:%M:%S')}] done {name} in {seconds:.0f} s ({cpu:.0f} s CPU)", flush=True)
-            blocked = [j for j in pending if any(d in failed for d in j.deps)]
-            for j in blocked:
-                pending.remove(j)
-                failed.add(j.name)
-                print(f"skipped {j.name}: a run it needs failed", flush=True)
-            late = self.deadline is not None and time.time() > self.deadline
-            while not late and len(running) < self.slots:
-                ready = next((j for j in pending if all(self.record(d) for d in j.deps)), None)
-                if ready is None:
-                    break
-                pending.remove(ready)
-                argv = ready.argv() if callable(ready.argv) else ready.argv
-                log = open(self.out / "jobs" / f"{ready.name}.log", "w")
-                running[ready.name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                        env=env, cwd=REPO), time.time(), argv)
-                print(f"[{time.strftime('%H:%M:%S')}] start {ready.name}", flush=True)
-            if late and not running:
-                print(f"deadline reached: {len(pending)} job(s) not started", flush=True)
-                return
-            time.sleep(1)
-
-
 def pretrain_argv(cfg: str, out: Path, seed: int, epochs: int, data: Path) -> list[str]:
     preset, sets = CONFIGS[cfg]
     return [*UMMAE, "pretrain", "--preset", preset, "--data", str(data / "train"), "--out", str(out),
@@ -180,12 +110,6 @@ def finetune_argv(checkpoint: Path, data: Path, out: Path, epochs: int, seed: in
     return [*UMMAE, "finetune", "--checkpoint", str(checkpoint), "--data", str(data / "train"), *where,
             "--out", str(out), "--epochs", str(epochs), "--warmup-epochs", str(max(1, epochs // 10)),
             "--seed", str(seed), *FT_COMMON, *FT_RECIPES[recipe]] + (["--init-random"] if random_init else [])
-
-
-def val_curve(run: Path) -> list[float]:
-    """Validation top-1 per epoch of a fine-tuning run."""
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [x["val_top1"] for x in lines if "val_top1" in x]
 
 
 FT_SELECT_ARMS = ("ummae_swin", "random")  # the encoders the fine-tuning recipe is chosen on
@@ -246,7 +170,9 @@ def build_jobs(args, runner: Runner) -> list[Job]:
             if cfg == "mae_hiera" and s != args.seeds[0]:
                 continue  # Hiera at equal epochs: one seed, to calibrate its equal-time budget
             name = f"pre_{cfg}_e{E}_s{s}"
-            jobs.append(Job(name, pretrain_argv(cfg, run_dir(name), s, E, data)))
+            # outputs: a cache seeded from records elsewhere re-runs it when a pending job needs the checkpoint
+            jobs.append(Job(name, pretrain_argv(cfg, run_dir(name), s, E, data),
+                            outputs=[run_dir(name) / "checkpoint.pt"]))
             jobs.append(eval_job(name, ["--checkpoint", str(run_dir(name) / "checkpoint.pt")], [name]))
         # 2. equal time: the cheaper method gets the CPU time its partner took (seed-0 ratio)
         for cfg, partner in EQUAL_TIME.items():
@@ -381,19 +307,6 @@ def evaluate_one(args) -> None:
 # ----------------------------------------------------------------------------------------------
 # tables
 
-def summarise(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values),
-            "values": values}
-
-
-def fmt(s: dict | None) -> str:
-    if not s:
-        return "not run"
-    if s["n"] == 1:
-        return f"{s['mean']:.1f}"
-    return f"{s['mean']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
-
-
 def report(args, runner: Runner) -> None:
     out, E = args.out, args.epochs
 
@@ -524,28 +437,6 @@ def report(args, runner: Runner) -> None:
     print("\n".join(lines))
 
 
-def plot_curves(finetune: dict, path: Path) -> None:
-    """Validation top-1 per fine-tuning epoch: the mean over seeds, the band from min to max."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for src, r in finetune.items():
-        n = min(len(c) for c in r["curves"])
-        epochs = range(1, n + 1)
-        per_epoch = [[c[e] for c in r["curves"]] for e in range(n)]
-        ax.plot(epochs, [statistics.fmean(v) for v in per_epoch], label=f"{src} ({len(r['curves'])} seeds)")
-        ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], alpha=0.2)
-    ax.set_xlabel("fine-tuning epoch")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("data/digits"), help="digits folder (made if missing)")
@@ -584,7 +475,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_digits_folder.py"), str(args.data),
                         "--size", "64"], check=True)
     deadline = time.time() + 60 * args.deadline if args.deadline else None
-    runner = Runner(args.out, args.jobs, deadline)
+    runner = Runner(args.out, args.jobs, deadline, REPO)
     if not args.report:
         jobs = build_jobs(args, runner)
         if args.only:

@@ -1,0 +1,117 @@
+"""scripts/tables_runner.py: the cached job runner the table scripts share, and its records."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import tables_runner  # noqa: E402
+from tables_runner import Job, Runner, save_records, seed_records, to_rerun  # noqa: E402
+
+
+def touch_job(name: str, path: Path, deps=(), outputs=()) -> Job:
+    """A job that appends its name to `path` (a log of what ran) and writes its outputs."""
+    code = (f"import pathlib; open({str(path)!r}, 'a').write({name!r} + '\\n'); "
+            + "".join(f"pathlib.Path({str(o)!r}).parent.mkdir(parents=True, exist_ok=True); "
+                      f"pathlib.Path({str(o)!r}).write_text('x'); " for o in outputs))
+    return Job(name, [sys.executable, "-c", code], list(deps), [Path(o) for o in outputs])
+
+
+def fake_grid(tmp: Path) -> list[Job]:
+    """pre (leaves a checkpoint) -> eval (reads it) and -> ft (reads it); raw (nothing)."""
+    ran, ckpt = tmp / "ran.txt", tmp / "cache" / "runs" / "pre" / "checkpoint.pt"
+    return [touch_job("pre", ran, outputs=[ckpt]), touch_job("eval", ran, ["pre"]),
+            touch_job("ft", ran, ["pre"]), touch_job("raw", ran)]
+
+
+def ran(tmp: Path) -> list[str]:
+    path = tmp / "ran.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_runs_in_order_records_cost_and_skips_finished(tmp_path):
+    runner = Runner(tmp_path / "cache", 1, None, tmp_path)
+    runner.run(fake_grid(tmp_path))
+    assert ran(tmp_path) == ["pre", "eval", "ft", "raw"]
+    rec = runner.record("pre")
+    assert rec["cpu_seconds"] > 0 and rec["seconds"] > 0 and rec["max_rss_mib"] > 1
+    runner.run(fake_grid(tmp_path))  # everything finished, the checkpoint there: nothing runs
+    assert ran(tmp_path) == ["pre", "eval", "ft", "raw"]
+
+
+def test_missing_checkpoint_reruns_its_job_only_when_needed(tmp_path):
+    runner = Runner(tmp_path / "cache", 1, None, tmp_path)
+    runner.run(fake_grid(tmp_path))
+    ckpt = tmp_path / "cache" / "runs" / "pre" / "checkpoint.pt"
+    ckpt.unlink()  # a new machine: the records came along, the checkpoint did not
+    (ckpt.parent / "metrics.jsonl").write_text("old curve\n")
+    runner.run(fake_grid(tmp_path))  # nobody still to run needs it: nothing runs
+    assert ran(tmp_path) == ["pre", "eval", "ft", "raw"]
+    runner.record_path("ft").unlink()  # ft still has to run and needs pre's checkpoint
+    runner.run(fake_grid(tmp_path))
+    assert ran(tmp_path)[4:] == ["pre", "ft"] and ckpt.exists()
+    assert not (ckpt.parent / "metrics.jsonl").exists()  # the re-run started in a clean folder
+    assert (ckpt.parent.with_name("pre.replaced") / "metrics.jsonl").read_text() == "old curve\n"
+    assert (tmp_path / "cache" / "jobs" / "pre.replaced.json").exists()
+
+
+def test_to_rerun_is_transitive():
+    jobs = [Job("a", [], [], [Path("/nonexistent/a.ckpt")]), Job("b", [], ["a"], [Path("/nonexistent/b.ckpt")]),
+            Job("c", [], ["b"]), Job("d", [], ["a"])]
+    finished = {"a", "b", "d"}
+    assert [j.name for j in to_rerun(jobs, lambda n: n in finished)] == ["a", "b", "c"]
+
+
+def test_failed_dependency_skips_dependents(tmp_path, capsys):
+    runner = Runner(tmp_path / "cache", 2, None, tmp_path)
+    jobs = [Job("bad", [sys.executable, "-c", "raise SystemExit(3)"]), touch_job("after", tmp_path / "ran.txt", ["bad"])]
+    runner.run(jobs)
+    out = capsys.readouterr().out
+    assert "FAILED bad (exit 3)" in out and "skipped after" in out and not ran(tmp_path)
+    assert runner.record("bad") is None
+
+
+def test_waiting_on_a_job_outside_the_invocation_returns(tmp_path, capsys):
+    runner = Runner(tmp_path / "cache", 1, None, tmp_path)
+    runner.run([touch_job("orphan", tmp_path / "ran.txt", ["not-in-this-run"])])
+    assert "wait for runs that are not in this invocation" in capsys.readouterr().out
+
+
+def test_records_round_trip_without_checkpoints(tmp_path):
+    cache = tmp_path / "cache"
+    Runner(cache, 1, None, tmp_path).run(fake_grid(tmp_path))
+    (cache / "runs" / "pre" / "metrics.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
+    (cache / "eval" / "pre.json").write_text("{}")
+    (cache / "runs" / "still_running").mkdir()
+    (cache / "runs" / "still_running" / "metrics.jsonl").write_text("{}\n")  # no record yet: not saved
+    n = save_records(cache, tmp_path / "docs")
+    saved = sorted(str(p.relative_to(tmp_path / "docs")) for p in (tmp_path / "docs").rglob("*") if p.is_file())
+    assert n == len(saved) and "runs/pre/metrics.jsonl" in saved and "eval/pre.json" in saved
+    assert not any(s.endswith(".pt") or s.endswith(".log") or "still_running" in s for s in saved)
+    fresh = tmp_path / "fresh"
+    assert seed_records(tmp_path / "docs", fresh) == n
+    assert seed_records(tmp_path / "docs", fresh) == 0  # what the cache has wins
+    assert json.loads((fresh / "jobs" / "pre.json").read_text())["argv"] == json.loads(
+        (cache / "jobs" / "pre.json").read_text())["argv"]
+
+
+@pytest.mark.parametrize("values,text", [([91.0], "91.0"), ([90.0, 92.5, 91.0], "91.2 (90.0-92.5)")])
+def test_fmt(values, text):
+    assert tables_runner.fmt(tables_runner.summarise(values)) == text
+    assert tables_runner.fmt(None) == "not run"
+
+
+def test_records_name_no_machine_paths(tmp_path):
+    cache = tmp_path / "cache"
+    Runner(cache, 1, None, tmp_path).run(fake_grid(tmp_path))
+    save_records(cache, tmp_path / "docs", {str(cache): "<out>", sys.executable: "python"})
+    committed = (tmp_path / "docs" / "jobs" / "pre.json").read_text()
+    assert str(cache) not in committed and "<out>/runs/pre/checkpoint.pt" in committed
+    assert json.loads(committed)["argv"][0] == "python"
+    fresh = tmp_path / "elsewhere"
+    seed_records(tmp_path / "docs", fresh, {"<out>": str(fresh)})
+    assert f"{fresh}/runs/pre/checkpoint.pt" in (fresh / "jobs" / "pre.json").read_text()
