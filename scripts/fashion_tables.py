@@ -55,7 +55,8 @@ Runs go `--jobs` at a time, each on one thread (`OMP_NUM_THREADS=1`); every run'
 CPU time (`wait4`, data workers included) and peak memory are recorded. Everything is cached
 under `--out`, so an interrupted invocation continues where it stopped; `--records` seeds a new
 cache from committed records (a finished pre-training whose checkpoint is missing runs again
-when a job that still has to run needs it).
+when a job that still has to run needs it; `--save-records` also commits each finished
+pre-training's encoder, a few MB, so that the fine-tuning jobs of a later session start from it).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ import sys
 import time
 from pathlib import Path
 
-from tables_runner import (Job, Runner, fmt, plot_curves, read_metrics, save_records, seed_records, summarise,
-                           to_rerun, val_curve)
+from tables_runner import (Job, Runner, fmt, plot_curves, read_metrics, save_encoders, save_records, seed_encoders,
+                           seed_records, summarise, to_rerun, val_curve)
 
 REPO = Path(__file__).resolve().parent.parent
 UMMAE = [sys.executable, "-m", "ummae"]
@@ -517,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only write the tables and pictures from what has run")
     p.add_argument("--records", type=Path, help="seed the cache from committed records (missing files only)")
     p.add_argument("--save-records", type=Path, metavar="DIR",
-                   help="copy the cache's small records (no checkpoints) to DIR, e.g. docs/bench/fashion")
+                   help="copy the cache's small records and the pre-trained encoders (no full checkpoints) "
+                        "to DIR, e.g. docs/bench/fashion")
     p.add_argument("--list", action="store_true", help="list the jobs, done or not, and exit")
     p.add_argument("--quick", action="store_true",
                    help="the plumbing: 200 train / 50 test images per class, 1 epoch everywhere, 1 seed")
@@ -541,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        **{r: "<repo>" for r in roots | {str(REPO)}},
                                                        sys.executable: "python"})
         print(f"copied {n} record files from {args.out} to {args.save_records}")
+        if (args.data / "train").is_dir():  # the jobs (and so their checkpoints) are named from the data
+            n = save_encoders(args.out, args.save_records, build_jobs(args, Runner(args.out, 1, None, REPO)))
+            print(f"wrote {n} pre-trained encoder(s) to {args.save_records / 'encoders'}")
         return 0
     if not args.report and not (args.data / "train").is_dir():
         code = subprocess.run([sys.executable, str(REPO / "scripts" / "make_fashion_folder.py"), str(args.data),
@@ -561,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args.out, args.jobs, deadline, REPO)
     if not args.report:
         jobs = build_jobs(args, runner)
+        if args.records:
+            n = seed_encoders(args.records, args.out, jobs)
+            print(f"seeded {n} pre-trained encoder(s) from {args.records / 'encoders'}")
         if args.only:
             jobs = [j for j in jobs if any(j.name.startswith(o) for o in args.only)]
         if args.list:  # what `runner.run` would do: todo (never ran), rerun (its outputs are needed), done

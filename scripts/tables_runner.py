@@ -8,6 +8,9 @@
   made it runs again.
 - `seed_records` / `save_records`: the small JSON records of a cache (job records, evaluations,
   metrics curves, tables; never checkpoints) copied between a cache and a committed folder.
+- `save_encoders` / `seed_encoders`: the one exception, the encoder of a finished pre-training
+  (weights and configuration, no decoder or optimizer: a few MB) that later jobs start from, so a
+  cache seeded on another machine need not run the pre-training again.
 - `summarise`, `fmt`, `val_curve`, `plot_curves`: the numbers and pictures of the tables.
 """
 
@@ -191,6 +194,45 @@ def seed_records(records: Path, out: Path, replace: dict[str, str] | None = None
                 continue
             _copy(src, target, replace or {})
             n += 1
+    return n
+
+
+ENCODERS = "encoders"  # DEST/encoders/<job>.pt
+
+
+def save_encoders(out: Path, dest: Path, jobs: list[Job]) -> int:
+    """For every finished job with one `.pt` output (a pre-training checkpoint), write its encoder
+    to `dest/encoders/<job>.pt`: the configuration and the `encoder.` weights, which is all that
+    fine-tuning and frozen evaluation read. Returns how many files were written."""
+    from ummae.checkpoint_file import load_checkpoint, save_checkpoint
+
+    n = 0
+    for j in jobs:
+        if len(j.outputs) != 1 or Path(j.outputs[0]).suffix != ".pt" or not Path(j.outputs[0]).exists() \
+                or not (out / "jobs" / f"{j.name}.json").exists():
+            continue
+        target = dest / ENCODERS / f"{j.name}.pt"
+        if target.exists() and target.stat().st_mtime >= Path(j.outputs[0]).stat().st_mtime:
+            continue
+        state = load_checkpoint(j.outputs[0])
+        save_checkpoint(target, {"config": state["config"],
+                                 "model": {k: v for k, v in state["model"].items() if k.startswith("encoder.")}})
+        n += 1
+    return n
+
+
+def seed_encoders(records: Path, out: Path, jobs: list[Job]) -> int:
+    """Put committed encoders (`save_encoders`) where their jobs' outputs belong, for the jobs whose
+    record is in the cache and whose output is missing; returns how many."""
+    n = 0
+    for j in jobs:
+        src = records / ENCODERS / f"{j.name}.pt"
+        if len(j.outputs) != 1 or not src.exists() or Path(j.outputs[0]).exists() \
+                or not (out / "jobs" / f"{j.name}.json").exists():
+            continue
+        Path(j.outputs[0]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, j.outputs[0])
+        n += 1
     return n
 
 

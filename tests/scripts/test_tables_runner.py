@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import tables_runner  # noqa: E402
-from tables_runner import Job, Runner, save_records, seed_records, to_rerun  # noqa: E402
+from tables_runner import Job, Runner, save_encoders, save_records, seed_encoders, seed_records, to_rerun  # noqa: E402
 
 
 def touch_job(name: str, path: Path, deps=(), outputs=()) -> Job:
@@ -115,3 +115,40 @@ def test_records_name_no_machine_paths(tmp_path):
     fresh = tmp_path / "elsewhere"
     seed_records(tmp_path / "docs", fresh, {"<out>": str(fresh)})
     assert f"{fresh}/runs/pre/checkpoint.pt" in (fresh / "jobs" / "pre.json").read_text()
+
+
+def test_encoders_travel_and_spare_the_pretraining(tmp_path, checkpoints):
+    """A finished pre-training's encoder goes into the records; seeded into a fresh cache, the
+    fine-tuning job that needs it starts from it instead of the pre-training running again."""
+    import shutil
+
+    import torch
+    from ummae.checkpoint_file import load_checkpoint
+    from ummae.models.loading import encoder_source
+
+    cache, docs, fresh = tmp_path / "cache", tmp_path / "docs", tmp_path / "fresh"
+
+    def grid(root: Path) -> list[Job]:
+        ckpt = root / "runs" / "pre" / "checkpoint.pt"
+        return [Job("pre", [], [], [ckpt]), touch_job("ft", tmp_path / "ran.txt", ["pre"])]
+
+    full = cache / "runs" / "pre" / "checkpoint.pt"
+    full.parent.mkdir(parents=True)
+    shutil.copy2(checkpoints["swin"], full)
+    (cache / "jobs").mkdir()
+    (cache / "jobs" / "pre.json").write_text(json.dumps({"argv": [], "seconds": 1, "cpu_seconds": 1}))
+    assert save_encoders(cache, docs, grid(cache)) == 1
+    assert save_encoders(cache, docs, grid(cache)) == 0  # up to date
+    slim = load_checkpoint(docs / "encoders" / "pre.pt")
+    assert slim["model"] and all(k.startswith("encoder.") for k in slim["model"])
+    assert any(not k.startswith("encoder.") for k in load_checkpoint(full)["model"])  # the decoder stayed behind
+    (cfg_a, w_a), (cfg_b, w_b) = encoder_source(full), encoder_source(docs / "encoders" / "pre.pt")
+    assert cfg_a == cfg_b and w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+    save_records(cache, docs)
+    seed_records(docs, fresh)
+    assert [j.name for j in to_rerun(grid(fresh), lambda n: (fresh / "jobs" / f"{n}.json").exists())] == ["pre", "ft"]
+    assert seed_encoders(docs, fresh, grid(fresh)) == 1
+    assert [j.name for j in to_rerun(grid(fresh), lambda n: (fresh / "jobs" / f"{n}.json").exists())] == ["ft"]
+    Runner(fresh, 1, None, tmp_path).run(grid(fresh))
+    assert ran(tmp_path) == ["ft"]
