@@ -6,7 +6,8 @@ a method and a recipe, and named `<method>_<backbone>_<size>`:
 - the paper's comparison grid (SPEC sec. 6, ImageNet-1K recipes): `ummae_swin_tiny_256` vs
   `simmim_swin_tiny_256`, `ummae_pvt_small_256` vs `simmim_pvt_small_256`, `mae_vit_base_224`
   vs `ummae_vit_base_224`, MAE on timm's Hiera (`mae_hiera_tiny_224`, `mae_hiera_base_224`),
-  and Swin-L (`ummae_swin_large_256`, `simmim_swin_large_256`);
+  Swin-L (`ummae_swin_large_256`, `simmim_swin_large_256`), and timm's own Swin V2
+  (`ummae_swinv2_tiny_256` vs `simmim_swinv2_tiny_256`);
 - EMAE (4 disjoint parts per image + self-consistency): `emae_vit_base_224` (random parts),
   `emae_swin_tiny_256` and `emae_pvt_small_256` (uniform parts, "UM-EMAE"), and a tiny
   `emae_hiera_demo` (random parts of timm's Hiera mask units);
@@ -40,6 +41,12 @@ SWIN_DEMO = dict(arch="swin", patch_size=4, embed_dim=32, depths=[1, 1, 2, 1], n
 PVT_DEMO = dict(arch="pvt", patch_size=4, embed_dims=[32, 64, 96, 128], depths=[1, 1, 2, 1],
                 num_heads=[1, 2, 3, 4], mlp_ratios=[4, 4, 4, 4], sr_ratios=[8, 4, 2, 1])
 VIT_DEMO = dict(arch="vit", patch_size=16, embed_dim=96, depths=[4], num_heads=[3], mlp_ratio=4.0)
+# timm's Swin V2 (the encoder is timm's model): model.window_size is its full-image window, the
+# compact image of UM-MAE runs half of it over the same extent (swinv2_tiny_window16_256's sizes).
+SWINV2_T = dict(arch="swinv2", patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                window_size=16)
+SWINV2_DEMO = dict(arch="swinv2", patch_size=4, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8],
+                   window_size=8)
 HIERA_DEMO = dict(arch="hiera", patch_size=4, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
 # Hiera's MAE masking: 60% of 32 px mask units (the Hiera paper); one unit = one last-stage token.
 HIERA_MASKING = dict(unit_size=32, mask_ratio=0.6)
@@ -114,6 +121,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "timm's Hiera-B, MAE: 60% of 32 px mask units, multi-scale fusion, 8-block decoder, 224 px",
         _preset("mae", HIERA_B, PAPER, dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
                 masking=HIERA_MASKING, data=dict(img_size=224))),
+    "ummae_swinv2_tiny_256": (
+        "timm's Swin-V2-T (swinv2_tiny_window16_256), UM-MAE: its cpb_mlp at true offsets, window 8 "
+        "on the compact grid, 200 ep x 4096",
+        _preset("ummae", SWINV2_T, PAPER, PAPER_DECODER)),
+    "simmim_swinv2_tiny_256": (
+        "timm's Swin-V2-T, SimMIM baseline: full image, window 16, random 75% of 16 px units, L1",
+        _preset("simmim", SWINV2_T, PAPER)),
     # ---- EMAE: K = 4 disjoint parts per image + self-consistency (see docs/emae.md) -------------
     # Same recipe as the method each extends; an epoch is still one pass over the images (each
     # image is used 4 times per step) and the lr rule counts images, not parts.
@@ -146,6 +160,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "ummae_vit_demo": (
         "tiny ViT/16, MAE with uniform masking on the demo photographs, 128 px",
         _preset("ummae", VIT_DEMO, DEMO, DEMO_DECODER)),
+    "ummae_swinv2_demo": (
+        "tiny timm Swin V2, UM-MAE on the demo photographs, 128 px, window 4 on the compact grid",
+        _preset("ummae", SWINV2_DEMO, DEMO, DEMO_DECODER)),
+    "simmim_swinv2_demo": (
+        "tiny timm Swin V2, SimMIM on the demo photographs, 128 px, window 8 on the full image",
+        _preset("simmim", SWINV2_DEMO, DEMO)),
     "mae_hiera_demo": (
         "tiny timm Hiera, MAE with 60% of 32 px mask units on the demo photographs, 128 px",
         _preset("mae", HIERA_DEMO, DEMO, DEMO_DECODER, masking=HIERA_MASKING)),

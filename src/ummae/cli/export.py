@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.weights} ({result.model}, {result.num_params / 1e6:.2f}M values in "
           f"{result.num_tensors} tensors; checked: timm reloads it strictly and reproduces the features)")
     print(f"wrote {result.card}")
-    needs = "import timm" if result.model.startswith("hiera_") else "import ummae, timm"  # timm's own Hiera
+    # ummae's own names need ummae registered; any other (hiera_*, swinv2_*) is timm's own model
+    needs = "import ummae, timm" if result.model.startswith("ummae_") else "import timm"
     print(f"load: {needs}; timm.create_model({result.model!r}, pretrained=True, "
           f"pretrained_cfg_overlay=dict(file={str(result.weights)!r}), **model_args)  "
           f"# model_args from {result.card.name}")
