@@ -1,6 +1,7 @@
 """The first 30 losses of every `*_demo` preset: the behaviour guard of a restructuring.
 
     python tests/golden/losses.py --write      # record tests/golden/demo_losses.json (before a change)
+    python tests/golden/losses.py --write --only NAME...   # add (or re-record) some presets only
     python tests/golden/losses.py              # compare with it, bit for bit
 
 Each preset runs as it is, with only what makes the record small and fast changed: batch 2, no
@@ -9,7 +10,9 @@ steps, seed 0, on the CPU with one thread (CPU runs are deterministic: `engine/d
 The losses are stored as `float.hex`, so "equal" means bit-identical. `tests/engine/test_golden_losses.py`
 runs the comparison: bit-identical on the kind of machine the record was made on (same CPU model,
 vector ISA and torch version, stored with it), and to a relative 1e-4 elsewhere, since another
-CPU's kernels round float32 differently and 30 AdamW steps carry that on.
+CPU's kernels round float32 differently and 30 AdamW steps carry that on. A preset added later
+(`--only`) may be recorded on another kind of machine: its own machine is stored beside it
+(`machines`), and decides for it.
 """
 
 from __future__ import annotations
@@ -63,9 +66,19 @@ def demo_losses(preset: str, out: Path) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--write", action="store_true", help="record the losses (before a change)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="with --write: record only these presets, "
+                   "keep the rest of the record (each keeps the machine it was recorded on)")
     args = p.parse_args()
+    names = args.only or demo_presets()
     with tempfile.TemporaryDirectory() as tmp:
-        got = {name: demo_losses(name, Path(tmp) / name) for name in demo_presets()}
+        got = {name: demo_losses(name, Path(tmp) / name) for name in names}
+    if args.write and args.only:
+        record = json.loads(RECORD.read_text())
+        record["losses"].update(got)
+        record.setdefault("machines", {}).update({name: machine() for name in got})
+        RECORD.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"updated {RECORD} ({len(got)} presets)")
+        return 0
     if args.write:
         RECORD.write_text(json.dumps({"machine": machine(), "steps": STEPS, "sets": SETS, "flags": FLAGS, "losses": got}, indent=1) + "\n")
         print(f"wrote {RECORD} ({len(got)} presets)")
