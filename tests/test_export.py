@@ -36,18 +36,28 @@ RUNS = {
 }
 
 
+# Export options per fixture key: "swin" is the ummae_swin format (`--format ummae`), whose tests
+# below predate timm's own Swin format; "swin_timm" exports the same run as timm's `swin_*`.
+EXPORTS = {"swin": ["--format", "ummae"], "swin_timm": []}
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, run_cli):
     """`exported(arch)` -> (checkpoint, weights, card, CLI stdout), made on first use."""
-    made = {}
+    made, runs = {}, {}
 
     def get(arch: str):
-        if arch not in made:
-            root = tmp_path_factory.mktemp(f"export_{arch}")
-            run = run_cli(["pretrain", "--out", str(root / "run"), *COMMON, *RUNS[arch]], root)
+        base = "swin" if arch.startswith("swin") else arch
+        if base not in runs:
+            root = tmp_path_factory.mktemp(f"export_{base}")
+            run = run_cli(["pretrain", "--out", str(root / "run"), *COMMON, *RUNS[base]], root)
             assert run.code == 0, run.err
+            runs[base] = root
+        if arch not in made:
+            root = runs[base]
             ckpt, weights = root / "run" / "checkpoint.pt", root / "out" / f"{arch}.safetensors"
-            res = run_cli(["export", "--checkpoint", str(ckpt), "--out", str(weights)], root)
+            res = run_cli(["export", "--checkpoint", str(ckpt), "--out", str(weights),
+                           *EXPORTS.get(arch, [])], root)
             assert res.code == 0, res.err
             made[arch] = (ckpt, weights, json.loads(weights.with_suffix(".json").read_text()), res.out)
         return made[arch]

@@ -40,7 +40,7 @@ from timm.models.swin_transformer import PatchMerging, window_partition, window_
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags, full_coordinates
 from ..errors import ConfigError
 from ..masking import MaskSample, require_uniform
-from . import official
+from . import official, swin_timm
 from .pyramid import PYRAMID_LAYOUT, PyramidBackbone
 from .specs import BackboneSpec, non_default_options, register_backbone
 from .weight_init import init_linear_and_norm
@@ -683,7 +683,8 @@ def _finetune_defaults(m) -> dict:
 register_backbone(BackboneSpec(
     name="swin", encoder_class=SwinTransformer, build=_build, classifier=PYRAMID_LAYOUT,
     needs_uniform_masks=SwinTransformer.needs_uniform_mask, masked_feature_map=True,
-    full_image=_full_image, timm_model=_timm_model, finetune_defaults=_finetune_defaults,
+    full_image=_full_image, timm_model=_timm_model, timm_native=swin_timm.native_export,
+    from_timm_native=swin_timm.from_timm_state, finetune_defaults=_finetune_defaults,
     read_init_weights=official.read_init_weights,
     ignored_keys={"model.embed_dims": "model.embed_dims is for per-stage widths; swin uses model.embed_dim",
                   "model.mlp_ratios": "model.mlp_ratios is for per-stage ratios; swin uses model.mlp_ratio",
