@@ -66,7 +66,7 @@ def timm_incompatibility(m) -> str | None:
     return None
 
 
-def timm_swin_model(m, window: int, img_size: int) -> tuple[str, dict]:
+def timm_swin_model(m, window: int, img_size) -> tuple[str, dict]:
     """`(timm model name, create_model kwargs)` of timm's Swin for ModelConfig `m`.
 
     `num_classes=0`: the export has no head (timm then loads it whatever the name's default
@@ -75,7 +75,8 @@ def timm_swin_model(m, window: int, img_size: int) -> tuple[str, dict]:
     """
     name = TIMM_SWIN_NAMES.get((m.embed_dim, tuple(m.depths), tuple(m.num_heads)),
                                "swin_tiny_patch4_window7_224")
-    args = dict(img_size=int(img_size), patch_size=int(m.patch_size), embed_dim=int(m.embed_dim),
+    size = int(img_size) if isinstance(img_size, int) else [int(v) for v in img_size]
+    args = dict(img_size=size, patch_size=int(m.patch_size), embed_dim=int(m.embed_dim),
                 depths=[int(d) for d in m.depths], num_heads=[int(h) for h in m.num_heads],
                 window_size=int(window), mlp_ratio=float(m.mlp_ratio), num_classes=0,
                 strict_img_size=False)
