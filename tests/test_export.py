@@ -457,3 +457,22 @@ def test_checkpoint_path_loads_into_plain_and_features_only_models(exported, arc
     assert len({g["lr_scale"] for g in groups}) > 2
     body.set_grad_checkpointing(True)
     assert all(s.grad_checkpointing for s in body.model.stages)
+
+
+@pytest.mark.parametrize("arch", ["swin_timm", "pvt"])
+def test_backbone_with_fpn_trains_a_mask_rcnn_step(exported, arch):
+    from torchvision.models.detection import MaskRCNN
+
+    from ummae.detection import backbone_with_fpn
+
+    torch.manual_seed(0)
+    backbone = backbone_with_fpn(exported(arch)[1], out_channels=16)
+    detector = MaskRCNN(backbone, num_classes=3, min_size=IMG, max_size=IMG, size_divisible=32).train()
+    masks = torch.zeros(1, IMG, IMG, dtype=torch.uint8)
+    masks[:, 8:40, 8:40] = 1
+    target = dict(boxes=torch.tensor([[8.0, 8.0, 40.0, 40.0]]), labels=torch.tensor([1]), masks=masks)
+    losses = detector([torch.rand(3, IMG, IMG)], [target])
+    assert {"loss_mask", "loss_classifier", "loss_box_reg"} <= set(losses)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert [n for n, p in backbone.body.named_parameters() if p.requires_grad and p.grad is None] == []
