@@ -2,7 +2,9 @@
 coordinate MLPs make timm's `SwinTransformer` compute ummae's full-image backbone.
 
 Tiny random Swins with two blocks per stage (so every stage has a shifted block where its grid
-is larger than the window), built in-process; the loading without ummae is in test_export.py.
+is larger than the window), built in-process: every stage's map, and the padded grids where the
+two differ by design. The export files, the loading without ummae, more windows and sizes and
+the wrong-table control are in tests/test_export.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import timm
 import torch
 
 from ummae.models.swin import SwinTransformer
-from ummae.models.swin_timm import from_timm_state, timm_incompatibility, timm_swin_model, to_timm_state
+from ummae.models.swin_timm import timm_swin_model, to_timm_state
 
 RTOL = 1e-5  # export.NATIVE_RTOL: float32 rounding relative to the features' scale
 
@@ -61,18 +63,6 @@ def test_timm_swin_with_the_evaluated_tables_is_ummaes_full_image_backbone(windo
         assert _close(a, b)
 
 
-def test_a_wrong_table_gives_other_features():
-    """Negative control: the comparison above sees the tables (rows in the wrong order differ)."""
-    ours, theirs, state, _ = _pair(4, 64)
-    key = "layers.0.blocks.1.attn.relative_position_bias_table"
-    state = dict(state)
-    state[key] = state[key].flip(0)  # offset -> its negative: a transposed bias
-    theirs.load_state_dict(state, strict=True)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert not _close(ours.forward_features(x), theirs.forward_features(x))
-
-
 def test_padded_grids_differ_as_documented():
     """Where a stage grid is not a whole number of windows, timm attends its zero padding (and
     rolls before padding) and ummae does not: the features differ (docs/export.md says so, and
@@ -81,21 +71,3 @@ def test_padded_grids_differ_as_documented():
     x = torch.randn(1, 3, 80, 80, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert not _close(ours.forward_features(x), theirs.forward_features(x))
-
-
-def test_state_converts_back_to_ummaes_own_weights_exactly():
-    ours, _, state, extra = _pair(4, 64)
-    back = from_timm_state(state, extra)
-    own = ours.state_dict()
-    assert set(back) == set(own)
-    assert all(torch.equal(back[k], own[k]) for k in own)
-
-
-@pytest.mark.parametrize("change, word", [(dict(merge="conv"), "merge=conv"), (dict(norm_eps=1e-6), "norm_eps")])
-def test_official_options_say_in_one_line_why_timm_cannot_hold_them(change, word):
-    m = SimpleNamespace(merge="linear", norm_eps=1e-5)
-    assert timm_incompatibility(m) is None
-    for k, v in change.items():
-        setattr(m, k, v)
-    why = timm_incompatibility(m)
-    assert word in why and "\n" not in why
