@@ -36,18 +36,28 @@ RUNS = {
 }
 
 
+# Export options per fixture key: "swin" is the ummae_swin format (`--format ummae`), whose tests
+# below predate timm's own Swin format; "swin_timm" exports the same run as timm's `swin_*`.
+EXPORTS = {"swin": ["--format", "ummae"], "swin_timm": []}
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, run_cli):
     """`exported(arch)` -> (checkpoint, weights, card, CLI stdout), made on first use."""
-    made = {}
+    made, runs = {}, {}
 
     def get(arch: str):
-        if arch not in made:
-            root = tmp_path_factory.mktemp(f"export_{arch}")
-            run = run_cli(["pretrain", "--out", str(root / "run"), *COMMON, *RUNS[arch]], root)
+        base = "swin" if arch.startswith("swin") else arch
+        if base not in runs:
+            root = tmp_path_factory.mktemp(f"export_{base}")
+            run = run_cli(["pretrain", "--out", str(root / "run"), *COMMON, *RUNS[base]], root)
             assert run.code == 0, run.err
+            runs[base] = root
+        if arch not in made:
+            root = runs[base]
             ckpt, weights = root / "run" / "checkpoint.pt", root / "out" / f"{arch}.safetensors"
-            res = run_cli(["export", "--checkpoint", str(ckpt), "--out", str(weights)], root)
+            res = run_cli(["export", "--checkpoint", str(ckpt), "--out", str(weights),
+                           *EXPORTS.get(arch, [])], root)
             assert res.code == 0, res.err
             made[arch] = (ckpt, weights, json.loads(weights.with_suffix(".json").read_text()), res.out)
         return made[arch]
@@ -302,3 +312,167 @@ def test_import_ummae_is_light_and_registers_when_timm_arrives():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(["ummae_pvt", "ummae_swin", "ummae_vit"])
+
+
+# -- Swin as timm's own swin_* (the default format) ---------------------------------------------
+NO_UMMAE = "import sys; sys.modules['ummae'] = None  # `import ummae` now fails\n"
+
+
+def test_swin_export_loads_as_timms_own_swin_without_ummae(exported, tmp_path):
+    ckpt, weights, card, out = exported("swin_timm")
+    assert card["model"].startswith("swin_") and card["format"] == "timm" and not card["needs_ummae"]
+    assert card["model_args"]["window_size"] == 4 and card["model_args"]["img_size"] == IMG
+    assert "load: import timm;" in out
+    x = image()
+    torch.save(x, tmp_path / "x.pt")
+    code = NO_UMMAE + f"""
+import timm, torch
+from safetensors.torch import load_file
+try:
+    import ummae
+    raise SystemExit("ummae importable")
+except ImportError:
+    pass
+card = {card["model"]!r}, {card["model_args"]!r}
+name, args = card
+w = {str(weights)!r}
+x = torch.load({str(tmp_path / "x.pt")!r})
+model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=w), **args).eval()
+model.load_state_dict(load_file(w), strict=True)  # every key, both ways (no head in the file)
+plain = timm.create_model(name, checkpoint_path=w, **args).eval()  # train.py --initial-checkpoint
+body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=w), features_only=True,
+                         **args).eval()
+clf = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=w), **dict(args, num_classes=5))
+with torch.no_grad():
+    torch.save(dict(full=model.forward_features(x), plain=plain.forward_features(x), maps=body(x),
+                    logits=clf.eval()(x)), {str(tmp_path / "y.pt")!r})
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = torch.load(tmp_path / "y.pt")
+    ref = reference(ckpt)  # ummae's full-image backbone at the exported window (4)
+    assert ref.window_size == 4
+    with torch.no_grad():
+        full = ref.forward_features(x)
+        maps = ref.forward_intermediates(x, intermediates_only=True)
+    assert torch.allclose(got["full"], full, rtol=0, atol=1e-5 * full.abs().max())
+    assert torch.equal(got["plain"], got["full"])
+    assert len(got["maps"]) == 4 and got["logits"].shape == (2, 5)
+    for a, b in zip(got["maps"], maps):  # timm's own Swin features_only: NHWC (its FeatureListNet)
+        a = a.permute(0, 3, 1, 2)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max())
+
+
+def _random_swin(depths=(2, 2, 2, 2)):
+    from ummae.models.swin import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(embed_dim=8, depths=depths, num_heads=(1, 2, 2, 4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # off the initial values (zero biases, unit norms)
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _as_timm(model, window: int, size):
+    from types import SimpleNamespace
+
+    from ummae.models import swin_timm
+
+    m = SimpleNamespace(embed_dim=8, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], patch_size=4, mlp_ratio=4.0)
+    model.set_window_size(window)
+    name, args = swin_timm.timm_swin_model(m, window, size)
+    target = timm.create_model(name, pretrained=False, **args).eval()
+    state, extra = swin_timm.to_timm_state(model, target)
+    target.load_state_dict(state, strict=False)  # strict but for the absent head
+    assert set(target.state_dict()) - set(state) == set() and set(extra) >= {"mask_token"}
+    return target, state, extra
+
+
+# (window, image side(s)): shifted windows at every stage; a window clipped to a smaller late
+# stage (timm's table then smaller); odd stage grids (padded by the merging: 72 px, 18 -> 9 -> 5
+# -> 3); rectangular images; the paper's fine-tuning setting (window 7 at 224 px).
+@pytest.mark.parametrize("window, size", [(4, 64), (2, 64), (3, 96), (9, 72), (4, (64, 128)), (7, 224)])
+def test_timm_swin_equals_ummae_full_image(window, size):
+    model = _random_swin()
+    target, _, _ = _as_timm(model, window, size)
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = model.forward_features(x), target.forward_features(x)
+    assert ref.shape == got.shape
+    assert (ref - got).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_a_wrong_table_differs():
+    # Negative control: the MLP at key - query instead of query - key (a sign slip).
+    model = _random_swin()
+    target, state, _ = _as_timm(model, 4, 64)
+    with torch.no_grad():
+        for k in [k for k in state if k.endswith("relative_position_bias_table")]:
+            state[k] = state[k].flip(0)  # row of offset -d for d
+        target.load_state_dict(state, strict=False)
+        x = image(1)
+        assert not torch.allclose(model.forward_features(x), target.forward_features(x), atol=1e-3)
+
+
+def test_timm_format_rebuilds_ummaes_backbone_exactly(exported):
+    from ummae.models.loading import encoder_source
+
+    ckpt, weights, _, _ = exported("swin_timm")
+    backbone, _ = load_backbone(weights)  # what finetune / knn / linprobe build from an export
+    ref = reference(ckpt)
+    assert set(backbone.state_dict()) == set(ref.state_dict())
+    assert all(torch.equal(a, ref.state_dict()[k]) for k, a in backbone.state_dict().items())
+    cfg, w = encoder_source(weights)
+    assert cfg.model.arch == "swin" and "mask_token" in w
+
+
+def test_official_options_fall_back_to_ummae_swin_with_one_line():
+    from types import SimpleNamespace
+
+    from ummae.models.swin_timm import timm_incompatibility
+
+    assert timm_incompatibility(SimpleNamespace(merge="linear", norm_eps=1e-5)) is None
+    why = timm_incompatibility(SimpleNamespace(merge="conv", norm_eps=1e-6))
+    assert "merge=conv" in why and "\n" not in why
+    assert "norm_eps=1e-06" in timm_incompatibility(SimpleNamespace(merge="linear", norm_eps=1e-6))
+
+
+@pytest.mark.parametrize("arch", ["swin", "pvt"])
+def test_checkpoint_path_loads_into_plain_and_features_only_models(exported, arch):
+    from timm.optim import param_groups_layer_decay
+
+    ckpt, weights, card, _ = exported(arch)
+    plain = timm.create_model(card["model"], checkpoint_path=str(weights), **card["model_args"]).eval()
+    body = timm.create_model(card["model"], checkpoint_path=str(weights), features_only=True,
+                             out_indices=(1, 2), **card["model_args"]).eval()
+    ref = reference(ckpt)
+    with torch.no_grad():
+        assert torch.equal(plain.forward_features(image()), ref.forward_features(image()))
+        maps = ref.forward_intermediates(image(), indices=[1, 2], intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(body(image()), maps))
+    # Layer decay on the detector's backbone: stages in their own groups, not one.
+    groups = param_groups_layer_decay(body, weight_decay=0.05, layer_decay=0.75)
+    assert len({g["lr_scale"] for g in groups}) > 2
+    body.set_grad_checkpointing(True)
+    assert all(s.grad_checkpointing for s in body.model.stages)
+
+
+@pytest.mark.parametrize("arch", ["swin_timm", "pvt"])
+def test_backbone_with_fpn_trains_a_mask_rcnn_step(exported, arch):
+    from torchvision.models.detection import MaskRCNN
+
+    from ummae.detection import backbone_with_fpn
+
+    torch.manual_seed(0)
+    backbone = backbone_with_fpn(exported(arch)[1], out_channels=16)
+    detector = MaskRCNN(backbone, num_classes=3, min_size=IMG, max_size=IMG, size_divisible=32).train()
+    masks = torch.zeros(1, IMG, IMG, dtype=torch.uint8)
+    masks[:, 8:40, 8:40] = 1
+    target = dict(boxes=torch.tensor([[8.0, 8.0, 40.0, 40.0]]), labels=torch.tensor([1]), masks=masks)
+    losses = detector([torch.rand(3, IMG, IMG)], [target])
+    assert {"loss_mask", "loss_classifier", "loss_box_reg"} <= set(losses)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert [n for n, p in backbone.body.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -55,6 +57,17 @@ def test_export_md_runs_as_written(tmp_path, run_cli, monkeypatch):
     namespace: dict = {"__name__": "export_md"}
     for block in blocks("python"):
         exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 - our own documentation
+
+    # The blocks that say they run without ummae do, in a process where `import ummae` fails.
+    alone = [b for b in blocks("python") if b.startswith("# runs without ummae")]
+    assert len(alone) == 2  # timm's own Swin, Hiera
+    for block in alone:
+        code = "import sys; sys.modules['ummae'] = None\n" + block
+        res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert namespace["swin"].default_cfg["architecture"].startswith("swin_")
+    assert namespace["swin_clf"].num_classes == 10
 
     # What the blocks promise.
     assert namespace["card"]["model"] == "ummae_swin"

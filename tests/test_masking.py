@@ -138,6 +138,34 @@ def test_secondary_count_is_exact_per_row(grid, ratio):
     assert m.secondary.sum(1).tolist() == [expected] * 16
 
 
+# (grid, ratio) -> (round, official): ViT-B at 224 px (14x14 units, 49 visible) is where the
+# official code hides 13 (it keeps int(36.75) = 36); the paper's 256 px pyramids agree (16).
+@pytest.mark.parametrize("grid, counts", [((14, 14), (12, 13)), ((16, 16), (16, 16))])
+def test_secondary_rounding_official_matches_the_official_count(grid, counts):
+    for rounding, expected in zip(("round", "official"), counts):
+        masking = UniformMasking(grid, secondary_ratio=0.25, secondary_rounding=rounding)
+        assert masking.num_secondary == expected
+        m = masking(4, generator=_gen(2))
+        assert m.secondary.sum(1).tolist() == [expected] * 4
+    with pytest.raises(ConfigError, match="secondary_rounding"):
+        UniformMasking(grid, secondary_rounding="floor")
+
+
+def test_secondary_rounding_is_a_config_option_the_model_follows(tiny_config):
+    from ummae.config import validate
+    from ummae.models.specs import build_pretrain_model
+
+    cfg = tiny_config
+    assert cfg.masking.secondary_rounding == "round"  # default unchanged
+    cfg.data.img_size, cfg.masking.unit_size = 112, 8  # 14x14 units: 49 visible, 12.25 hidden
+    assert build_pretrain_model(cfg).masking.num_secondary == 12
+    cfg.masking.secondary_rounding = "official"
+    assert build_pretrain_model(validate(cfg)).masking.num_secondary == 13
+    cfg.masking.secondary_rounding = "nearest"
+    with pytest.raises(ConfigError, match="masking.secondary_rounding must be round or official"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.9])
 def test_secondary_is_a_subset_of_the_visible_units(ratio):
     m = UniformMasking((16, 16), secondary_ratio=ratio)(64, generator=_gen(3))

@@ -96,6 +96,9 @@ class MaskingConfig:
     unit_size: int = 16  # pixels
     mask_ratio: float = 0.75  # random masking (mae, simmim); uniform masking is always 0.75
     secondary_ratio: float = 0.25  # ummae: visible units given the secondary mask token
+    # How that count is rounded: round (ummae) | official (the official code's: visible -
+    # int(visible x (1 - ratio)); 13 instead of 12 for ViT-B at 224 px, see docs/fidelity.md)
+    secondary_rounding: str = "round"
 
 
 @dataclass
@@ -368,6 +371,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"masking.mask_ratio must be in [0, 1), got {k.mask_ratio}")
     if not 0 <= k.secondary_ratio < 1:
         raise ConfigError(f"masking.secondary_ratio must be in [0, 1), got {k.secondary_ratio}")
+    if k.secondary_rounding not in ("round", "official"):
+        raise ConfigError(f"masking.secondary_rounding must be round or official, got {k.secondary_rounding!r}")
 
     positive("data.img_size", d.img_size)
     if d.img_size % k.unit_size:

@@ -35,6 +35,7 @@ from .errors import UmmaeError
 from .models import registry  # noqa: F401 - the timm names must be registered
 from .models.loading import (SUFFIX, build_backbone, card_path, encoder_state_dict, load_pretrain_checkpoint,
                              read_card)
+from .models import swin_timm
 from .models.specs import backbone_spec, full_image_config
 
 __all__ = ["export_backbone", "timm_model_args", "create_exported", "read_card", "ExportResult",
@@ -48,6 +49,9 @@ class ExportResult:
     model_args: dict[str, Any]
     num_params: int
     num_tensors: int
+    format: str = "ummae"  # "timm": timm's own model, loads without ummae
+    needs_ummae: bool = True
+    note: str = ""  # why the export is not timm's own model, when it could have been asked to be
 
 
 def timm_model_args(cfg) -> tuple[str, dict[str, Any]]:
@@ -101,13 +105,25 @@ def _format_card(card: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in card.items()) + "\n}\n"
 
 
-def _verify(backbone: torch.nn.Module, weights: Path, name: str, model_args: dict, img_size: int) -> None:
-    """The timm model rebuilt from the card loads `weights` strictly and matches `backbone` exactly."""
+FORMATS = ("timm", "ummae")
+# How close timm's own Swin must come to ummae's backbone: the same numbers in another order
+# (timm's -100 shifted-window mask instead of -inf, its own SDPA reshapes): float32 rounding,
+# relative to the features' scale. Measured ~1e-6 on unit-scale features.
+NATIVE_RTOL = 1e-5
+
+
+def _verify(backbone: torch.nn.Module, weights: Path, name: str, model_args: dict, img_size: int,
+            native: bool = False) -> None:
+    """The timm model rebuilt from the card loads `weights` strictly and matches `backbone`:
+    bit for bit for ummae's own models, to float32 rounding for timm's own Swin (`native`)."""
     import timm
+    from safetensors.torch import load_file
 
     try:
         rebuilt = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
                                     **model_args)
+        if native:  # timm loads a headless file non-strictly (num_classes differs): check the keys here
+            rebuilt.load_state_dict(load_file(str(weights)), strict=True)
     except Exception as e:  # noqa: BLE001 - report any failure to rebuild as one line
         raise UmmaeError(f"export check failed: timm could not rebuild {name} from the written "
                          f"file ({_first_line(e)})") from e
@@ -115,13 +131,18 @@ def _verify(backbone: torch.nn.Module, weights: Path, name: str, model_args: dic
     backbone.eval()
     rebuilt.eval()
     with torch.no_grad():
-        same = torch.equal(backbone.forward_features(x), rebuilt.forward_features(x))
+        ref, got = backbone.forward_features(x), rebuilt.forward_features(x)
+    if native:
+        same = ref.shape == got.shape and bool((ref - got).abs().max() <= NATIVE_RTOL * ref.abs().max())
+    else:
+        same = torch.equal(ref, got)
     if not same:
         raise UmmaeError(f"export check failed: {name} rebuilt by timm does not reproduce the "
                          "checkpoint's backbone features")
 
 
-def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True) -> ExportResult:
+def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True, format: str = "timm",
+                    window: int | None = None, img_size: int | None = None) -> ExportResult:
     """Write the full-image encoder of a pre-training checkpoint as `out` (.safetensors) + its card.
 
     Args:
@@ -129,7 +150,15 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
         out: the weights file, `NAME.safetensors`; the card goes to `NAME.json` beside it. Both
             are written atomically (existing files are replaced), the folder made if missing.
         verify: rebuild the model through timm from the written file and check that it loads
-            strictly and reproduces the backbone's features bit for bit (a second or so on a CPU).
+            strictly and reproduces the backbone's features (a second or so on a CPU).
+        format: "timm": timm's own model where the architecture allows (Swin as `swin_*`,
+            Hiera as `hiera_*`), loadable without ummae; otherwise (PVT, ViT, the official
+            checkpoints' Swin options) ummae's registered model, with `ExportResult.note` saying
+            why. "ummae": ummae's registered model (`ummae_swin`, ...).
+        window: Swin's full-image window (default: the doubled pre-training window for UM-MAE,
+            as `load_backbone` builds it).
+        img_size: the input size recorded in the card (and, for timm's Swin, the size whose
+            stage grids fix its windows; default: the pre-training size).
 
     Raises:
         UmmaeError: missing or wrong checkpoint, bad or unwritable `out`, failed check.
@@ -139,6 +168,11 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
     from . import __version__
     from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+    if format not in FORMATS:
+        raise UmmaeError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    for flag, value in (("--window", window), ("--img-size", img_size)):
+        if value is not None and value < 1:
+            raise UmmaeError(f"{flag} must be a positive integer, got {value}")
     out = _resolve_out(out)
     checkpoint = _resolve_checkpoint(checkpoint)
     # What `load_backbone` does, sharing one read of the (possibly large) checkpoint: the
@@ -151,18 +185,43 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
         raise UmmaeError(f"'{checkpoint}': encoder weights do not fit the rebuilt backbone "
                          f"({_first_line(e)})") from None
     del state
+    if window is not None:
+        if not hasattr(backbone, "set_window_size"):
+            raise UmmaeError(f"--window applies to Swin only, not to model.arch {cfg.model.arch}")
+        backbone.set_window_size(window)
+    img_size = int(img_size or cfg.data.img_size)
+    spec = backbone_spec(cfg.model.arch)
     name, model_args = timm_model_args(cfg)
-    img_size = int(cfg.data.img_size)
+    if format == "ummae" and not name.startswith("ummae_"):
+        raise UmmaeError(f"--format ummae: model.arch {cfg.model.arch} has no ummae_* model; "
+                         f"its export is timm's own {name.split('.')[0]}")
+    if window is not None:
+        model_args["window_size"] = int(window)
 
-    # Plain, contiguous, unshared tensors (safetensors refuses views of one storage).
+    # timm's own model where the backbone can be one (Swin); else the registered ummae_* model.
+    native, note, metadata_extra = False, "", {}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
+    if format == "timm" and spec.timm_native is not None:
+        made = spec.timm_native(backbone, full_image_config(cfg), img_size)
+        if isinstance(made, str):
+            note = f"exported as {name} (needs ummae to load): {made}"
+        else:
+            native = True
+            name, model_args, native_state, extra = made
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in native_state.items()}
+            metadata_extra = {swin_timm.EXTRA_KEY: swin_timm.pack_extra(extra)}
+    elif format == "timm" and name.startswith("ummae_"):
+        note = _UMMAE_ONLY.get(cfg.model.arch, "")
     card = {
         "model": name,
         "model_args": model_args,
         "img_size": img_size,
+        "format": "timm" if native or not name.startswith("ummae_") else "ummae",
+        "needs_ummae": name.startswith("ummae_"),
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
-        "feature_info": [dict(num_chs=f["num_chs"], reduction=f["reduction"], module=f["module"])
+        "feature_info": [dict(num_chs=f["num_chs"], reduction=f["reduction"],
+                              module=f["module"].replace("stages.", "layers.") if native else f["module"])
                          for f in backbone.feature_info],
         "checkpoint": str(checkpoint.resolve()),
         "preset": cfg.preset,
@@ -173,7 +232,10 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
         # linprobe) rebuild the backbone from the export alone.
         "ummae_config": config_to_dict(cfg),
     }
-    metadata = {"format": "pt", "ummae_model": name, "ummae_model_args": json.dumps(model_args)}
+    if note:
+        card["note"] = note
+    metadata = {"format": "pt", "ummae_model": name, "ummae_model_args": json.dumps(model_args),
+                **metadata_extra}
 
     card_file = card_path(out)
     try:
@@ -190,7 +252,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
         except OSError as e:
             raise UmmaeError(f"cannot write '{out}': {e.strerror or _first_line(e)}") from None
         if verify:
-            _verify(backbone, tmp, name, model_args, img_size)
+            _verify(backbone, tmp, name, model_args, img_size, native=native)
         try:
             os.replace(tmp, out)
             _atomic_write_text(card_file, _format_card(card))
@@ -199,7 +261,14 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(weights=out, card=card_file, model=name, model_args=model_args,
-                        num_params=sum(t.numel() for t in tensors.values()), num_tensors=len(tensors))
+                        num_params=sum(t.numel() for t in tensors.values()), num_tensors=len(tensors),
+                        format=card["format"], needs_ummae=card["needs_ummae"], note=note)
+
+
+# Why a backbone has no timm-only export (said when `--format timm`, the default, falls back).
+_UMMAE_ONLY = {
+    "pvt": "exported as ummae_pvt (needs ummae to load): timm has PVT v2 only, a different architecture",
+}
 
 
 def _first_line(e: BaseException) -> str:

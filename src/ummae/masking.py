@@ -57,6 +57,26 @@ def _check_ratio(name: str, value: float) -> float:
     return value
 
 
+# How the number of secondary-masked units is rounded (`masking.secondary_rounding`).
+SECONDARY_ROUNDINGS = ("round", "official")
+
+
+def secondary_count(num_visible: int, ratio: float, rounding: str = "round") -> int:
+    """Visible units given the secondary mask token.
+
+    "round": `round(ratio x visible)` (ummae's default). "official": what the official UM-MAE
+    code hides, `visible - int(visible x (1 - ratio))` (it keeps the floor of the kept count).
+    The two agree at the paper's Swin/PVT setting (64 visible: 16 either way) and differ by one
+    where `ratio x visible` has a fraction below one half, e.g. ViT-B at 224 px (49 visible: 12
+    vs 13, `int(36.75)` kept), which matters when continuing an official run.
+    """
+    if rounding == "round":
+        return int(round(num_visible * ratio))
+    if rounding == "official":
+        return num_visible - int(num_visible * (1.0 - ratio))
+    raise ConfigError(f"secondary_rounding must be one of {', '.join(SECONDARY_ROUNDINGS)}, got {rounding!r}")
+
+
 @dataclass
 class _Masks:
     """What a `MaskSample` and a `PartsSample` share: tensors with a leading image axis that are
@@ -168,12 +188,14 @@ class UniformMasking:
     Args:
         grid_size: unit grid `(h, w)`, both even, or one even int.
         secondary_ratio: fraction of visible units replaced by the secondary mask token, [0, 1).
+        secondary_rounding: "round" or "official" (`secondary_count`).
     """
 
     mask_ratio = 0.75
     sample_type = MaskSample
 
-    def __init__(self, grid_size: int | tuple[int, int], secondary_ratio: float = 0.25):
+    def __init__(self, grid_size: int | tuple[int, int], secondary_ratio: float = 0.25,
+                 secondary_rounding: str = "round"):
         self.grid_size = _grid(grid_size)
         h, w = self.grid_size
         if h % 2 or w % 2:
@@ -183,7 +205,7 @@ class UniformMasking:
             )
         self.secondary_ratio = _check_ratio("secondary_ratio", secondary_ratio)
         self.num_visible = (h // 2) * (w // 2)
-        self.num_secondary = int(round(self.num_visible * self.secondary_ratio))
+        self.num_secondary = secondary_count(self.num_visible, self.secondary_ratio, secondary_rounding)
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> MaskSample:
@@ -325,12 +347,13 @@ class DisjointPartsMasking:
         uniform: deal 2x2 blocks (True) or a random permutation (False).
         secondary_ratio: uniform parts only: fraction of each part's visible units given the
             secondary mask token, in [0, 1).
+        secondary_rounding: "round" or "official" (`secondary_count`).
     """
 
     sample_type = PartsSample
 
     def __init__(self, grid_size: int | tuple[int, int], num_parts: int = 4, uniform: bool = True,
-                 secondary_ratio: float = 0.25):
+                 secondary_ratio: float = 0.25, secondary_rounding: str = "round"):
         self.grid_size = _grid(grid_size)
         h, w = self.grid_size
         L = h * w
@@ -351,7 +374,7 @@ class DisjointPartsMasking:
                                   f"({L} units is not a multiple of {K})")
             self.secondary_ratio = 0.0  # random parts have no secondary masking
         self.num_visible = L // K
-        self.num_secondary = int(round(self.num_visible * self.secondary_ratio))
+        self.num_secondary = secondary_count(self.num_visible, self.secondary_ratio, secondary_rounding)
         self.mask_ratio = 1.0 - 1.0 / K
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None,

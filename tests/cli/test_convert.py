@@ -65,6 +65,13 @@ def test_export_takes_a_converted_checkpoint(converted, arch, tmp_path):
     expected = {"swin": {"merge": "conv", "norm_eps": 1e-6},
                 "pvt": {"embed_norm": False, "sr_every_stage": True, "norm_eps": 1e-6}}[arch]
     assert {k: args[k] for k in expected} == expected
+    # timm's own Swin cannot hold the official conv merging (nor timm PVT v2 the official PVT):
+    # the export falls back to ummae's registered model and says why, in one line.
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["model"] == f"ummae_{arch}" and card["needs_ummae"] is True
+    notes = [line for line in res.out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0] == f"note: {card['note']}"
+    assert {"swin": "model.merge=conv", "pvt": "PVT v2"}[arch] in notes[0]
 
 
 def test_finetune_takes_a_converted_checkpoint(converted, tmp_path):

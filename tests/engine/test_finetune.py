@@ -270,3 +270,24 @@ def test_hiera_finetune_with_timms_layer_groups(tmp_path, checkpoints, labeled):
     tuned = load_backbone(out / "last.pt")[0].state_dict()
     assert tuned.keys() == pretrained.keys()
     assert not torch.equal(tuned["blocks.3.attn.qkv.weight"], pretrained["blocks.3.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("fmt", ["timm", "ummae"])
+def test_finetune_starts_from_either_swin_export_format(tmp_path, checkpoints, labeled, fmt):
+    """`ummae export` writes timm's own `swin_*` (default) or `ummae_swin`: finetune takes both,
+    from the same encoder weights as the checkpoint (timm's format carries the coordinate MLPs
+    and mask token in its metadata)."""
+    from ummae.export import export_backbone
+
+    weights = tmp_path / f"swin_{fmt}.safetensors"
+    result = export_backbone(checkpoints["swin"], weights, format=fmt)
+    assert result.model.startswith("swin_" if fmt == "timm" else "ummae_swin")
+    _, from_export = encoder_source(weights)
+    _, from_ckpt = encoder_source(checkpoints["swin"])
+    assert from_export.keys() == from_ckpt.keys()
+    assert all(torch.equal(from_export[k], from_ckpt[k]) for k in from_ckpt)
+    out = tmp_path / "run"
+    res = finetune_cli(out, "--checkpoint", str(weights), "--data", str(labeled["train"]),
+                       "--epochs", "1", "--max-steps", "1", "--no-augment")
+    assert res.code == 0, res.err
+    assert (out / "last.pt").is_file()

@@ -9,19 +9,22 @@ __all__ = ["add_parser", "run"]
 EPILOG = """\
 writes NAME.safetensors (the encoder of the full-image backbone: no decoder, Swin's window
 doubled for UM-MAE checkpoints) and NAME.json ({"model": ..., "model_args": {...}, ...}).
+Swin and Hiera export as timm's own models (swin_*, hiera_*), which load without ummae; PVT
+(and, with --format ummae, Swin) as ummae's registered models, which need `import ummae`.
 Each export is checked: timm rebuilds the model from the two files, loads the weights with
-strict key matching and must reproduce the backbone's features exactly.
+strict key matching and must reproduce the backbone's features (timm's Swin: to float32
+rounding; ummae's models: exactly).
 
 examples:
-  ummae export --checkpoint runs/swin_t/checkpoint.pt --out swin_t_ummae.safetensors
-  ummae export --checkpoint runs/swin_t --out exports/swin_t.safetensors     (a run directory)
+  ummae export --checkpoint runs/swin_t/checkpoint.pt --out swin_t.safetensors
+  ummae export --checkpoint runs/swin_t --out swin_t_224.safetensors --window 7 --img-size 224
+  ummae export --checkpoint runs/swin_t --out swin_t_ummae.safetensors --format ummae
 
-load it (after `import ummae`, which registers ummae_swin / ummae_pvt / ummae_vit with timm):
-  card = json.load(open("swin_t_ummae.json"))
+load it (no ummae needed for timm's own models):
+  card = json.load(open("swin_t.json"))
   model = timm.create_model(card["model"], pretrained=True,
-                            pretrained_cfg_overlay=dict(file="swin_t_ummae.safetensors"), **card["model_args"])
-  or: ummae.export.create_exported("swin_t_ummae.safetensors", features_only=True)
-see docs/export.md for detection / segmentation necks.
+                            pretrained_cfg_overlay=dict(file="swin_t.safetensors"), **card["model_args"])
+see docs/export.md for which export needs ummae, and for detection / segmentation necks.
 """
 
 
@@ -36,18 +39,30 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="NAME.safetensors",
                    help="weights file to write; the card goes to NAME.json beside it (both replaced "
                         "if present)")
+    p.add_argument("--format", choices=("timm", "ummae"), default="timm",
+                   help="timm (default): timm's own model where the architecture allows (Swin: "
+                        "swin_*, with the position-bias tables evaluated from the coordinate MLPs); "
+                        "ummae: ummae's registered model (ummae_swin: the MLPs, any window)")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="Swin's full-image window (default: 2x the pre-training window for UM-MAE, "
+                        "as fine-tuning uses it: 16 at 256 px); written in the card")
+    p.add_argument("--img-size", type=int, default=None, metavar="PX",
+                   help="input size written in the card; timm's Swin fixes each stage's window from "
+                        "it (default: the pre-training size)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..export import export_backbone
 
-    result = export_backbone(args.checkpoint, args.out)
+    result = export_backbone(args.checkpoint, args.out, format=args.format, window=args.window,
+                             img_size=args.img_size)
     print(f"wrote {result.weights} ({result.model}, {result.num_params / 1e6:.2f}M values in "
           f"{result.num_tensors} tensors; checked: timm reloads it strictly and reproduces the features)")
     print(f"wrote {result.card}")
-    # ummae's own names need ummae registered; any other (hiera_*, swinv2_*) is timm's own model
-    needs = "import ummae, timm" if result.model.startswith("ummae_") else "import timm"
+    if result.note:
+        print(f"note: {result.note}")
+    needs = "import ummae, timm" if result.needs_ummae else "import timm"  # only ummae_* names need ummae: timm's own Swin, Swin V2, Hiera
     print(f"load: {needs}; timm.create_model({result.model!r}, pretrained=True, "
           f"pretrained_cfg_overlay=dict(file={str(result.weights)!r}), **model_args)  "
           f"# model_args from {result.card.name}")

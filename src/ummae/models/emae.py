@@ -56,8 +56,9 @@ class EMAEMixin:
     """
 
     def _setup_emae(self, num_parts: int, uniform: bool, secondary_ratio: float, consistency_weight: float,
-                    consistency_distance: str, consistency_start_epoch: float) -> None:
-        self.masking = DisjointPartsMasking(self.grid_size, num_parts, uniform, secondary_ratio)
+                    consistency_distance: str, consistency_start_epoch: float,
+                    secondary_rounding: str = "round") -> None:
+        self.masking = DisjointPartsMasking(self.grid_size, num_parts, uniform, secondary_ratio, secondary_rounding)
         self.num_parts = self.masking.num_parts
         self.consistency_weight = float(consistency_weight)
         self.consistency_distance = consistency_distance
@@ -129,6 +130,7 @@ class EfficientMaskedAutoencoder(EMAEMixin, MaskedAutoencoder):
         num_parts: K (4 = MAE's 75% mask ratio per part).
         uniform: uniform parts (Swin/PVT need them; K must be 4) or random parts (ViT).
         secondary_ratio: uniform parts: secondary masking of each part's visible units.
+        secondary_rounding: how that count is rounded (`masking.secondary_count`).
         consistency_weight: weight of the self-consistency term (0 = off).
         consistency_distance: "l1" or "l2" (see `objectives.self_consistency_loss`).
         consistency_start_epoch: the term counts from this epoch on (`set_epoch`); before, its
@@ -140,16 +142,16 @@ class EfficientMaskedAutoencoder(EMAEMixin, MaskedAutoencoder):
                  consistency_weight: float = 1.0, consistency_distance: str = "l1",
                  consistency_start_epoch: float = 0.0, norm_pix_loss: bool = True,
                  decoder_dim: int = 512, decoder_depth: int = 2, decoder_heads: int = 16,
-                 decoder_norm_eps: float = 1e-5):
+                 decoder_norm_eps: float = 1e-5, secondary_rounding: str = "round"):
         _check_consistency(consistency_weight, consistency_distance, consistency_start_epoch)
         # The parent checks sizes, refuses random masks for compacting encoders, freezes the
         # unused secondary token for random parts, and builds the decoder.
         super().__init__(encoder, img_size, unit, masking="uniform" if uniform else "random",
                          mask_ratio=0.75, secondary_ratio=secondary_ratio, norm_pix_loss=norm_pix_loss,
                          decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
-                         decoder_norm_eps=decoder_norm_eps)
+                         decoder_norm_eps=decoder_norm_eps, secondary_rounding=secondary_rounding)
         self._setup_emae(num_parts, uniform, secondary_ratio, consistency_weight, consistency_distance,
-                         consistency_start_epoch)
+                         consistency_start_epoch, secondary_rounding)
 
     @classmethod
     def from_config(cls, cfg, encoder: nn.Module, masking: str | None = None) -> "EfficientMaskedAutoencoder":
@@ -160,7 +162,7 @@ class EfficientMaskedAutoencoder(EMAEMixin, MaskedAutoencoder):
                    consistency_weight=e.consistency_weight, consistency_distance=e.consistency_distance,
                    consistency_start_epoch=e.consistency_start_epoch, norm_pix_loss=m.norm_pix_loss,
                    decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-                   decoder_norm_eps=m.decoder_norm_eps)
+                   decoder_norm_eps=m.decoder_norm_eps, secondary_rounding=cfg.masking.secondary_rounding)
 
 
 class HieraEMAE(EMAEMixin, HieraMAE):

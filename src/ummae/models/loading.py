@@ -91,11 +91,32 @@ def encoder_source(path: str | Path) -> tuple[PretrainConfig, dict[str, torch.Te
         cfg = apply_overrides(PretrainConfig(), copy.deepcopy(saved), f"export card of '{path}'")
         cfg.preset = str(saved.get("preset", cfg.preset))
         try:
-            return cfg, load_file(str(path))
+            weights = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
             raise UmmaeError(f"'{path}' is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        return cfg, _from_native(path, card, cfg, weights)
     cfg, state = load_pretrain_checkpoint(path)
     return cfg, encoder_state_dict(state)
+
+
+def _from_native(path: Path, card: dict, cfg: PretrainConfig, weights: dict) -> dict[str, torch.Tensor]:
+    """The backbone's own weights from an export in timm's own format (Swin as `swin_*`): its
+    spec converts them back, with the ummae-only tensors (coordinate MLPs, mask token) the
+    export keeps in the file's metadata. Other exports are the backbone's weights already."""
+    from safetensors import safe_open
+
+    from .specs import backbone_spec
+    from .swin_timm import EXTRA_KEY, unpack_extra
+
+    spec = backbone_spec(cfg.model.arch)
+    if card.get("format") != "timm" or spec.from_timm_native is None:
+        return weights
+    with safe_open(str(path), "pt") as f:
+        extra = (f.metadata() or {}).get(EXTRA_KEY)
+    if extra is None:
+        raise UmmaeError(f"'{path}': a timm-format {cfg.model.arch} export without its ummae tensors "
+                         f"(metadata '{EXTRA_KEY}'); export again, or use the .pt checkpoint")
+    return spec.from_timm_native(weights, unpack_extra(extra))
 
 
 def build_backbone(cfg: PretrainConfig, num_classes: int = 0, drop_path_rate: float | None = None,

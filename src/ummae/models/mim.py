@@ -45,6 +45,7 @@ class MaskedAutoencoder(MaskedImageModel):
         masking: "uniform" (UM: 75% masked, one visible unit per 2x2 block) or "random".
         mask_ratio: fraction masked by random masking (uniform masking is always 0.75).
         secondary_ratio: uniform masking's fraction of visible units given the secondary token.
+        secondary_rounding: how that count is rounded, "round" or "official" (`masking.secondary_count`).
         norm_pix_loss: normalise each target unit (mean 0, unit variance) before the MSE.
         decoder_dim, decoder_depth, decoder_heads: the decoder ViT.
         decoder_norm_eps: eps of the decoder's LayerNorms.
@@ -53,7 +54,8 @@ class MaskedAutoencoder(MaskedImageModel):
     def __init__(self, encoder: nn.Module, img_size: int | tuple[int, int] = 256, unit: int = 16,
                  masking: str = "uniform", mask_ratio: float = 0.75, secondary_ratio: float = 0.25,
                  norm_pix_loss: bool = True, decoder_dim: int = 512, decoder_depth: int = 2,
-                 decoder_heads: int = 16, decoder_norm_eps: float = 1e-5):
+                 decoder_heads: int = 16, decoder_norm_eps: float = 1e-5,
+                 secondary_rounding: str = "round"):
         super().__init__()
         H, W = _pair(img_size)
         if H % unit or W % unit:
@@ -75,7 +77,7 @@ class MaskedAutoencoder(MaskedImageModel):
         self.grid_size = (H // unit, W // unit)
         self.norm_pix_loss = norm_pix_loss
         if masking == "uniform":
-            self.masking = UniformMasking(self.grid_size, secondary_ratio)
+            self.masking = UniformMasking(self.grid_size, secondary_ratio, secondary_rounding)
         elif masking == "random":
             if compacts:
                 raise ConfigError(f"{type(encoder).__name__} packs visible units into a compact image "
@@ -100,7 +102,8 @@ class MaskedAutoencoder(MaskedImageModel):
         return cls(encoder, img_size=cfg.data.img_size, unit=cfg.masking.unit_size, masking=masking,
                    mask_ratio=cfg.masking.mask_ratio, secondary_ratio=cfg.masking.secondary_ratio,
                    norm_pix_loss=m.norm_pix_loss, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
-                   decoder_heads=m.decoder_heads, decoder_norm_eps=m.decoder_norm_eps)
+                   decoder_heads=m.decoder_heads, decoder_norm_eps=m.decoder_norm_eps,
+                   secondary_rounding=cfg.masking.secondary_rounding)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

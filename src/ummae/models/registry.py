@@ -34,8 +34,9 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet
 
-__all__ = ["ummae_swin", "ummae_pvt", "ummae_vit", "checkpoint_filter_fn"]
+__all__ = ["ummae_swin", "ummae_pvt", "ummae_vit", "checkpoint_filter_fn", "BackboneFeatures"]
 
 # Which of these names a configuration exports to, its backbone's spec says (`BackboneSpec.timm_model`).
 
@@ -98,17 +99,76 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
     return state_dict
 
 
+def _fit_weights_hook(module, state_dict, prefix, *args) -> None:
+    """`load_state_dict` pre-hook of a timm-built ummae model: fit any weight file to it first,
+    as the pretrained path's filter does, so `timm.create_model(..., checkpoint_path=FILE)`
+    (timm's `train.py --initial-checkpoint`, mmpretrain's `TIMMBackbone`), which loads with no
+    filter, takes an export or a pre-training checkpoint too: `encoder.` prefix removed, a
+    mask token the model does not have dropped (see `checkpoint_filter_fn`). Only for a load
+    into the model itself (`prefix` ""), never when it is a submodule of a larger model."""
+    if prefix:
+        return
+    fitted = checkpoint_filter_fn(dict(state_dict), module)
+    state_dict.clear()
+    state_dict.update(fitted)
+
+
+def _prefixed(pattern, add: str):
+    """A `group_matcher` value with every `^name` anchor moved under the submodule `add`."""
+    if isinstance(pattern, str):
+        return pattern.replace("^", "^" + add.replace(".", r"\."))
+    return [(_prefixed(p, add), order) for p, order in pattern]
+
+
+class BackboneFeatures(FeatureGetterNet):
+    """timm's `features_only` wrapper of ummae's backbones (its `FeatureGetterNet`, which calls
+    `forward_intermediates` and prunes what the maps do not need), plus what a detector's
+    training code asks of a backbone:
+
+    - `load_state_dict` of the backbone's own files: an export, a pre-training checkpoint, or
+      the wrapper's own state dict; the first two gain the wrapper's `model.` prefix, and keys
+      of pruned parts (later stages, final norm, head, mask token) are dropped. This is what
+      `timm.create_model(..., features_only=True, checkpoint_path=FILE)` does.
+    - `group_matcher` (the backbone's, under `model.`): timm's layer-wise lr decay
+      (`param_groups_layer_decay`) groups the stages instead of putting everything in one group.
+    - `set_grad_checkpointing`: the backbone's.
+    """
+
+    def __init__(self, model: nn.Module, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self.register_load_state_dict_pre_hook(self._fit_weights)
+
+    def _fit_weights(self, module, state_dict, prefix, *args) -> None:
+        if prefix or any(k.startswith("model.") for k in state_dict):
+            return  # a load inside a larger model, or the wrapper's own keys
+        fitted = checkpoint_filter_fn(dict(state_dict), self.model)
+        own = set(self.model.state_dict())
+        state_dict.clear()
+        state_dict.update({"model." + k: v for k, v in fitted.items() if k in own})
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {name: _prefixed(p, "model.") for name, p in self.model.group_matcher(coarse).items()}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
 def _create(model_cls, variant: str, pretrained: bool, default_out_indices, **kwargs) -> nn.Module:
     out_indices = kwargs.pop("out_indices", default_out_indices)
-    feature_cfg = dict(feature_cls="getter", out_indices=out_indices)
+    feature_cfg = dict(feature_cls=BackboneFeatures, out_indices=out_indices)
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})  # e.g. feature_cls="fx"
     # A timm-built model sees full images only (classification, detection): without the mask
     # token every parameter gets a gradient, which DistributedDataParallel needs unless
     # `find_unused_parameters=True`. Pass `mask_token=True` to keep it (masked pre-training).
     kwargs.setdefault("mask_token", False)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=feature_cfg, **kwargs)
+    if isinstance(model, model_cls):  # the plain model (a features_only wrapper has its own hook)
+        model.register_load_state_dict_pre_hook(_fit_weights_hook)
+    return model
 
 
 @register_model

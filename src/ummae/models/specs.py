@@ -97,6 +97,13 @@ class BackboneSpec:
             the compact grid of uniform masks (Swin doubles its window) [unchanged].
         timm_model: full-image `cfg -> (timm model name, create_model kwargs)` for `ummae export`
             [None: no export].
+        timm_native: `(full-image backbone, full-image cfg, img_size) -> (timm name, kwargs,
+            state dict, ummae-only tensors)` when the backbone can be exported as one of timm's
+            own models under other keys (Swin: its coordinate MLPs evaluated as timm's tables),
+            or a one-line reason why this configuration cannot (the export then falls back to
+            `timm_model`) [None: `timm_model` is the export].
+        from_timm_native: `(state dict, ummae-only tensors) -> the backbone's own weights`: the
+            inverse, so ummae fine-tunes from such an export [None].
         finetune_defaults: `ModelConfig -> {"layer_decay": ..., "drop_path": ...}`
             [0.85 and 0.1].
         read_init_weights: `(path, cfg) -> state` for `pretrain --init-weights`: a checkpoint
@@ -125,6 +132,8 @@ class BackboneSpec:
     autoencoder: type | None = None
     full_image: Callable = _same_config
     timm_model: Callable | None = None
+    timm_native: Callable | None = None
+    from_timm_native: Callable | None = None
     finetune_defaults: Callable = lambda m: {"layer_decay": 0.85, "drop_path": 0.1}
     read_init_weights: Callable = read_checkpoint_weights
     load_backbone_weights: Callable | None = None

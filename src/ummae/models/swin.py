@@ -40,7 +40,7 @@ from timm.models.swin_transformer import PatchMerging, window_partition, window_
 from ..compaction import compact_coordinates, compact_image, compact_unit_flags, full_coordinates
 from ..errors import ConfigError
 from ..masking import MaskSample, require_uniform
-from . import official
+from . import official, swin_timm
 from .pyramid import PYRAMID_LAYOUT, PyramidBackbone
 from .specs import BackboneSpec, non_default_options, register_backbone
 from .weight_init import init_linear_and_norm
@@ -314,8 +314,52 @@ class CoordinatePositionBias(nn.Module):
             # The table wins unless the lattice is finer than there are pairs to evaluate (late
             # stages: few tokens, offsets averaged over many units); a static choice either way.
             if lattice.table_size(window) <= coords[..., 0].numel() * coords.shape[-2]:
+                if lattice.kind == "full" and coords.shape[0] == 1:
+                    return self.window_table(window, coords.shape[-3], blocked, coords.device)
                 return self.table(coords, lattice, window, blocked)
         return self.direct(coords, blocked)
+
+    def window_table(self, window: tuple[int, int], num_windows: int, blocked: torch.Tensor | None,
+                     device: torch.device) -> torch.Tensor:
+        """The full image's bias: every window of a full grid has the same offsets (the integers
+        of the window; a shifted window's other pairs are `blocked`), so the bias is one
+        `[heads, N, N]` gathered by a pair index made once per window size (timm's
+        `relative_position_index`), not per pair of every window on every forward. The same
+        numbers as `table` (the same MLP rows), without the per-pair offsets.
+
+        Returns:
+            `[1, nW, heads, N, N]` (expanded, not copied, where nothing is blocked).
+        """
+        (_, k_r), (_, k_c) = CoordinateLattice.full().axis(window[0]), CoordinateLattice.full().axis(window[1])
+        rows = torch.arange(-k_r, k_r + 1, device=device, dtype=torch.float32)
+        cols = torch.arange(-k_c, k_c + 1, device=device, dtype=torch.float32)
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
+        table = self._mlp(grid)  # [(2k_r+1)(2k_c+1), heads], the rows `table` would gather
+        if torch.compiler.is_compiling():  # a constant for the compiler either way
+            index = _window_pair_index(window[0], window[1], device)
+        else:
+            index = _window_pair_index_cached(window[0], window[1], device)
+        N = window[0] * window[1]
+        bias = F.embedding(index, table).permute(2, 0, 1)  # [heads, N, N]
+        if blocked is None:
+            return bias.expand(1, num_windows, -1, -1, -1)
+        return bias.unsqueeze(0).masked_fill(blocked[:, None], float("-inf")).view(1, -1, self.num_heads, N, N)
+
+
+def _window_pair_index(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """`[N, N]` row of each (query, key) pair of a `rows x cols` window in the offset table:
+    `(dr + rows - 1) * (2 cols - 1) + (dc + cols - 1)`, offset = query - key (timm's
+    `relative_position_index`)."""
+    r = torch.arange(rows, device=device).repeat_interleave(cols)  # token n = r * cols + c
+    c = torch.arange(cols, device=device).repeat(rows)
+    dr = r.view(-1, 1) - r.view(1, -1) + rows - 1
+    dc = c.view(-1, 1) - c.view(1, -1) + cols - 1
+    return dr * (2 * cols - 1) + dc
+
+
+@functools.lru_cache(maxsize=64)
+def _window_pair_index_cached(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    return _window_pair_index(rows, cols, device)
 
 
 class WindowAttention(nn.Module):
@@ -683,7 +727,8 @@ def _finetune_defaults(m) -> dict:
 register_backbone(BackboneSpec(
     name="swin", encoder_class=SwinTransformer, build=_build, classifier=PYRAMID_LAYOUT,
     needs_uniform_masks=SwinTransformer.needs_uniform_mask, masked_feature_map=True,
-    full_image=_full_image, timm_model=_timm_model, finetune_defaults=_finetune_defaults,
+    full_image=_full_image, timm_model=_timm_model, timm_native=swin_timm.native_export,
+    from_timm_native=swin_timm.from_timm_state, finetune_defaults=_finetune_defaults,
     read_init_weights=official.read_init_weights,
     ignored_keys={"model.embed_dims": "model.embed_dims is for per-stage widths; swin uses model.embed_dim",
                   "model.mlp_ratios": "model.mlp_ratios is for per-stage ratios; swin uses model.mlp_ratio",
