@@ -60,7 +60,7 @@ def check_output(option: str, path: str | os.PathLike | None, kind: str = "file"
         return
     if not str(path).strip():
         raise UmmaeError(f"{option}: the path is empty")
-    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    p = Path(os.path.expanduser(str(path)))  # as given: the messages show the user's own spelling
     if kind == "file" and p.is_dir():
         raise UmmaeError(f"{option}: '{path}' is a folder, not a file; give a file name")
     if kind == "dir" and p.exists() and not p.is_dir():
@@ -68,7 +68,7 @@ def check_output(option: str, path: str | os.PathLike | None, kind: str = "file"
     # The folder the writes land in (a file's parent), or the nearest one that exists on the way.
     folder = p if kind == "dir" else p.parent
     existing = folder
-    while not existing.exists():
+    while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise UmmaeError(f"{option}: cannot create '{path}': '{existing}' is a file, not a folder")
