@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from ummae.cli import main
+
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 def _files(root: Path) -> list[Path]:
     return sorted(root.rglob("*"))
