@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
         description="Pre-train a Swin, PVT or ViT encoder with UM-MAE (uniform masking: the encoder "
                     "sees only the visible 25% of every image, packed into a half-size image), plain "
                     "MAE or the SimMIM baseline, as the preset says (`ummae presets`). With no "
-                    "arguments: the `demo` preset on built-in photographs, about a minute on a CPU.",
+                    "arguments: the `demo` preset on built-in photographs (README: how long it takes).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", metavar="NAME", help="named configuration (see `ummae presets`); default: demo")
     p.add_argument("--config", metavar="FILE", help="YAML file of config sections (e.g. a run's config.yaml)")
