@@ -291,8 +291,8 @@ def _no_config(tmp_path: Path) -> Path:
     (lambda tmp, good: _junk(tmp), "a.safetensors", "junk.pt"),  # worded by the checkpoint reader
     (lambda tmp, good: _no_config(tmp), "a.safetensors", "not a pre-training checkpoint"),
     (lambda tmp, good: good, "a.pt", "must name a .safetensors file"),
-    (lambda tmp, good: good, "a.safetensors/", "is a directory"),
-    (lambda tmp, good: good, "file.txt/a.safetensors", "cannot write"),
+    (lambda tmp, good: good, "a.safetensors/", "is a folder, not a file"),  # cli.checks' wording
+    (lambda tmp, good: good, "file.txt/a.safetensors", "file.txt' is a file, not a folder"),
 ], ids=["missing", "junk", "not-pretraining", "suffix", "out-is-dir", "unwritable"])
 def test_bad_input_is_one_line_and_exit_2(exported, run_cli, tmp_path, make_ckpt, out, message):
     (tmp_path / "file.txt").write_text("a file, not a folder")

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .errors import UmmaeError
+from .errors import UmmaeError, first_sentence
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "unreadable_reason"]
 
 FORMAT_VERSION = 1
 
@@ -27,6 +27,25 @@ FORMAT_VERSION = 1
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return (lines[0] if lines else type(e).__name__)[:160]
+
+
+def unreadable_reason(path: str | Path, error: BaseException) -> str:
+    """Why torch could not read `path`, in words a user can act on: torch's own messages are
+    about its internals ("failed finding central directory ..."; a text file gives "101"), so
+    the file's first bytes say what it is instead, and torch's text is quoted whole or not at all."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return e.strerror or str(e)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04"):  # torch's zip format, cut short or damaged
+        return f"a torch file that is truncated or damaged (torch: {first_sentence(error)})"
+    if head.startswith(b"\x80"):  # a pickle: the legacy torch format
+        return f"a damaged pickle ({type(error).__name__}: {first_sentence(error)})"
+    shown = head.decode("ascii", "replace").splitlines()[0] if head.isascii() else head[:8].hex(" ")
+    return f"not a torch file at all: it starts with {shown!r}"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -62,7 +81,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UmmaeError(f"refusing to load '{path}': it holds more than weights and plain values "
                          f"({_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - junk files fail in the unpickler in many ways
-        raise UmmaeError(f"'{path}' is not a readable checkpoint ({_first_line(e)})") from None
+        raise UmmaeError(f"'{path}' is not a readable checkpoint: {unreadable_reason(path, e)}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UmmaeError(f"'{path}' is not an ummae checkpoint (no 'model' entry)")
     return state

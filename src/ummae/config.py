@@ -282,7 +282,10 @@ def apply_overrides(cfg: PretrainConfig, values: dict[str, Any], source: str) ->
                 extra = f", {', '.join(_MODEL_OPTIONS)}" if top == "model" and _MODEL_OPTIONS else ""
                 raise ConfigError(f"unknown config key '{top}.{key}' in {source} "
                                   f"(known: {', '.join(k for k in hints if k != 'options')}{extra})")
-            setattr(section_obj, key, _coerce(v, hints[key], f"{top}.{key}"))
+            try:
+                setattr(section_obj, key, _coerce(v, hints[key], f"{top}.{key}"))
+            except ConfigError as e:  # say where the bad value came from
+                raise ConfigError(f"{e} (in {source})") from None
     return cfg
 
 

@@ -17,6 +17,16 @@ class ConfigError(UmmaeError, ValueError):
     `except ValueError` catches it."""
 
 
+def first_sentence(error: BaseException) -> str:
+    """Another library's message, shortened for a one-line error without cutting it mid-sentence:
+    its first line, and of a long line its first sentence ("Type" when there is no text)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(text) > 160 and ". " in text:
+        text = text.split(". ", 1)[0]
+    return text or type(error).__name__
+
+
 def one_line(error: BaseException) -> str:
     """The user-facing line of an error.
 

@@ -200,6 +200,11 @@ def preset_names() -> list[str]:
 def get_preset(name: str) -> PretrainConfig:
     """A fresh `PretrainConfig` for the named preset."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset '{name}' (--preset); available: {', '.join(PRESETS)}")
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown preset '{name}' (--preset); {hint}available: {', '.join(PRESETS)} "
+                          "(`ummae presets` describes them)")
     cfg = PretrainConfig(preset=name)
     return apply_overrides(cfg, copy.deepcopy(PRESETS[name][1]), f"preset '{name}'")

@@ -6,6 +6,10 @@ Keys and types are checked as each layer is applied (`config.apply_overrides`, n
 needed); then the values: those any configuration has (`config.validate`) and those only the
 configured backbone and method know (`models.specs.check_config` asks their specs for those,
 then runs `config.validate`).
+
+`layer_config` is the first half alone, torch-free: the command line checks a preset typo, an
+unknown or ill-typed key and a bad `--config` file with it before importing any model code
+(torch takes seconds to import; a typo should cost none of them).
 """
 
 from __future__ import annotations
@@ -15,16 +19,29 @@ from typing import Any
 
 from .config import (PretrainConfig, apply_overrides, apply_set_options, config_to_dict, load_yaml,
                      warn_ignored_overrides)
-from .models.specs import check_config, ignored_overrides
 from .presets import get_preset
 
-__all__ = ["resolve_config"]
+__all__ = ["resolve_config", "layer_config"]
 
 
 def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
                    sets: list[str] | None = None, flags: dict[str, Any] | None = None,
                    base: dict[str, Any] | None = None) -> PretrainConfig:
     """Build and validate a configuration from its layers (see the module docstring).
+
+    Args: as `layer_config`.
+    """
+    from .models.specs import check_config, ignored_overrides  # model code: imports torch
+
+    cfg, explicit, lower = layer_config(preset, config_file, sets, flags, base)
+    warn_ignored_overrides(cfg, explicit, lower, ignored_overrides(cfg))
+    return check_config(cfg)
+
+
+def layer_config(preset: str | None = None, config_file: str | Path | None = None,
+                 sets: list[str] | None = None, flags: dict[str, Any] | None = None,
+                 base: dict[str, Any] | None = None) -> tuple[PretrainConfig, dict[str, str], dict[str, Any]]:
+    """The layers applied, keys and types checked, values not yet (no model code, no torch).
 
     Args:
         preset: preset name; None = the file's `preset:` key, else `demo`.
@@ -33,6 +50,10 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         flags: dotted keys from named command-line flags (None values are ignored).
         base: a whole configuration dict (e.g. from a checkpoint being resumed) used instead
             of a preset as the bottom layer.
+
+    Returns:
+        `(cfg, explicit, lower)`: the configuration; `{dotted key: option}` of what --set and the
+        flags set; the configuration below them (preset or checkpoint, and file) as a dict.
     """
     file_values = load_yaml(config_file) if config_file else {}
     if base is not None:
@@ -51,5 +72,4 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
             option = f"--{key.split('.')[-1].replace('_', '-')}"
             apply_overrides(cfg, {key: value}, option)
             explicit[key] = option
-    warn_ignored_overrides(cfg, explicit, lower, ignored_overrides(cfg))
-    return check_config(cfg)
+    return cfg, explicit, lower

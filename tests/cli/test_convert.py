@@ -157,7 +157,11 @@ def test_bad_files_are_one_line_errors(official_files, tmp_path):
     assert "refusing to load" in _one_line_error(convert(evil))
     assert not (tmp_path / "created-by-unpickling").exists()
     # A PVT file given a Swin preset, and a Swin file given a wider Swin.
-    assert "does not have" in _one_line_error(convert(official_files["pvt"]))
+    line = _one_line_error(convert(official_files["pvt"]))  # the cause, not a missing key
+    assert "looks like an official UM-MAE pvt checkpoint" in line and "ummae_pvt_small_256" in line, line
+    # Undoing an official option: named, and no advice to run the command being run.
+    line = _one_line_error(convert(official_files["swin"], sets=SWIN_SETS + ["model.merge=linear"]))
+    assert "--set model.merge=linear" in line and "model.merge=conv" in line and "with `ummae convert`" not in line
     wide = [s.replace("embed_dim=8", "embed_dim=16") for s in SWIN_SETS]
     assert "wrong --preset" in _one_line_error(convert(official_files["swin"], sets=wide))
     assert "unknown preset" in _one_line_error(convert(official_files["swin"], preset="nope"))

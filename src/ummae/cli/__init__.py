@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.signals import RunInterrupted
 
     try:
-        return args.run(args) or 0
+        code = args.run(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+        return code
     except RunInterrupted as e:  # stopped by SIGTERM/SIGINT after a checkpoint: 128 + signal, e.g. 143
         print(f"ummae {args.command}: {one_line(e)}", file=sys.stderr)
         return e.exit_code
@@ -76,5 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ummae {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left (`ummae presets | head`): not an error of ours, nothing to say.
+        # stdout is pointed at devnull so the interpreter's own flush at exit stays silent too.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by it
     finally:
         warnings.formatwarning = previous_format

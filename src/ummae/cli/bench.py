@@ -58,14 +58,22 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..perf import format_table, run_benchmark, write_json
-    from ..resolve import resolve_config
+    from ..config import validate
+    from ..resolve import layer_config, resolve_config
     from ..errors import ConfigError
+    from .checks import check_output
 
     flags = {"train.batch_size": args.batch_size, "train.device": args.device}
-    configs = [resolve_config(name, None, args.sets, flags) for name in args.presets]
+    # Before importing torch: a preset typo, a bad --set key or an unwritable --json cost no import.
+    for name in args.presets:
+        validate(layer_config(name, None, args.sets, flags)[0])
+    check_output("--json", args.json, "file")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError(f"--json: directory '{Path(args.json).parent}' does not exist")
+
+    from ..perf import format_table, run_benchmark, write_json
+
+    configs = [resolve_config(name, None, args.sets, flags) for name in args.presets]
 
     if args.profile:
         return _run_profile(args, configs)

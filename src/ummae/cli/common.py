@@ -65,8 +65,10 @@ def add_feature_arguments(p: argparse.ArgumentParser, batch_flag: str = "--batch
 def check_feature_arguments(args: argparse.Namespace) -> None:
     """The feature and few-label options' own checks: before any work, so a typo costs nothing.
 
-    Also fills in the default `--draws` when `--labels-per-class` is given (None otherwise)."""
+    Also fills in the default `--draws` when `--labels-per-class` is given (None otherwise).
+    Torch-free: the commands call it before importing anything heavy."""
     from ..errors import ConfigError
+    from .checks import check_input, check_output
 
     if args.raw_pixels:
         if args.checkpoint is not None:
@@ -78,6 +80,10 @@ def check_feature_arguments(args: argparse.Namespace) -> None:
             raise ConfigError("--raw-pixels needs --img-size PX (there is no checkpoint to take the size from)")
     elif args.checkpoint is None:
         raise ConfigError("give --checkpoint CKPT, or --raw-pixels for the raw-pixel baseline")
+    check_input("--checkpoint", args.checkpoint)  # a .pt file, a .safetensors export or a run folder
+    check_input("--data", args.data, "dir")
+    check_input("--val-data", args.val_data, "dir")
+    check_output("--json", args.json, "file")
     if args.extract_batch_size < 1 or args.workers < 0:
         raise ConfigError("the feature batch size must be >= 1 and --workers >= 0")
     if args.img_size is not None and args.img_size < 1:

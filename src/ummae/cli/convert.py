@@ -37,7 +37,22 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The file, the preset, the keys and types of --set and the output, before importing torch."""
+    from ..config import validate
+    from ..resolve import layer_config
+    from .checks import check_input, check_output
+
+    check_input("OFFICIAL.pth", args.official, "file")
+    # A preset typo, an unknown or ill-typed key, a value no configuration may have (the official
+    # architecture options, applied later, are valid values themselves).
+    validate(layer_config(args.preset, None, args.sets)[0])
+    check_output("--out", args.out, "file")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
+
     from ..models.official import OFFICIAL_OPTIONS, convert_official, set_value
 
     result, cfg = convert_official(args.official, args.preset, args.out, args.sets)

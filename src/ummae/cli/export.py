@@ -52,7 +52,22 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The paths, before importing torch (`cli.checks`): a typo costs no import."""
+    from pathlib import Path
+
+    from .checks import check_input, check_output
+
+    check_input("--checkpoint", args.checkpoint)  # a checkpoint file or a run folder
+    check_output("--out", args.out, "file")
+    out = Path(args.out)
+    if out.name.endswith(".safetensors"):  # the card NAME.json is written beside it
+        check_output("--out", out.with_name(out.name[:-len(".safetensors")] + ".json"), "file")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
+
     from ..export import export_backbone
 
     result = export_backbone(args.checkpoint, args.out, format=args.format, window=args.window,

@@ -119,6 +119,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar: plain log lines every --log-every steps (the default when stdout is not a "
                         "terminal); epoch lines are always printed")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the settings this command would run (the recipe's defaults filled in from the "
+                        "checkpoint, checked) as YAML and exit, creating nothing")
     p.set_defaults(run=run)
 
 
@@ -205,8 +208,44 @@ def _summary(result, cfg) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The paths and the options' combinations, before importing torch (`cli.checks`): a typo
+    costs no import. The values are checked by the fine-tuning engine."""
+    from ..errors import ConfigError
+    from .checks import check_input, check_output
+
+    if args.val_data is not None and args.val_fraction is not None:
+        raise ConfigError("give either --val-data or --val-fraction, not both")
+    if args.resume not in (None, "auto"):
+        check_input("--resume", args.resume, "file")
+    check_input("--checkpoint", args.checkpoint)  # a .pt file, a .safetensors export or a run folder
+    check_input("--data", args.data, "dir")
+    check_input("--val-data", args.val_data, "dir")
+    if not args.print_config:
+        check_output("--out", args.out or "runs", "dir")
+
+
+def _print_config(cfg) -> int:
+    """--print-config: the settings with the recipe's defaults filled in (they depend on the
+    checkpoint's backbone and size), as the run's config.yaml would record them."""
+    import dataclasses
+
+    import yaml
+
+    from ..engine.finetune import _validate, recipe_defaults
+    from ..models.loading import encoder_source
+
+    _validate(cfg)
+    values = dataclasses.asdict(cfg)
+    values.update(recipe_defaults(cfg, encoder_source(cfg.checkpoint)[0]))
+    print(yaml.safe_dump(values, sort_keys=False, default_flow_style=None), end="")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
+
+    check_arguments(args)
 
     from ..engine.finetune import finetune, resume_finetune
     from .common import is_main
@@ -219,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
         return config_from_args(args, base=saved)
 
     cfg, point = resume_finetune(args.resume, args.out, configure)
+    if args.print_config:
+        return _print_config(cfg)
     bar = not args.no_progress and sys.stdout.isatty()
     result = finetune(cfg, progress=bar, resume=point, log_lines=not bar)
     if is_main():

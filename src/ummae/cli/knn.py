@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_feature_arguments, describe, features_from_args, few_label_line, headline, percent,
-                     range_text, skipped_line, summary_fields, write_json)
+from .common import (add_feature_arguments, check_feature_arguments, describe, features_from_args, few_label_line,
+                     headline, percent, range_text, skipped_line, summary_fields, write_json)
 
 __all__ = ["add_parser", "run"]
 
@@ -62,16 +62,19 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.distributed import resolve_device
     from ..errors import ConfigError
-    from ..evaluate.few_label import few_label, summarize
-    from ..evaluate.knn import knn_evaluate
 
-    # Checked before the (slow) feature pass, so a typo costs nothing.
+    # Checked before torch is imported and the (slow) feature pass runs, so a typo costs nothing.
     if any(k < 1 for k in args.k):
         raise ConfigError(f"--k must be positive, got {args.k}")
     if not args.temperature > 0:
         raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
+    check_feature_arguments(args)
+
+    from ..engine.distributed import resolve_device
+    from ..evaluate.few_label import few_label, summarize
+    from ..evaluate.knn import knn_evaluate
+
     feats = features_from_args(args)
     ks = list(dict.fromkeys(args.k))  # duplicates removed, order kept
     # The search compares every validation feature with every training feature: on the GPU if any.

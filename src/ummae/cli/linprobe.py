@@ -81,19 +81,23 @@ def _draw_record(result) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.checkpoint import save_checkpoint
-    from ..engine.distributed import resolve_device
     from ..errors import ConfigError
-    from ..evaluate.few_label import few_label, summarize
-    from ..evaluate.linprobe import linear_probe
+    from .checks import check_output
 
-    # Checked before the (slow) feature pass, so a typo costs nothing.
+    # Checked before torch is imported and the (slow) feature pass runs, so a typo costs nothing.
     if args.epochs < 1 or args.batch_size < 2 or not args.blr > 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
         raise ConfigError("need --epochs >= 1, --batch-size >= 2, --blr > 0, --warmup-epochs >= 0 and "
                           "--weight-decay >= 0")
     check_feature_arguments(args)
     if args.labels_per_class is not None and args.out:
         raise ConfigError("--out saves one head, but --labels-per-class trains one per draw: leave out --out")
+    check_output("--out", args.out, "dir")
+
+    from ..engine.checkpoint import save_checkpoint
+    from ..engine.distributed import resolve_device
+    from ..evaluate.few_label import few_label, summarize
+    from ..evaluate.linprobe import linear_probe
+
     feats = features_from_args(args)
     info = describe(args, feats)
     print(headline("linprobe", info))

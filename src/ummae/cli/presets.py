@@ -21,8 +21,10 @@ __all__ = ["add_parser", "run", "encoder_params", "preset_columns", "config_dige
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("presets", help="list the named configurations",
-                       description="List the presets usable with `ummae pretrain --preset NAME`.")
+    p = sub.add_parser("presets", help="list the named configurations, or print one whole",
+                       description="List the presets usable with `ummae pretrain --preset NAME`; with NAME, "
+                                   "print that preset's whole configuration as YAML (a --config file).")
+    p.add_argument("name", nargs="?", metavar="NAME", help="print this preset's whole configuration")
     p.set_defaults(run=run)
 
 
@@ -95,9 +97,25 @@ def _count_params(cfg) -> int:
     return sum(p.numel() for p in model.encoder.parameters())  # encoder only: what is kept
 
 
+def _print_preset(name: str) -> int:
+    """The whole configuration of preset `name`, every key, as `ummae pretrain` would write it
+    to config.yaml (so it works as a --config file)."""
+    import yaml
+
+    from ..config import config_to_dict
+    from ..presets import get_preset
+
+    cfg = get_preset(name)  # an unknown name: one line listing the known ones
+    cfg.preset = name
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..presets import PRESETS, get_preset
 
+    if args.name is not None:
+        return _print_preset(args.name)
     rows = []
     for name, (description, _) in PRESETS.items():
         cfg = get_preset(name)

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
         description="Pre-train a Swin, PVT or ViT encoder with UM-MAE (uniform masking: the encoder "
                     "sees only the visible 25% of every image, packed into a half-size image), plain "
                     "MAE or the SimMIM baseline, as the preset says (`ummae presets`). With no "
-                    "arguments: the `demo` preset on built-in photographs, about a minute on a CPU.",
+                    "arguments: the `demo` preset on built-in photographs (README: how long it takes).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", metavar="NAME", help="named configuration (see `ummae presets`); default: demo")
     p.add_argument("--config", metavar="FILE", help="YAML file of config sections (e.g. a run's config.yaml)")
@@ -70,6 +70,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="plain log lines every log_every steps instead of the progress bar (the default "
                         "when stdout is not a terminal)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the configuration this command would run (every layer applied, checked) as "
+                        "YAML and exit, creating nothing")
     p.set_defaults(run=run)
 
 
@@ -134,8 +137,31 @@ def _summary(result, cfg) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """What can be judged without torch, before importing it (a typo costs no import): the
+    preset, the --config file, the keys and types of --set and the flags, the values any
+    configuration has, and the paths (`cli.checks`). The backbone's and method's own checks
+    follow in `resolve_config`."""
+    from ..config import validate
+    from ..resolve import layer_config
+    from .checks import check_input, check_output
+
+    check_input("--config", args.config, "file")
+    cfg = layer_config(args.preset, args.config, args.sets, _flags(args))[0]
+    if args.resume is None:  # resuming, the checkpoint's configuration is the bottom layer
+        validate(cfg)
+    if args.resume not in (None, "auto"):
+        check_input("--resume", args.resume)
+    check_input("--data", cfg.data.path)  # a folder of images, a shard or a list of shards
+    check_input("--init-weights", cfg.train.init_weights, "file")
+    if not args.print_config:
+        check_output("--out", cfg.train.out or "runs", "dir")
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
+
+    check_arguments(args)
 
     from ..config import absolute_paths
     from ..resolve import resolve_config
@@ -152,6 +178,13 @@ def run(args: argparse.Namespace) -> int:
         return absolute_paths(resolve_config(args.preset, args.config, args.sets, _flags(args), base=base))
 
     cfg, point = resume_pretrain(args.resume, args.out, configure)
+    if args.print_config:
+        import yaml
+
+        from ..config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")  # what config.yaml would hold
+        return 0
     bar = not args.no_progress and sys.stdout.isatty()
     result = pretrain(cfg, progress=bar, resume=point, log_lines=not bar)
     if result.run_dir is not None and is_main():

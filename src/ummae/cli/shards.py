@@ -32,6 +32,15 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..errors import ConfigError, UmmaeError
+    from .checks import check_input, check_output
+
+    # Before importing torch (`cli.checks`): a typo costs no import.
+    if args.shard_size < 1:
+        raise ConfigError(f"--shard-size must be at least 1, got {args.shard_size}")
+    check_input("--data", args.data, "dir")
+    check_output("--out", args.out, "dir")
+
     from ..data.shards import write_shards
 
     shards, unreadable = write_shards(args.data, args.out, args.shard_size, args.prefix,
@@ -43,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  train with     ummae pretrain --data '{pattern}'")
     if unreadable:
         listing = out / "skipped_images.txt"
-        listing.write_text("".join(f"{line}\n" for line in unreadable))
+        try:
+            listing.write_text("".join(f"{line}\n" for line in unreadable))
+        except OSError as e:
+            raise UmmaeError(f"--out: cannot write '{listing}': {e.strerror or e}") from None
         print(f"  skipped        {len(unreadable)} unreadable image(s), listed in {listing}")
     return 0

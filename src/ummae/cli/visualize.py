@@ -135,6 +135,14 @@ def _visualize(checkpoint, images, out, masks: int, seed: int, device: str) -> t
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from .checks import check_input, check_output
+
+    # Before importing torch (`cli.checks`): a typo costs no import.
+    if args.masks < 1:
+        raise ConfigError(f"--masks must be >= 1, got {args.masks}")
+    check_input("--checkpoint", args.checkpoint)
+    check_output("--out", args.out, "file")
     path, rows, skipped = visualize_checkpoint(args.checkpoint, args.images, args.out, args.masks, args.seed,
                                                args.device)
     print(f"ummae visualize: {path}  ({len(args.images) - len(skipped)} image(s) x {args.masks} mask(s) -> "

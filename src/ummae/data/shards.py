@@ -417,18 +417,26 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: in
     written = 0
     # A whole-second mtime: with WebDataset's default (the fractional time.time()) every member
     # gets a second, pax header just for it, which makes shards bigger and indexing slower.
-    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0,
-                         mtime=int(time.time())) as sink:
-        for number, path in enumerate(tqdm(files, desc="shards", unit="img", disable=not progress,
-                                           dynamic_ncols=True, mininterval=0.5)):
-            try:
-                load_rgb(path)
-            except UmmaeError as err:
-                unreadable.append(str(err))
-                continue
-            # WebDataset fields are the extension without the dot; `jpeg` and `jpg` are both fine.
-            sink.write({"__key__": f"{number:09d}", path.suffix.lower()[1:]: path.read_bytes()})
-            written += 1
+    try:
+        with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0,
+                             mtime=int(time.time())) as sink:
+            for number, path in enumerate(tqdm(files, desc="shards", unit="img", disable=not progress,
+                                               dynamic_ncols=True, mininterval=0.5)):
+                try:
+                    load_rgb(path)
+                except UmmaeError as err:
+                    unreadable.append(str(err))
+                    continue
+                # WebDataset fields are the extension without the dot; `jpeg` and `jpg` are both fine.
+                sink.write({"__key__": f"{number:09d}", path.suffix.lower()[1:]: path.read_bytes()})
+                written += 1
+    except OSError as e:
+        # A full disk (or a folder gone read-only) mid-way: no half-written shard, and no set
+        # of shards that silently lacks the rest of the images, is left behind.
+        for shard in out.glob(f"{prefix}-*.tar"):
+            shard.unlink(missing_ok=True)
+        raise UmmaeError(f"--out: cannot write shards to '{out}': {e.strerror or e} (the shards written "
+                         f"so far were removed)") from None
     shards = sorted(str(p) for p in out.glob(f"{prefix}-*.tar"))
     if written == 0:
         for shard in shards:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..config import PretrainConfig, check_resumable, config_to_dict
 from ..data import build_pretrain_dataset, to_model_input
 from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
-from ..errors import ConfigError
+from ..errors import ConfigError, UmmaeError
 from ..models import build_pretrain_model
 from ..models.specs import backbone_spec
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid, spread_indices
@@ -165,7 +165,11 @@ def _read_init_weights(cfg: PretrainConfig, resume) -> dict | None:
             raise ConfigError(f"--init-weights: '{cfg.train.init_weights}' does not exist")
         # an ummae checkpoint, or what else the backbone reads (the paper's released weights,
         # converted for this run; timm's / Hiera's own backbone weights)
-        init_state = backbone_spec(cfg.model.arch).read_init_weights(cfg.train.init_weights, cfg)
+        try:
+            init_state = backbone_spec(cfg.model.arch).read_init_weights(cfg.train.init_weights, cfg)
+        except UmmaeError as e:  # say which option the file came from
+            text = str(e)
+            raise type(e)(text if text.startswith("--init-weights") else f"--init-weights: {text}") from None
     return init_state
 
 

@@ -51,7 +51,7 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoint_file import load_checkpoint, save_checkpoint
+from ..checkpoint_file import load_checkpoint, save_checkpoint, unreadable_reason
 from ..config import apply_set_options, config_to_dict
 from ..errors import ConfigError, UmmaeError
 from ..presets import get_preset
@@ -59,7 +59,7 @@ from .specs import build_pretrain_model, check_config
 
 __all__ = ["OFFICIAL_OPTIONS", "ConversionResult", "official_config", "read_official",
            "convert_state_dict", "convert_official", "sincos_channel_order", "is_official_state_dict",
-           "read_init_weights", "set_value"]
+           "read_init_weights", "set_value", "official_family"]
 
 # The architecture options under which ummae computes what the official code does (config keys of
 # the `model` section). Presets leave them at their defaults; `ummae convert` sets them.
@@ -131,11 +131,6 @@ def official_config(preset: str, sets: Sequence[str] = ()):
     return cfg
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:160]
-
-
 def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     """The model state dict of an official checkpoint (`{'model': state_dict, ...}` or a bare
     state dict), loaded on the CPU without running any code from the file."""
@@ -152,7 +147,7 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
                              f"({refused[1]})") from None
         raise UmmaeError(f"'{path}' is not a readable checkpoint (not a torch file of tensors)") from None
     except Exception as e:  # noqa: BLE001 - junk files fail in the unpickler in many ways
-        raise UmmaeError(f"'{path}' is not a readable checkpoint ({_first_line(e)})") from None
+        raise UmmaeError(f"'{path}' is not a readable checkpoint: {unreadable_reason(path, e)}") from None
     if isinstance(obj, dict) and "config" in obj and "format_version" in obj:
         raise UmmaeError(f"'{path}' is already an ummae checkpoint: nothing to convert")
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
@@ -267,17 +262,42 @@ def _renumber_pvt_stage1(sd: dict[str, torch.Tensor], perm: torch.Tensor, depths
     _renumber(sd, perm, writes=writes, reads=reads, tokens=["encoder.mask_token"])
 
 
-def _check_sincos(t: torch.Tensor, key: str, rows_skipped: int = 0) -> None:
+def _check_sincos(t: torch.Tensor, key: str, source: str, rows_skipped: int = 0) -> None:
     """The official fixed position table must be MAE's sin-cos table: ummae rebuilds it."""
     n, dim = (t.shape[1] - rows_skipped, t.shape[-1]) if t.ndim == 3 else (0, 0)
     side = math.isqrt(max(n, 0))
     if n <= 0 or side * side != n or dim % 4 \
             or not torch.allclose(t[0, rows_skipped:].float(), _mae_sincos_table(side, dim), atol=1e-4):
-        raise UmmaeError(f"official '{key}' is not the fixed 2-D sin-cos table the official code builds: "
-                         "the weights cannot be converted exactly")
+        raise UmmaeError(f"{source}: official '{key}' is not the fixed 2-D sin-cos table the official code "
+                         "builds: the weights cannot be converted exactly")
 
 
 # -- the conversion -----------------------------------------------------------------------------
+
+def official_family(official: dict[str, torch.Tensor]) -> str | None:
+    """Which official model a state dict is, by the names only that model has: "vit" (a class
+    token), "swin" (the position-bias MLP), "pvt" (spatial-reduction attention); None if none."""
+    if "cls_token" in official:
+        return "vit"
+    if any(".attn.posmlp." in k for k in official):
+        return "swin"
+    if any(".attn.sr." in k or ".attn.kv." in k for k in official):
+        return "pvt"
+    return None
+
+
+def _check_family(official: dict[str, torch.Tensor], cfg, source: str) -> None:
+    """A file of another backbone family than the preset's: say so, and which presets fit it,
+    before any key-level mismatch (whose message would name a symptom, not the cause)."""
+    from ..presets import PRESETS
+
+    family = official_family(official)
+    if family is None or family == cfg.model.arch:
+        return
+    fitting = [n for n in PRESETS if n.startswith(("ummae_", "mae_")) and f"_{family}_" in n and "demo" not in n]
+    raise UmmaeError(f"{source} looks like an official UM-MAE {family} checkpoint, but preset '{cfg.preset}' is "
+                     f"{cfg.model.arch}: choose a {family} preset ({', '.join(fitting)})")
+
 
 def _size_hint(official: dict[str, torch.Tensor], m) -> str:
     """`--set` items for the sizes in which the file visibly differs from the preset (the released
@@ -318,6 +338,7 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg, source: str = "th
         needed = " ".join(f"--set model.{k}={set_value(v)}" for k, v in wrong.items())
         raise ConfigError(f"{source} is an official UM-MAE checkpoint: it computes its function in ummae only "
                           f"with the official options ({needed}); or convert it first with `ummae convert`")
+    _check_family(official, cfg, source)
     with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's generator
         torch.manual_seed(seed)
         model = build_pretrain_model(cfg)
@@ -335,11 +356,11 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg, source: str = "th
                 continue
             hit = _vit_key(key, t)
         elif key == "pos_embed" and arch == "pvt":
-            _check_sincos(t, key)
+            _check_sincos(t, key, source)
             dropped[key] = "fixed sin-cos table: ummae computes it (channels renumbered to its order)"
             continue
         elif key == "decoder_pos_embed":
-            _check_sincos(t, key)
+            _check_sincos(t, key, source)
             dropped[key] = "fixed sin-cos table: ummae computes it (channels renumbered to its order)"
             continue
         else:
@@ -390,6 +411,12 @@ def convert_official(path: str | Path, preset: str, out: str | Path, sets: Seque
     """
     official = read_official(path)
     cfg = official_config(preset, sets)
+    wrong = {k: v for k, v in OFFICIAL_OPTIONS[cfg.model.arch].items() if getattr(cfg.model, k) != v}
+    if wrong:  # a --set undid an official option (the generic message would advise this very command)
+        given = " ".join(f"--set model.{k}={set_value(getattr(cfg.model, k))}" for k in wrong)
+        needed = ", ".join(f"model.{k}={set_value(v)}" for k, v in wrong.items())
+        raise ConfigError(f"{given}: the official checkpoints compute their function only with {needed} "
+                          "(which `ummae convert` sets itself); leave that --set out")
     result = convert_state_dict(official, cfg, f"'{path}'")
     save_checkpoint(out, {
         "model": result.state_dict, "config": config_to_dict(cfg), "step": 0,
