@@ -93,15 +93,15 @@ def resolve_workers(configured: int | None, device_type: str, cpus: int | None =
 @contextlib.contextmanager
 def fit_threads(workers: int, cpus: int | None = None) -> Iterator[int]:
     """Torch's intra-op threads = the usable CPUs left by `workers` (at least 1), for the block;
-    the previous count after. With OMP_NUM_THREADS set (the user's choice) nothing changes.
+    the previous count after. With OMP_NUM_THREADS set (the user's choice) that count is used.
     Yields the thread count in use."""
     import torch
 
     previous = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS", "").strip():
-        yield previous
-        return
-    threads = max(1, (usable_cpus() if cpus is None else cpus) - workers)
+    try:
+        threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:  # unset (or not a number: torch ignores it too)
+        threads = max(1, (usable_cpus() if cpus is None else cpus) - workers)
     torch.set_num_threads(threads)
     try:
         yield threads
