@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import webdataset as wds
+
+    try:
+        import webdataset as wds
+    except ImportError:  # an optional dependency: one line saying how to get it, not a traceback
+        sys.exit("bench_shards.py: tar shards need webdataset, which is not installed: pip install 'ummae[shards]' "
+                 "(or pip install webdataset)")
 
     from ummae.data import ImageFolderUnlabeled, TarShards, load_rgb, pretrain_transform, write_shards
     from ummae.data.sampling import EpochSampler

@@ -472,8 +472,10 @@ def main() -> None:
         args.seeds, args.epochs, args.ft_epochs, args.draws = args.seeds[:1], 1, 2, 2
         args.ft_select_epochs, args.ft_long_epochs, args.search_epochs = 2, 2, 2
     if not (args.data / "train").is_dir():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_digits_folder.py"), str(args.data),
-                        "--size", "64"], check=True)
+        made = subprocess.run([sys.executable, str(REPO / "scripts" / "make_digits_folder.py"), str(args.data),
+                               "--size", "64"])
+        if made.returncode:  # it said why in one line (e.g. scikit-learn missing)
+            sys.exit(made.returncode)
     deadline = time.time() + 60 * args.deadline if args.deadline else None
     runner = Runner(args.out, args.jobs, deadline, REPO)
     if not args.report:

@@ -12,6 +12,7 @@ flat pixel, which per-unit normalised targets could not use).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,12 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2)
     args = parser.parse_args()
 
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:  # an optional dependency: one line saying how to get it, not a traceback
+        sys.exit("make_digits_folder.py: the digits come with scikit-learn, which is not installed: "
+                 "pip install scikit-learn")
 
     digits = load_digits()
     images = (digits.images / 16.0 * 255).round().astype(np.uint8)  # 0..16 grey levels

@@ -1,6 +1,6 @@
-"""docs/export.md runs as written: its `ummae export` command and every Python block, in order, in
-one namespace, in a folder holding `runs/swin_t/checkpoint.pt` (a tiny 4-stage UM-MAE Swin, so the
-feature maps have strides 4-32 like Swin-T's)."""
+"""docs/export.md runs as written: its `ummae export` command and every Python block, each on its
+own (a reader copies one block, not the page), in a folder holding `runs/swin_t/checkpoint.pt` (a
+tiny 4-stage UM-MAE Swin, so the feature maps have strides 4-32 like Swin-T's)."""
 
 from __future__ import annotations
 
@@ -54,9 +54,11 @@ def test_export_md_runs_as_written(tmp_path, run_cli, monkeypatch):
     assert (tmp_path / "exports" / "hiera_t.safetensors").is_file()
 
     torch.manual_seed(0)
-    namespace: dict = {"__name__": "export_md"}
+    namespace: dict = {}  # what the blocks made, for the checks below
     for block in blocks("python"):
-        exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 - our own documentation
+        alone: dict = {"__name__": "export_md"}  # a fresh namespace: a block that needs another's names fails
+        exec(compile(block, str(DOC), "exec"), alone)  # noqa: S102 - our own documentation
+        namespace.update(alone)
 
     # The blocks that say they run without ummae do, in a process where `import ummae` fails.
     alone = [b for b in blocks("python") if b.startswith("# runs without ummae")]

@@ -4,7 +4,9 @@ A checkpoint is a dict of tensors and plain Python values only (the configuratio
 a plain dict, never as an object), so it loads with `torch.load(weights_only=True)`: a
 tampered file cannot run code. It is written to a temporary file in the same folder, flushed to
 disk and renamed over the target, so a crash or a full disk mid-write never leaves a truncated
-checkpoint in place of a good one.
+checkpoint in place of a good one. The temporary file (which `mkstemp` makes 0600) gets the
+permissions of any other output, 0666 less the umask, before the rename: teammates who may read
+a run directory may read its checkpoints.
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def unreadable_reason(path: str | Path, error: BaseException) -> str:
     return f"not a torch file at all: it starts with {shown!r}"
 
 
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere it can only be read by setting
+    it, so it is set back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write `state` (plus a format version) to `path`."""
     path = Path(path)
@@ -55,6 +71,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # as open() would have made it
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())

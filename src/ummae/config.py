@@ -117,7 +117,7 @@ class DataConfig:
     img_size: int = 256
     min_crop_scale: float = 0.2  # RandomResizedCrop scale range (min_crop_scale, 1)
     demo_length: int = 512  # demo crops per epoch
-    num_workers: int = 4
+    num_workers: int | None = None  # DataLoader workers per process; None: fitted to the CPUs (engine/cpus.py)
     decode: str = "fast"  # JPEGs: fast (decode at reduced scale when the crop allows) | plain
 
 
@@ -383,7 +383,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     if not 0 < d.min_crop_scale <= 1:
         raise ConfigError(f"data.min_crop_scale must be in (0, 1], got {d.min_crop_scale}")
     positive("data.demo_length", d.demo_length)
-    positive("data.num_workers (--workers)", d.num_workers, zero=True)
+    positive("data.num_workers (--workers)", d.num_workers, zero=True, allow_none=True)
     if d.decode not in ("fast", "plain"):
         raise ConfigError(f"data.decode must be 'fast' or 'plain', got {d.decode!r}")
     if d.path is not None and not str(d.path).strip():

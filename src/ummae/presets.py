@@ -63,7 +63,7 @@ PAPER = {
 # A couple of minutes on a 2-core CPU: 240 steps of 32 random 128 px crops of the demo photos.
 DEMO = {
     "masking": dict(unit_size=16, mask_ratio=0.75, secondary_ratio=0.25),
-    "data": dict(img_size=128, min_crop_scale=0.2, demo_length=256, num_workers=2),
+    "data": dict(img_size=128, min_crop_scale=0.2, demo_length=256),
     "optim": dict(blr=1.5e-4, lr=1e-3, warmup_epochs=1, weight_decay=0.05),
     "train": dict(epochs=30, batch_size=32, accum_steps=1, log_every=2),
 }

@@ -70,6 +70,15 @@ def test_knn_prints_accuracy_for_every_k_and_writes_json(checkpoint, labeled, tm
         assert f"{r['top1']:6.2f}%" in captured.out
 
 
+def test_knn_and_linprobe_progress_writes_no_carriage_returns_into_a_log(checkpoint, labeled, capsys):
+    """Not a terminal (captured): plain lines or nothing, never tqdm's redrawn bar (engine.progress)."""
+    for command in (["knn", "--k", "1"], ["linprobe", "--epochs", "1"]):
+        code = main([*command, "--checkpoint", checkpoint, "--data", str(labeled), "--workers", "0"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert "\r" not in captured.err + captured.out, command
+
+
 def test_knn_init_random_baseline_with_a_separate_val_folder(checkpoint, labeled, tmp_path, capsys):
     out = tmp_path / "knn.json"
     code = main(["knn", "--checkpoint", checkpoint, "--data", str(labeled), "--val-data", str(labeled),

@@ -39,7 +39,7 @@ def test_every_command_spells_the_loader_processes_workers(command, capsys):
     assert "--workers" in help_text and "--num-workers" not in help_text  # the alias is hidden
     if command != "pretrain":  # the old finetune spelling still works (pretrain never had it)
         assert parser.parse_args([*required, "--num-workers", "2"]).workers == 2
-        assert parser.parse_args(required).workers == 4  # the alias does not override the default
+        assert parser.parse_args(required).workers is None  # the alias does not override the default (auto)
 
 
 def test_pretrain_workers_sets_data_num_workers(tmp_path):

@@ -48,6 +48,13 @@ def shards(folder, tmp_path_factory) -> Path:
     return out
 
 
+def test_shards_progress_writes_no_carriage_returns_into_a_log(folder, tmp_path):
+    out = tmp_path / "s"
+    result = run_cli_captured(["shards", "--data", str(folder), "--out", str(out)], out)  # progress on, no terminal
+    assert result.code == 0, result.err
+    assert "\r" not in result.err + result.out
+
+
 def test_shards_hold_every_image_unchanged_and_webdataset_reads_them(folder, shards):
     import webdataset as wds
 

@@ -72,6 +72,22 @@ def test_saving_over_an_existing_checkpoint_replaces_it(tmp_path):
     assert os.listdir(tmp_path) == ["ck.pt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_checkpoints_get_the_permissions_of_other_outputs(tmp_path, umask):
+    """mkstemp's 0600 would hide checkpoints from teammates who may read everything else."""
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "ck.pt", sample_state())
+        save_checkpoint(path, sample_state())  # replaced atomically: the new file has them too
+        other = tmp_path / "config.yaml"
+        other.write_text("x: 1\n")
+    finally:
+        os.umask(previous)
+    mode = path.stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == other.stat().st_mode & 0o777
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt", "config.yaml"]  # no temporary file left
+
+
 # ---------------------------------------------------------------- atomic write
 
 

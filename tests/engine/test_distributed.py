@@ -21,7 +21,10 @@ MODELS = {"swin": (), "hiera": ("--preset", "mae_hiera_demo", *(a for s in TINY_
 
 def tiny(out: Path, batch: int, *extra: str) -> list[str]:
     args = ["pretrain", "--no-progress", "--out", str(out), "--batch-size", str(batch),
-            "--max-steps", str(STEPS), "--set", "train.log_every=1", "--device", "cpu"]
+            "--max-steps", str(STEPS), "--set", "train.log_every=1", "--device", "cpu",
+            # the lr from MAE's rule (the demo's absolute lr would not show the processes counted):
+            # 0.064 x 4 / 256 = 1e-3, batch 4 in one process or 2 x 2 processes
+            "--set", "optim.lr=none", "--set", "optim.blr=0.064"]
     for item in TINY_SETS:
         args += ["--set", item]
     return args + list(extra)
@@ -64,7 +67,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_effective_batch(runs
 
 
 def test_only_rank_zero_writes_and_the_lr_scales_with_the_world_size(runs):
-    root, _, ddp = runs
+    root, single, ddp = runs
     state = torch.load(root / "ddp" / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2
     single_lr = [json.loads(l)["lr"] for l in (root / "single" / "metrics.jsonl").read_text().splitlines()]
@@ -72,6 +75,12 @@ def test_only_rank_zero_writes_and_the_lr_scales_with_the_world_size(runs):
     assert ddp_lr == pytest.approx(single_lr)  # batch 2 x 2 processes = batch 4
     assert ddp.stdout.count("ummae pretrain: done") == 1  # one summary, from rank 0
     assert "processes        2 (DDP)" in ddp.stdout
+    # The start line and the closing summary count the processes: 2 x 2 = 4, lr as trained.
+    assert "effective batch 4 (2 x 1 accumulation step(s) x 2 process(es)), peak lr 0.001;" in ddp.stdout
+    assert "effective batch 4 (4 x 1 accumulation step(s) x 1 process(es)), peak lr 0.001;" in single.stdout
+    for out in (ddp.stdout, single.stdout):
+        assert "effective batch 4, lr 0.001)" in out
+    assert ddp_lr[-1] == pytest.approx(0.0) and max(ddp_lr) == pytest.approx(1e-3)  # the peak: 0.064 x 2 x 2 / 256
 
 
 def test_emae_two_gloo_processes_match_one_process(tmp_path):

@@ -65,6 +65,11 @@ def test_swin_finetune_end_to_end(tmp_path, checkpoints, labeled):
         assert 0 <= r["val_top1"] <= r["val_top5"] <= 100
     assert records[-1]["lr"] == pytest.approx(1e-6)  # the cosine ends at --min-lr
     assert "epoch 2/2" in res.out and "best val top-1" in res.out
+    assert "ETA" in res.out and "\r" not in res.out + res.err  # not a terminal: plain lines, no bar
+    assert "ummae finetune: effective batch 4 (4 x 1 accumulation step(s) x 1 process(es)), peak lr 7.81e-06" in res.out
+    # the default 5-epoch warm-up is longer than this 2-epoch run: one line says so
+    warned = [line for line in res.err.splitlines() if "warm-up" in line]
+    assert len(warned) == 1 and "--warmup-epochs 0.4" in warned[0], res.err
     for name in ("best.pt", "last.pt", "config.yaml"):
         assert (out / name).is_file()
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -81,6 +86,30 @@ def test_swin_finetune_end_to_end(tmp_path, checkpoints, labeled):
     tuned = backbone.state_dict()
     assert tuned.keys() == pretrained.keys()
     assert not torch.equal(tuned["stages.0.blocks.0.attn.qkv.weight"], pretrained["stages.0.blocks.0.attn.qkv.weight"])
+
+
+def test_a_run_that_stays_at_chance_says_what_to_try(tmp_path, checkpoints, labeled):
+    out = tmp_path / "chance"
+    res = finetune_cli(out, "--checkpoint", str(checkpoints["swin"]), "--data", str(labeled["train"]),
+                       "--val-data", str(labeled["val"]), "--epochs", "3", "--no-augment", "--blr", "1e-12",
+                       "--warmup-epochs", "0")
+    assert res.code == 0, res.err
+    warned = [line for line in res.err.splitlines() if "uniform guess" in line]
+    assert len(warned) == 1 and "log(3 classes) = 1.099" in warned[0] and "--blr" in warned[0], res.err
+    assert "warm-up" not in res.err  # 0 epochs of warm-up: nothing to say
+
+
+def test_warmup_and_chance_warnings_fire_only_when_due():
+    from ummae.engine.finetune import chance_warning, warmup_warning
+
+    assert warmup_warning(5, steps_per_epoch=4, total_steps=8) is not None
+    assert warmup_warning(2, steps_per_epoch=4, total_steps=8) is not None  # equal: not shorter
+    assert warmup_warning(1, steps_per_epoch=4, total_steps=8) is None
+    assert warmup_warning(0, steps_per_epoch=4, total_steps=1) is None
+    log3 = 1.0986
+    assert chance_warning(log3, 3, epoch=3) is not None
+    assert chance_warning(0.5, 3, epoch=3) is None  # learning
+    assert chance_warning(log3, 3, epoch=2) is None and chance_warning(log3, 3, epoch=4) is None  # said once
 
 
 def test_pvt_recursive_mix_with_augmentation_and_a_split(tmp_path, checkpoints, labeled):

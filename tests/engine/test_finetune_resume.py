@@ -94,7 +94,9 @@ def assert_same_run(reference: Path, resumed: Path, from_step: int) -> None:
 
 
 @pytest.mark.parametrize("mixing, workers", [("mixup", 0), ("mixup", 2), ("recursive_mix", 0)])
-def test_a_run_killed_with_sigkill_resumes_bit_identically(tmp_path, checkpoints, folders, mixing, workers):
+def test_a_run_killed_with_sigkill_resumes_bit_identically(tmp_path, checkpoints, folders, mixing, workers,
+                                                           monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the in-process runs on the victim's thread count (bits depend on it)
     extra = ("--recursive-mix",) if mixing == "recursive_mix" else ()
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     command = lambda out: job(out, checkpoints["swin"], folders, *extra, workers=workers)  # noqa: E731

@@ -41,7 +41,8 @@ def add_feature_arguments(p: argparse.ArgumentParser, batch_flag: str = "--batch
                         "required with --raw-pixels)")
     p.add_argument(batch_flag, type=int, default=64, metavar="N", dest="extract_batch_size",
                    help="images per forward pass of the frozen encoder (default 64)")
-    p.add_argument("--workers", type=int, default=4, metavar="N", help="image loading processes (default 4)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="image loading processes (default: fitted to the CPUs this process may use)")
     p.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, dest="workers",
                    help=argparse.SUPPRESS)  # finetune's old spelling, accepted everywhere
     p.add_argument("--device", default="auto", metavar="DEV",
@@ -84,7 +85,7 @@ def check_feature_arguments(args: argparse.Namespace) -> None:
     check_input("--data", args.data, "dir")
     check_input("--val-data", args.val_data, "dir")
     check_output("--json", args.json, "file")
-    if args.extract_batch_size < 1 or args.workers < 0:
+    if args.extract_batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise ConfigError("the feature batch size must be >= 1 and --workers >= 0")
     if args.img_size is not None and args.img_size < 1:
         raise ConfigError(f"--img-size must be positive, got {args.img_size}")

@@ -99,7 +99,9 @@ def add_parser(sub) -> None:
                    help="auto (default: CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--workers", type=int, default=4, metavar="N", help="data-loading processes (default 4)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="data-loading processes per training process (default: fitted to the CPUs this process may "
+                        "use, with torch's threads, see docs/benchmarks.md)")
     p.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, dest="workers",
                    help=argparse.SUPPRESS)  # the old spelling, kept working
     p.add_argument("--resume", metavar="PATH|auto",
@@ -261,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         return _print_config(cfg)
     bar = not args.no_progress and sys.stdout.isatty()
-    result = finetune(cfg, progress=bar, resume=point, log_lines=not bar)
+    result = finetune(cfg, progress=bar, resume=point, log_lines=not bar, fit_cpus=True)
     if is_main():
         print(_summary(result, cfg))
     return 0

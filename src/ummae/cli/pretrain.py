@@ -65,7 +65,9 @@ def add_parser(sub) -> None:
     p.add_argument("--save-every", type=int, metavar="N",
                    help="write a checkpoint every N optimizer steps (default 1000; 0: only at the end)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="data-loading processes per training process (data.num_workers; default: the preset's)")
+                   help="data-loading processes per training process (data.num_workers; default: fitted to the CPUs this "
+                        "process may use (affinity, cgroup quota, torchrun's processes), together with torch's "
+                        "intra-op threads; OMP_NUM_THREADS sets the threads)")
     p.add_argument("--keep-last", type=int, metavar="K", help="keep the newest K periodic checkpoints (default 3; 0: all)")
     p.add_argument("--no-progress", action="store_true",
                    help="plain log lines every log_every steps instead of the progress bar (the default "
@@ -111,8 +113,8 @@ def _summary(result, cfg) -> str:
         f"ummae pretrain: done - preset {cfg.preset}, {result.steps} steps ({result.epochs:.2f} epochs) "
         f"in {result.seconds:.0f} s on {result.device}",
         f"  final loss       {result.final_loss:.4f}   ({result.images_per_sec:.1f} images/s, "
-        f"{result.num_params / 1e6:.2f}M parameters, effective batch {cfg.effective_batch}{_parts(cfg)}, "
-        f"lr {cfg.lr:.3g})",
+        f"{result.num_params / 1e6:.2f}M parameters, effective batch {cfg.effective_batch * result.world_size}"
+        f"{_parts(cfg)}, lr {cfg.peak_lr(result.world_size):.3g})",  # the processes counted, as in training
         f"  run directory    {result.run_dir}",
         f"  config           {rel(result.config)}",
         f"  metrics          {rel(result.metrics)}",
@@ -186,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")  # what config.yaml would hold
         return 0
     bar = not args.no_progress and sys.stdout.isatty()
-    result = pretrain(cfg, progress=bar, resume=point, log_lines=not bar)
+    result = pretrain(cfg, progress=bar, resume=point, log_lines=not bar, fit_cpus=True)
     if result.run_dir is not None and is_main():
         print(_summary(result, cfg))
     return 0

@@ -401,9 +401,8 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: in
     Returns `(shard paths, unreadable files with the reason)`. Raises UmmaeError if `data` holds no
     images, none is readable, or `out` already holds shards.
     """
-    from tqdm import tqdm
-
     from ummae.data.folder import find_images
+    from ummae.engine.progress import progress_mode, track
 
     wds = require_webdataset()
     if shard_size < 1:
@@ -420,8 +419,7 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: in
     try:
         with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0,
                              mtime=int(time.time())) as sink:
-            for number, path in enumerate(tqdm(files, desc="shards", unit="img", disable=not progress,
-                                               dynamic_ncols=True, mininterval=0.5)):
+            for number, path in enumerate(track(files, "shards", progress_mode(progress), unit="img")):
                 try:
                     load_rgb(path)
                 except UmmaeError as err:

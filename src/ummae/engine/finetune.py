@@ -42,6 +42,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ from ..errors import ConfigError, UmmaeError
 from ..models.classifier import build_classifier, encoder_source
 from ..models.specs import backbone_spec
 from .checkpoint import save_checkpoint
+from .cpus import fit_threads, resolve_workers, run_plan
 from .determinism import deterministic_on_cpu
 from .distributed import (DistEnv, all_reduce_sum, gather_objects, gather_strings, init_distributed, shared_run_dir,
                           shutdown_distributed)
@@ -69,6 +71,7 @@ from .guard import GRADIENTS, LOSS, WEIGHTS, GuardReport, NonFiniteLossError, St
 from .loop import CheckPoints, StepCheckpoints, TrainStep, shutdown_workers, training_autocast
 from .metrics import MetricsWriter, log_line, truncate_metrics
 from .optim import build_scheduler, schedule_lengths
+from .progress import eta_text, track
 from .recursive_mix import RecursiveMix, smooth_one_hot, soft_cross_entropy
 from .resume import ResumePoint, find_resume, load_weights
 from .rundir import take_run_dir
@@ -119,7 +122,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 on CUDA) | fp32 | bf16 | fp16 (CUDA)
-    num_workers: int = 4
+    num_workers: int | None = None  # None: fitted to the CPUs (engine/cpus.py)
     save_every: int = 1000  # optimizer steps between periodic checkpoints (0: epoch ends only)
     keep_last: int = 3  # periodic checkpoints kept (0: all)
     log_every: int = 50  # steps between plain log lines (no terminal) and non-finite checks inside an epoch
@@ -240,7 +243,7 @@ def _validate(cfg: FinetuneConfig) -> None:
     check(finite(cfg.rm_omega) and cfg.rm_omega >= 0, f"--rm-omega must be >= 0, got {cfg.rm_omega}")
     check(cfg.img_size is None or cfg.img_size >= 1, f"--img-size must be >= 1, got {cfg.img_size}")
     check(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
-    check(cfg.num_workers >= 0, f"--workers must be >= 0, got {cfg.num_workers}")
+    check(cfg.num_workers is None or cfg.num_workers >= 0, f"--workers must be >= 0, got {cfg.num_workers}")
     check(cfg.save_every >= 0, f"--save-every must be >= 0, got {cfg.save_every}")
     check(cfg.keep_last >= 0, f"--keep-last must be >= 0, got {cfg.keep_last}")
     check(cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}")
@@ -250,6 +253,33 @@ def _validate(cfg: FinetuneConfig) -> None:
           f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
     check(cfg.precision != "fp16" or cfg.device.startswith("cuda"),
           "--precision fp16 needs --device cuda (use bf16 or fp32 on a CPU)")
+
+
+CHANCE_CHECK_EPOCH = 3  # "a few epochs": when a training loss still at chance is worth a word
+
+
+def warmup_warning(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> str | None:
+    """One line when the warm-up is not shorter than the run (the lr would peak at its last step,
+    or, with the warm-up clipped to leave one update, jump from near 0 to the peak), else None."""
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    if warmup == 0 or warmup < total_steps:
+        return None
+    run_epochs = total_steps / steps_per_epoch
+    suggest = max(run_epochs / 5, 1 / steps_per_epoch)
+    return (f"ummae finetune: warning: the warm-up ({warmup_epochs:g} epochs, {warmup} steps) is not shorter than "
+            f"the run ({run_epochs:g} epochs, {total_steps} steps): the lr barely leaves 0 and the run may end at "
+            f"chance; use e.g. --warmup-epochs {suggest:.2g}, or more --epochs")
+
+
+def chance_warning(loss: float, num_classes: int, epoch: int) -> str | None:
+    """One line, at epoch CHANCE_CHECK_EPOCH, when the training loss is still about log(classes):
+    the cross-entropy of a uniform guess (label smoothing and mixup do not change that value)."""
+    chance = math.log(num_classes)
+    if epoch != CHANCE_CHECK_EPOCH or not math.isfinite(loss) or loss < 0.95 * chance:
+        return None
+    return (f"ummae finetune: warning: after {epoch} epochs the training loss {loss:.3f} is still about "
+            f"log({num_classes} classes) = {chance:.3f}, a uniform guess: the classifier is not learning yet; try "
+            f"a higher --blr, a shorter --warmup-epochs, more --epochs, or --no-augment on a small data set")
 
 
 def finetune_transforms(img_size: int, augment: bool, re_prob: float, auto_augment: str = AUTO_AUGMENT,
@@ -303,16 +333,18 @@ def build_finetune_optimizer(model, lr: float, weight_decay: float, layer_decay:
 
 @torch.no_grad()
 def evaluate_classifier(model, loader, env: DistEnv, device: torch.device, precision: str = "auto",
-                        skipped: set[str] | None = None) -> dict:
+                        skipped: set[str] | None = None, progress: str = "off", desc: str = "validation") -> dict:
     """`{"val_loss", "val_top1", "val_top5"}` (top-k in %) over the loader, summed over processes.
 
     With `collate_skipping` batches `(images, labels, passed_over)`, unreadable images are left
-    out (added to `skipped`); a batch of only unreadable images is `(None, None, ...)`.
+    out (added to `skipped`); a batch of only unreadable images is `(None, None, ...)`. `progress`:
+    an engine.progress mode (`bar` on stderr, plain `lines` on stdout, `off`).
     """
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
     unreadable: set[str] = set()
-    for batch in loader:
+    stream = sys.stdout if progress == "lines" else sys.stderr
+    for batch in track(loader, desc, progress, unit="batch", stream=stream):
         images, labels = batch[0], batch[1]
         if len(batch) > 2:
             unreadable.update(batch[2])
@@ -483,7 +515,7 @@ def _run_config(cfg: FinetuneConfig, data: _Data, env: DistEnv) -> dict:
 
 def _loaders(cfg: FinetuneConfig, data: _Data, env: DistEnv, device: torch.device) -> tuple[DataLoader, DataLoader]:
     """The training loader (seeded samples, this rank's share) and this rank's validation shard."""
-    workers, batch = cfg.num_workers, cfg.batch_size
+    workers, batch = resolve_workers(cfg.num_workers, device.type), cfg.batch_size
     loader = DataLoader(SeededLabeledSamples(data.train_set, cfg.seed), batch_size=batch, sampler=data.sampler,
                         drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0, collate_fn=collate_skipping,
@@ -618,19 +650,22 @@ def _train_step(s: _Session) -> TrainStep:
 # the run
 
 def finetune(cfg: FinetuneConfig, progress: bool = True, resume: ResumePoint | str | Path | None = None,
-             log_lines: bool = False) -> FinetuneResult:
+             log_lines: bool = False, fit_cpus: bool = False) -> FinetuneResult:
     """Fine-tune as configured (continuing from `resume` if given: a `ResumePoint` of
     `resume_finetune`, or a periodic checkpoint's path, then loaded and checked here).
 
     Under `torchrun` every process calls this; rank 0 writes and prints. `progress` shows a tqdm
     bar; `log_lines` prints a plain line every `log_every` steps instead. SIGTERM/SIGINT end the
-    run at the next step boundary with a checkpoint and `RunInterrupted`.
+    run at the next step boundary with a checkpoint and `RunInterrupted`. `fit_cpus` (the CLI):
+    torch's intra-op threads are the CPUs the data workers leave (engine.cpus), for the run.
     """
     _validate(cfg)
     env, device = init_distributed(cfg.device)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(deterministic_on_cpu(device))  # bit-identical fresh CPU runs (engine.determinism)
+            if fit_cpus:
+                stack.enter_context(fit_threads(resolve_workers(cfg.num_workers, device.type)))
             return _finetune(cfg, env, device, progress and env.is_main, log_lines and env.is_main, resume, stack)
     finally:
         shutdown_distributed()
@@ -655,6 +690,12 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, device: torch.device, progress:
     if env.is_main:
         print(f"ummae finetune: run directory {run_dir}"
               + (f" (resuming at step {s.step} of {data.total_steps})" if point is not None else ""), flush=True)
+        plan = run_plan(cfg.batch_size, cfg.accum_steps, env.world_size, run_config["resolved"]["lr"],
+                        resolve_workers(cfg.num_workers, device.type))
+        print(f"ummae finetune: {plan}", flush=True)
+        warmup = warmup_warning(cfg.warmup_epochs, data.steps_per_epoch, data.total_steps)
+        if warmup:
+            print(warmup, file=sys.stderr, flush=True)
 
     log = _Log(s, progress, log_lines)
     points = CheckPoints(env, device, s.guard, stack.enter_context(StopSignals()), s.checkpoints,
@@ -698,7 +739,8 @@ def _end_epoch(s: _Session, log: "_Log", points: CheckPoints, epoch: int) -> Non
     report = s.guard.collect(env, reset_window=True)
     _raise_if_nonfinite(report, s.run_dir, s.data.steps_per_epoch, s.checkpoints.last_saved)
     s.last_loss = report.mean_loss
-    s.scores = evaluate_classifier(s.model, s.val_loader, env, s.device, s.cfg.precision, s.skipped_files)
+    s.scores = evaluate_classifier(s.model, s.val_loader, env, s.device, s.cfg.precision, s.skipped_files,
+                                   progress=log.validation_mode, desc=f"validation {epoch}")
     s.skipped_files = gather_strings(s.skipped_files, env)  # every rank's, kept by all
     record = {"epoch": epoch, "step": s.step, "loss": s.last_loss,
               "lr": max(group["lr"] for group in s.optimizer.param_groups), **s.scores}
@@ -718,7 +760,11 @@ def _end_epoch(s: _Session, log: "_Log", points: CheckPoints, epoch: int) -> Non
         best, scores = s.best, s.scores
         log.epoch_line(f"epoch {epoch}/{math.ceil(s.data.total_steps / s.data.steps_per_epoch)}  step {s.step}  "
                        f"loss {s.last_loss:.4f}  lr {record['lr']:.3g}  val top-1 {scores['val_top1']:.2f}  "
-                       f"top-5 {scores['val_top5']:.2f}  (best top-1 {best['val_top1']:.2f}, epoch {best['epoch']})")
+                       f"top-5 {scores['val_top5']:.2f}  (best top-1 {best['val_top1']:.2f}, epoch {best['epoch']})  "
+                       f"ETA {log.eta(s.step)}")
+        chance = chance_warning(s.last_loss, len(s.data.classes), epoch)
+        if chance:
+            print(chance, file=sys.stderr, flush=True)
     points.stop_if_signalled(s.step)
 
 
@@ -751,6 +797,17 @@ class _Log:
                   "images_per_sec": images_seen / max(now - self.window_start, 1e-9)}
         print(log_line(record, s.data.total_steps, self.start_step, now - self.start), flush=True)
         self.window_images, self.window_start = 0, now
+
+    @property
+    def validation_mode(self) -> str:
+        """engine.progress's mode of the validation pass: the bar's rule, plain lines on stdout."""
+        return "bar" if self.progress else "lines" if self.log_lines else "off"
+
+    def eta(self, step: int) -> str:
+        """The time left at `step`, from this session's pace so far (validation included)."""
+        done = step - self.start_step
+        left = (time.perf_counter() - self.start) / done * (self.s.data.total_steps - step) if done else float("nan")
+        return eta_text(left)
 
     def epoch_line(self, line: str) -> None:
         if self.progress:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +53,9 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def log_line(record: dict, total_steps: int, start_step: int, elapsed: float) -> str:
     """One plain progress line (logs that are not a terminal): step, epoch, loss, lr, images/s, ETA."""
+    from .progress import eta_text
+
     done = record["step"] - start_step
     eta = elapsed / done * (total_steps - record["step"]) if done else float("nan")
-    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "-"
-    if math.isfinite(eta) and eta >= 86400:
-        eta_text = f"{int(eta // 86400)}d {eta_text}"
     return (f"step {record['step']}/{total_steps}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
-            f"lr {record['lr']:.3e}  {record['images_per_sec']:.1f} images/s  ETA {eta_text}")
+            f"lr {record['lr']:.3e}  {record['images_per_sec']:.1f} images/s  ETA {eta_text(eta)}")

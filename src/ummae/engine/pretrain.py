@@ -41,6 +41,7 @@ from ..models import build_pretrain_model
 from ..models.specs import backbone_spec
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid, spread_indices
 from .checkpoint import link_or_copy, step_checkpoint_path
+from .cpus import fit_threads, resolve_workers, run_plan
 from .determinism import deterministic_on_cpu
 from .distributed import (DistEnv, all_reduce_sum, gather_strings, init_distributed, resolve_device,
                           shared_run_dir, shutdown_distributed)
@@ -183,7 +184,7 @@ def _load_init_weights(model: torch.nn.Module, init_state: dict | None, cfg: Pre
 
 def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
                  device: torch.device) -> DataLoader:
-    workers = cfg.data.num_workers
+    workers = resolve_workers(cfg.data.num_workers, device.type)
     return DataLoader(
         SeededSamples(dataset, cfg.train.seed, masking),
         batch_size=cfg.train.batch_size,
@@ -287,19 +288,22 @@ def _train_step(s: _Session) -> TrainStep:
 # the run
 
 def pretrain(cfg: PretrainConfig, progress: bool = True, resume: ResumePoint | str | Path | None = None,
-             log_lines: bool = False) -> RunResult:
+             log_lines: bool = False, fit_cpus: bool = False) -> RunResult:
     """Run pre-training as configured (continuing from `resume` if given: a `ResumePoint` of
     `resume_pretrain`, or a checkpoint path, then loaded and checked here).
 
     Under `torchrun` every process calls this; only rank 0 writes files and shows progress.
     `progress` shows a tqdm bar; `log_lines` prints a plain line every `log_every` steps instead
     (for logs that are not a terminal). SIGTERM/SIGINT end the run at the next step boundary
-    with a checkpoint and `RunInterrupted`.
+    with a checkpoint and `RunInterrupted`. `fit_cpus` (the CLI): torch's intra-op threads are
+    the CPUs the data workers leave (engine.cpus), for the run; else the caller's count stays.
     """
     env, device = init_distributed(cfg.train.device)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(deterministic_on_cpu(device))  # bit-identical fresh CPU runs
+            if fit_cpus:
+                stack.enter_context(fit_threads(resolve_workers(cfg.data.num_workers, device.type)))
             return _pretrain(cfg, env, device, progress and env.is_main, log_lines and env.is_main, resume,
                              stack)
     finally:
@@ -325,6 +329,9 @@ def _pretrain(cfg: PretrainConfig, env: DistEnv, device: torch.device, progress:
     if env.is_main:
         print(f"ummae pretrain: run directory {run_dir}"
               + (f" (resuming at step {s.step} of {data.total_steps})" if point is not None else ""), flush=True)
+        plan = run_plan(cfg.train.batch_size, cfg.train.accum_steps, env.world_size, cfg.peak_lr(env.world_size),
+                        resolve_workers(cfg.data.num_workers, device.type))
+        print(f"ummae pretrain: {plan}", flush=True)
 
     log = _Log(s, progress, log_lines)
     points = CheckPoints(env, device, s.guard, stack.enter_context(StopSignals()), s.checkpoints,

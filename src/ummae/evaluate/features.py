@@ -25,12 +25,13 @@ from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ..data.labeled import SkipUnreadable, collate_skipping, require_two_classes, train_val_datasets
 from ..data.transforms import eval_transform
 from ..engine.distributed import resolve_device
+from ..engine.cpus import resolve_workers
 from ..engine.loop import training_autocast
+from ..engine.progress import progress_mode, track
 from ..errors import UmmaeError
 from ..models.loading import build_backbone, load_backbone, load_pretrain_checkpoint
 
@@ -111,7 +112,7 @@ def eval_datasets(data: str | os.PathLike, val_data: str | os.PathLike | None = 
 
 @torch.no_grad()  # not inference_mode: the linear probe trains on these tensors with autograd
 def _encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
-                    device: torch.device, num_workers: int, progress: bool, desc: str,
+                    device: torch.device, num_workers: int | None, progress: bool, desc: str,
                     skipped: set[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one pass over a labeled dataset: `encode([B, 3, H, W] on device) -> [B, D]` per batch.
 
@@ -119,10 +120,11 @@ def _encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset: Dat
     a `SkipUnreadable` dataset passed over are added to `skipped`.
     """
     skipping = isinstance(dataset, SkipUnreadable)
+    num_workers = resolve_workers(num_workers, device.type)  # None: fitted to the CPUs (engine.cpus)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", collate_fn=collate_skipping if skipping else None)
     features, labels, passed_over = [], [], set()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in track(loader, desc, progress_mode(progress), unit="batch"):  # engine.progress: no bar in logs
         images, targets = batch[:2]
         if skipping:
             passed_over.update(batch[2])
@@ -141,7 +143,7 @@ def _encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset: Dat
 
 
 def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: int = 64,
-                     device: str | torch.device = "cpu", num_workers: int = 0,
+                     device: str | torch.device = "cpu", num_workers: int | None = 0,
                      precision: str = "auto", progress: bool = False,
                      desc: str = "features", skipped: set[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a frozen backbone over a labeled dataset once.
@@ -197,7 +199,7 @@ class LabeledFeatures:
 
 def labeled_features(checkpoint: str | Path, data: str | Path, val_data: str | Path | None = None,
                      val_fraction: float = 0.2, img_size: int | None = None, batch_size: int = 64,
-                     device: str = "auto", num_workers: int = 0, init_random: bool = False,
+                     device: str = "auto", num_workers: int | None = 0, init_random: bool = False,
                      seed: int = 0, progress: bool = False) -> LabeledFeatures:
     """Checkpoint + labeled folder(s) -> cached frozen features of the train and validation sets.
 
@@ -216,7 +218,7 @@ def labeled_features(checkpoint: str | Path, data: str | Path, val_data: str | P
 
 
 def raw_pixel_features(data: str | Path, val_data: str | Path | None = None, val_fraction: float = 0.2,
-                       img_size: int = 224, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                       img_size: int = 224, batch_size: int = 64, num_workers: int | None = 0, seed: int = 0,
                        progress: bool = False) -> LabeledFeatures:
     """Labeled folder(s) -> the raw-pixel baseline: each image's flattened input tensor as its "features".
 
