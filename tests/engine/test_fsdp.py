@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import torch
 
 import ummae.engine.sharding as sharding
 from tiny import TINY_MODELS, TINY_SETS, run_cli_captured
-from ummae.engine.checkpoint import step_checkpoint_path
+from ummae.engine.checkpoint import list_step_checkpoints, step_checkpoint_path
 
 STEPS = 6
 _COMMON = [s for s in TINY_SETS if not s.startswith("model.")]
@@ -110,7 +111,7 @@ def test_a_fsdp_run_killed_with_sigkill_resumes_bit_identically(swin, tmp_path):
     deadline = time.monotonic() + 240
     while not list((out / "checkpoints").glob("step-*")) and victim.poll() is None:
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(victim.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
     victim.communicate()
     assert not (out / "checkpoint.pt").exists(), "killed before the end"
@@ -134,19 +135,40 @@ def _same_state(a: dict, b: dict) -> None:
             assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
 
 
-def test_a_fsdp_checkpoint_resumes_under_ddp_on_one_process_and_back(swin, tmp_path):
-    """2 FSDP processes -> 1 DDP process -> 2 FSDP processes: the state (weights, AdamW moments,
-    step) goes through sharding and back bit for bit. Each leg resumes a step-2 checkpoint with
-    --max-steps 2 into a new directory, so its only work is to load and write the state again."""
-    source = step_checkpoint_path(swin / "fsdp", 2)
+def test_a_sharded_checkpoint_resumes_under_ddp_on_one_process_and_back(swin, tmp_path):
+    """2 FSDP processes (a folder of shards) -> 1 DDP process -> 2 FSDP processes: the state
+    (weights, AdamW moments, step) goes through sharding and back bit for bit. Each leg resumes
+    a step-2 checkpoint with --max-steps 2 into a new directory, so its only work is to load the
+    state and write it again (the consolidated checkpoint.pt)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    source = step_checkpoint_path(swin / "fsdp", 2, sharded=True)
+    assert sorted(p.name for p in source.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
     one = run_cli_captured(args(tmp_path / "one", 2, "swin", "--resume", str(source), "--max-steps", "2"),
                            tmp_path / "one")
     assert one.code == 0, one.err
-    _same_state(state(source), state(tmp_path / "one" / "checkpoint.pt"))
-    back = tmp_path / "one" / "checkpoint.pt"
-    finished(torchrun(args(tmp_path / "two", 2, "swin", "--strategy", "fsdp", "--resume", str(back),
-                           "--max-steps", "2")))
-    _same_state(state(source), state(tmp_path / "two" / "checkpoint.pt"))
+    on_one = state(tmp_path / "one" / "checkpoint.pt")
+    dcp_to_torch_save(source, tmp_path / "source.pt")  # torch's own reading of the shards
+    for key, value in torch.load(tmp_path / "source.pt", weights_only=True)["model"].items():
+        assert torch.equal(value, on_one["model"][key]), key
+    finished(torchrun(args(tmp_path / "two", 2, "swin", "--strategy", "fsdp", "--resume",
+                           str(tmp_path / "one" / "checkpoint.pt"), "--max-steps", "2")))
+    _same_state(on_one, state(tmp_path / "two" / "checkpoint.pt"))
+    assert list_step_checkpoints(tmp_path / "two") == [step_checkpoint_path(tmp_path / "two", 2, sharded=True)]
+
+
+def test_a_killed_sharded_write_leaves_nothing_that_loads(swin, tmp_path):
+    """A kill in the middle of writing the shards leaves `.step-N.dcp.tmp`: never listed, never
+    resumed from, removed by the next run."""
+    out = tmp_path / "run"
+    shutil.copytree(swin / "fsdp" / "checkpoints", out / "checkpoints")
+    half = out / "checkpoints" / ".step-00000008.dcp.tmp"
+    shutil.copytree(step_checkpoint_path(swin / "fsdp", 6, sharded=True), half)
+    (half / "__1_0.distcp").unlink()
+    assert list_step_checkpoints(out)[-1].name == "step-00000006.dcp"
+    result = run_cli_captured(args(out, 2, "swin", "--strategy", "fsdp", "--resume", "auto"), out)
+    assert result.code == 0, result.err
+    assert "already finished" in result.out and not half.exists()
 
 
 # ---------------------------------------------------------------- one process, in this process

@@ -120,12 +120,23 @@ class StepCheckpoints:
     gather from all of them) and gives the dict to write."""
 
     def __init__(self, run_dir: Path, keep_last: int, env: DistEnv, state: Callable[[], dict],
-                 last_saved: int | None):
+                 last_saved: int | None, write_sharded: Callable[[Path], Path] | None = None):
         self.run_dir, self.keep_last, self.env, self.state = run_dir, keep_last, env, state
         self.last_saved = last_saved  # the step of the newest checkpoint, None before the first
+        # FSDP: `path -> path`, every rank writes its shards into the folder (sharded_checkpoint)
+        self.write_sharded = write_sharded
+
+    def path(self, step: int) -> Path:
+        return step_checkpoint_path(self.run_dir, step, sharded=self.write_sharded is not None)
 
     def save(self, step: int) -> Path | None:
         """Write the state at `step`; its path on rank 0, None on the others."""
+        if self.write_sharded is not None:
+            path = self.write_sharded(self.path(step))
+            if self.env.is_main:
+                prune_step_checkpoints(self.run_dir, self.keep_last)
+            self.last_saved = step
+            return path if self.env.is_main else None
         state = self.state()
         if not self.env.is_main:
             self.last_saved = step
@@ -184,7 +195,7 @@ class CheckPoints:
         if received is None or step >= self.total_steps:
             return
         saved = self.checkpoints.save(step) if self.checkpoints.last_saved != step else None
-        path = saved or step_checkpoint_path(self.checkpoints.run_dir, step)  # DDP: rank 0 wrote it
+        path = saved or self.checkpoints.path(step)  # DDP: rank 0 wrote it
         run_dir = self.checkpoints.run_dir
         raise RunInterrupted(f"stopped by {signal.Signals(received).name} at step {step}; checkpoint '{path}' "
                              f"written; the same command with --resume auto (and --out '{run_dir}') continues "

@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from ..models import build_pretrain_model
 from ..models.specs import backbone_spec
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid, spread_indices
-from .checkpoint import link_or_copy, step_checkpoint_path
+from .checkpoint import link_or_copy, save_checkpoint
 from .determinism import deterministic_on_cpu
 from .distributed import (DistEnv, all_reduce_sum, any_rank, gather_strings, init_distributed, resolve_device,
                           shared_run_dir, shutdown_distributed)
@@ -49,6 +49,7 @@ from .metrics import MetricsWriter, log_line, truncate_metrics
 from .optim import build_optimizer, build_scheduler, schedule_lengths
 from .resume import ResumePoint, find_resume, load_weights
 from .rundir import take_run_dir
+from .sharded_checkpoint import load_sharded, save_sharded
 from .sharding import enable_grad_checkpointing, full_state_dicts, load_full_optimizer_state, wrap_for_training
 from .signals import RunInterrupted, StopSignals, ignore_stop_signals_in_worker
 
@@ -222,8 +223,11 @@ class _Session:
             weights, optim = full_state_dicts(self.model, self.optimizer)
         else:
             weights, optim = self.model.state_dict(), self.optimizer.state_dict()
-        return {"model": weights, "optimizer": optim,
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+        return {"model": weights, "optimizer": optim, **self.checkpoint_rest()}
+
+    def checkpoint_rest(self) -> dict:
+        """All of a checkpoint but the weights and the optimizer (a sharded checkpoint's state.pt)."""
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "epoch": self.step / self.data.steps_per_epoch, "steps_per_epoch": self.data.steps_per_epoch,
                 "world_size": self.env.world_size, "config": config_to_dict(self.cfg),
                 # No generator state: every draw is seeded from (seed, epoch, index) or (seed, rank, step).
@@ -238,7 +242,7 @@ def _build_session(cfg: PretrainConfig, env: DistEnv, device: torch.device, data
     model = build_pretrain_model(cfg).to(device)
     loader = _make_loader(cfg, data.dataset, data.sampler, model.masking, device)
     _load_init_weights(model, init_state, cfg)
-    if point is not None:
+    if point is not None and not point.sharded:
         load_weights(model, point.state, point.source)  # whole weights, before FSDP shards them
     if cfg.train.grad_checkpointing:
         enable_grad_checkpointing(model, cfg.model.arch)
@@ -254,7 +258,9 @@ def _build_session(cfg: PretrainConfig, env: DistEnv, device: torch.device, data
     scheduler = build_scheduler(optimizer, data.total_steps, data.warmup_steps, cfg.optim.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     step = 0
-    if point is not None and fsdp:
+    if point is not None and point.sharded:  # either strategy, any number of processes
+        load_sharded(point.path, model, optimizer)
+    elif point is not None and fsdp:
         load_full_optimizer_state(model, optimizer, point.state["optimizer"])
     elif point is not None:
         optimizer.load_state_dict(point.state["optimizer"])
@@ -267,8 +273,11 @@ def _build_session(cfg: PretrainConfig, env: DistEnv, device: torch.device, data
         train_model = wrap_for_training(train_model, "ddp", env, device, bf16=False)
     s = _Session(cfg, env, device, run_dir, data, model, train_model, loader, optimizer, scheduler, scaler,
                  StepGuard(device), step)
+    sharded_writer = None
+    if fsdp:  # periodic checkpoints: each rank writes its shards, no rank gathers the whole state
+        sharded_writer = lambda path: save_sharded(path, model, optimizer, s.checkpoint_rest(), env, device)  # noqa: E731
     s.checkpoints = StepCheckpoints(run_dir, cfg.train.keep_last, env, s.checkpoint_state,
-                                    last_saved=step if point is not None else None)
+                                    last_saved=step if point is not None else None, write_sharded=sharded_writer)
     s.train_step = _train_step(s)
     return s
 
@@ -430,17 +439,22 @@ def _finish(s: _Session, log: _Log, point: ResumePoint | None) -> RunResult:
 
     final = run_dir / "checkpoint.pt"
     done = step - log.start_step
-    periodic = step_checkpoint_path(run_dir, step)
+    periodic = s.checkpoints.path(step)
     recon, curve = run_dir / "reconstructions.png", run_dir / "loss.png"
     # Decided by all ranks before any writes: under FSDP saving and the pictures' forward are collective.
     save_due = any_rank(bool(done) or not periodic.exists(), env, s.device)  # a finished run resumed again: nothing new
     recon_due = any_rank(bool(done) or not recon.exists(), env, s.device)
     if save_due:
         periodic = s.checkpoints.save(step)
+    if s.sharded:  # the consolidated file every other command reads: gathered to rank 0, written there
+        state = s.checkpoint_state()
+        if env.is_main:
+            save_checkpoint(final, state)
     if recon_due and (env.is_main or s.sharded):
         recon = _save_reconstructions(s.model, s.data.dataset, cfg, s.device, recon, write=env.is_main)
     if env.is_main:
-        link_or_copy(periodic, final)
+        if not s.sharded:
+            link_or_copy(periodic, final)
         if done or not curve.exists():
             curve = save_loss_curve(run_dir / "metrics.jsonl", curve)
         if skipped_all:

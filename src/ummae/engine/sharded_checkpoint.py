@@ -30,18 +30,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint_file import load_checkpoint, save_checkpoint
+from .checkpoint import SHARDED_SUFFIX, is_sharded_checkpoint
 from .distributed import DistEnv, any_rank
 from .guard import NonFiniteLossError, state_is_finite
 
 __all__ = ["SHARDED_SUFFIX", "STATE_FILE", "save_sharded", "load_sharded", "is_sharded_checkpoint",
            "read_sharded_state"]
 
-SHARDED_SUFFIX = ".dcp"
 STATE_FILE = "state.pt"
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    return path.is_dir() and path.suffix == SHARDED_SUFFIX
 
 
 def read_sharded_state(path: Path) -> dict:
