@@ -55,6 +55,23 @@ def finished(proc: subprocess.Popen) -> str:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: torchrun starts its ranks in new sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
@@ -107,12 +124,13 @@ def test_fsdp_with_grad_checkpointing_trains_like_ddp_vit(tmp_path):
 
 def test_a_fsdp_run_killed_with_sigkill_resumes_bit_identically(swin, tmp_path):
     out = tmp_path / "killed"
-    victim = torchrun(args(out, 2, "swin", "--strategy", "fsdp", "--resume", "auto"), start_new_session=True)
+    victim = torchrun(args(out, 2, "swin", "--strategy", "fsdp", "--resume", "auto"))
     deadline = time.monotonic() + 240
     while not list((out / "checkpoints").glob("step-*")) and victim.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    os.killpg(victim.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
+    for pid in [victim.pid, *descendants(victim.pid)]:  # torchrun and both ranks (in sessions of their own)
+        os.kill(pid, signal.SIGKILL)
     victim.communicate()
     assert not (out / "checkpoint.pt").exists(), "killed before the end"
     finished(torchrun(args(out, 2, "swin", "--strategy", "fsdp", "--resume", "auto")))
