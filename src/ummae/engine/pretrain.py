@@ -258,12 +258,13 @@ def _build_session(cfg: PretrainConfig, env: DistEnv, device: torch.device, data
     scheduler = build_scheduler(optimizer, data.total_steps, data.warmup_steps, cfg.optim.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     step = 0
-    if point is not None and point.sharded:  # either strategy, any number of processes
-        load_sharded(point.path, model, optimizer)
-    elif point is not None and fsdp:
-        load_full_optimizer_state(model, optimizer, point.state["optimizer"])
-    elif point is not None:
-        optimizer.load_state_dict(point.state["optimizer"])
+    if point is not None:
+        if point.sharded:  # either strategy, any number of processes
+            load_sharded(point.path, model, optimizer)
+        elif fsdp:
+            load_full_optimizer_state(model, optimizer, point.state["optimizer"])
+        else:
+            optimizer.load_state_dict(point.state["optimizer"])
         if point.state.get("scaler"):
             scaler.load_state_dict(point.state["scaler"])
         step = point.step
