@@ -18,6 +18,11 @@ others still run):
               photographs saved at ImageNet-like 500x375) with the real data loader, next to
               the synthetic step's images/s at the same batch: is the loader the bottleneck?
 
+  fsdp        scripts/bench_fsdp.py on one GPU (1 rank: FSDP shards nothing, so this is the
+              activation-checkpointing effect): ViT-L and Swin-L UM-MAE, DDP vs FSDP vs FSDP +
+              checkpointing, allocator peak and step time (`--parts fsdp`; not run by default,
+              never run yet).
+
 Nothing here is a test; tests/scripts/test_gpu_checks.py runs `--smoke`.
 """
 
@@ -186,6 +191,20 @@ def loader_part(preset, sets, device, batch, steps, workers, out_dir: Path, log)
             "jpeg_size": [500, 375]}
 
 
+def fsdp_part(device: str, batch: int, steps: int, log):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fsdp", ROOT / "scripts" / "bench_fsdp.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = []
+    for model in ("vit_l", "swin_l"):
+        for variant in ("ddp", "fsdp", "fsdp+ckpt"):
+            log(f"   {model} {variant}, batch {batch}")
+            rows.append(bench.run_one(model, variant, 1, batch, steps, device, threads=4))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -193,7 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default cuda (cpu with --smoke)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per preset (default 20; smoke 1)")
     p.add_argument("--parts", default="matmul,grid,profile,torchrun,loader",
-                   help="comma-separated subset of: matmul, grid, profile, torchrun, loader")
+                   help="comma-separated subset of: matmul, grid, profile, torchrun, loader, fsdp (GPU; not "
+                        "in the default)")
     p.add_argument("--no-compile", action="store_true", help="eager only in the grid")
     args = p.parse_args(argv)
 
@@ -233,6 +253,8 @@ def main(argv=None) -> int:
             workers = 0 if smoke else min(os.cpu_count() or 1, 16)
             _part(results, "loader", lambda: loader_part(grid[0][0], sets, device, 4 if smoke else 128,
                                                          4 if smoke else 60, workers, tmp, log), log)
+        if "fsdp" in parts:
+            _part(results, "fsdp", lambda: fsdp_part(device, 2 if smoke else 32, 2 if smoke else 10, log), log)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     for row in results.get("grid", []) if isinstance(results.get("grid"), list) else []:
         log(f"{row['mode']:8s} {row['preset']:24s} {row['images_per_s']:9.1f} img/s  MFU {100 * row['mfu']:5.1f}%  "

@@ -142,6 +142,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA, grad scaler)
     compile: bool = False  # torch.compile the model
+    # Data parallelism under torchrun (engine/sharding.py): ddp (every rank holds the whole model,
+    # its gradients and AdamW moments) | fsdp (FSDP2: parameters, gradients and moments sharded
+    # over the ranks, one unit per transformer block plus the root; sharded checkpoints)
+    strategy: str = "ddp"
+    # fsdp: free each block's gathered parameters after its forward (ZeRO-3: least memory, one
+    # more all-gather per block in backward) or keep them until backward (ZeRO-2 style: faster)
+    reshard_after_forward: bool = True
+    grad_checkpointing: bool = False  # recompute each encoder block's activations in backward
     out: str | None = None  # run directory; None = runs/<preset>-<timestamp>
     log_every: int = 10  # optimizer steps between metric lines
     save_every: int = 1000  # optimizer steps between checkpoints (also one at the end); 0 = end only
@@ -413,6 +421,11 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError("train.precision fp16 needs --device cuda (use bf16 or fp32 on a CPU)")
     positive("train.save_every (--save-every)", t.save_every, zero=True)
     positive("train.keep_last (--keep-last)", t.keep_last, zero=True)
+    if t.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.strategy (--strategy) must be ddp or fsdp, got {t.strategy!r}")
+    if t.strategy == "fsdp" and t.precision == "fp16":
+        raise ConfigError("train.precision fp16 does not go with --strategy fsdp (its grad scaler is DDP's); "
+                          "use bf16 (the default on CUDA) or fp32")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     return cfg
@@ -454,6 +467,7 @@ RESUMABLE_KEYS = (
     "train.save_every", "train.keep_last", "train.log_every", "train.vis_images",  # output
     "train.out",  # a checkpoint copied elsewhere continues there
     "train.device", "train.compile", "data.num_workers",  # the machine: same maths, other speed
+    "train.strategy", "train.reshard_after_forward", "train.grad_checkpointing",  # also the machine
     "train.on_nonfinite",
     "train.init_weights",  # provenance only: a resumed run takes its weights from the checkpoint
 )

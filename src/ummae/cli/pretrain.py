@@ -19,6 +19,8 @@ examples:
                                                    one job command: starts the run, continues it after a
                                                    kill or SIGTERM (exit 143), extends it with a higher --epochs
   torchrun --nproc_per_node=8 -m ummae pretrain --preset ummae_swin_tiny_256 --data DIR --batch-size 128 --accum-steps 4
+  torchrun --nproc_per_node=8 -m ummae pretrain --preset P --data DIR --strategy fsdp --grad-checkpointing
+                                                   big backbones: sharded parameters, gradients and moments
 """
 
 
@@ -53,6 +55,12 @@ def add_parser(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU; fp16 uses a grad scaler (CUDA)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"),
+                   help="data parallelism under torchrun: ddp (default; every process holds the whole model) or "
+                        "fsdp (FSDP2: parameters, gradients and AdamW moments sharded over the processes, one "
+                        "unit per transformer block; train.reshard_after_forward=false for ZeRO-2 style)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute each encoder block's activations in backward: less activation memory for one more forward of each block")
     p.add_argument("--resume", metavar="PATH|auto",
                    help="continue a run from a checkpoint, exactly where it stopped; `auto`: the newest "
                         "checkpoint in --out, or a fresh start if there is none, so one job command both "
@@ -90,6 +98,8 @@ def _flags(args: argparse.Namespace) -> dict:
         "train.device": args.device,
         "train.precision": args.precision,
         "train.compile": args.compile,
+        "train.strategy": args.strategy,
+        "train.grad_checkpointing": args.grad_checkpointing,
         "train.init_weights": args.init_weights,
         "train.save_every": args.save_every,
         "train.keep_last": args.keep_last,
@@ -130,7 +140,7 @@ def _summary(result, cfg) -> str:
                         f"({result.epochs:.2f} epochs); nothing left to run (raise --max-steps/--epochs to extend it)")
             lines[3] = f"  final loss       {result.final_loss:.4f}   (last logged)"
     if result.world_size > 1:
-        lines.insert(2, f"  processes        {result.world_size} (DDP)")
+        lines.insert(2, f"  processes        {result.world_size} ({cfg.train.strategy.upper()})")
     if result.skipped_images:
         lines.append(f"  skipped          {len(result.skipped_images)} unreadable image(s), listed in "
                      f"{result.run_dir / 'skipped_images.txt'}")

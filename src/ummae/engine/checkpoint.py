@@ -1,5 +1,8 @@
 """Checkpoints of a run: its checkpoint folder (`step-*.pt`, the last K kept), `--resume auto`.
 
+Under `--strategy fsdp` a periodic checkpoint is a folder `step-*.dcp` of shards instead
+(`engine.sharded_checkpoint`); listing, pruning and `--resume auto` treat both kinds alike.
+
 The file format itself (atomic write, weights-only read) is `ummae.checkpoint_file`, re-exported
 here: the models read checkpoints too, and live below the engine.
 """
@@ -19,26 +22,39 @@ __all__ = ["save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
 # a run's checkpoint folder: run_dir/checkpoints/step-00001000.pt, the last K kept
 
 CHECKPOINT_DIR = "checkpoints"
+SHARDED_SUFFIX = ".dcp"  # a folder of shards (engine.sharded_checkpoint)
 
 
-def step_checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+def step_checkpoint_path(run_dir: str | Path, step: int, sharded: bool = False) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}{SHARDED_SUFFIX if sharded else '.pt'}"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return path.suffix == SHARDED_SUFFIX and path.is_dir()
 
 
 def list_step_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's periodic checkpoints, oldest first (temporary files of a crashed write ignored)."""
+    """The run's periodic checkpoints (files and sharded folders), oldest first (temporary files
+    and folders of a crashed write ignored: their names start with a dot)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("step-*.pt") if p.stem[5:].isdigit())
+    found = [p for p in folder.glob("step-*.pt") if p.stem[5:].isdigit()]
+    found += [p for p in folder.glob(f"step-*{SHARDED_SUFFIX}") if p.stem[5:].isdigit() and p.is_dir()]
+    return sorted(found, key=lambda p: (int(p.stem[5:]), p.suffix))
 
 
 def prune_step_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` periodic checkpoints (0 = keep all)."""
     if keep_last <= 0:
         return
+    import shutil
+
     for old in list_step_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def link_or_copy(src: Path, dst: Path) -> Path:
@@ -63,7 +79,7 @@ def find_resume_checkpoint(resume: str, out: str | None) -> Path | None:
     """
     if resume != "auto":
         path = Path(resume)
-        if not path.is_file():
+        if not (path.is_file() or is_sharded_checkpoint(path)):
             raise UmmaeError(f"--resume: checkpoint '{path}' does not exist")
         return path
     if not out:

@@ -48,11 +48,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device_name: str) -> tuple[DistEnv, torch.device]:
+def init_distributed(device_name: str, group_of_one: bool = False) -> tuple[DistEnv, torch.device]:
     """Join the process group torchrun describes (if any) and pick this process's device.
 
     Args:
         device_name: `train.device` (auto | cpu | cuda | cuda:N).
+        group_of_one: a process alone still gets a process group (of one, through an in-memory
+            store): FSDP needs one to shard over, even when there is nothing to split.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -64,8 +66,12 @@ def init_distributed(device_name: str) -> tuple[DistEnv, torch.device]:
         device = torch.device("cuda", local_rank if world_size > 1 else (device.index or 0))
         torch.cuda.set_device(device)
     env = DistEnv(rank, world_size, local_rank)
+    backend = "nccl" if use_cuda else "gloo"
     if env.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                device_id=device if use_cuda else None)
+    elif group_of_one and not dist.is_initialized():
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=device if use_cuda else None)
     return env, device
 

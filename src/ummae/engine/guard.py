@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..errors import UmmaeError
 from .distributed import DistEnv
+from .sharding import local_tensor, total_grad_norm
 
 __all__ = ["StepGuard", "GuardReport", "state_is_finite", "NonFiniteLossError", "LOSS", "GRADIENTS", "WEIGHTS"]
 
@@ -85,6 +86,11 @@ class StepGuard:
         """
         if not check_grads:
             grad_norm = None
+        elif grad_norm is None and any(hasattr(p.grad, "to_local") for p in params):
+            # FSDP: each rank holds a shard of the gradients; the verdict must be the same on all
+            # of them (each updates only its shards), so it is the global norm's
+            norm = total_grad_norm(params)
+            grad_norm = None if norm is None else norm.square()  # squared like the plain case below
         elif grad_norm is None:
             grads = [p.grad for p in params if p.grad is not None]
             grad_norm = torch.stack(torch._foreach_norm(grads)).square().sum() if grads else None
@@ -114,7 +120,11 @@ class StepGuard:
 
     def check_weights(self, params: list[torch.Tensor], step: int) -> None:
         """Record (on device) whether the update of `step` left a non-finite parameter."""
-        peak = torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf"))).max()
+        # FSDP: this rank's shards only; the ranks agree on the earliest bad step in `collect`
+        local = [t for t in (local_tensor(p.detach()) for p in params) if t.numel()]
+        if not local:
+            return
+        peak = torch.stack(torch._foreach_norm(local, float("inf"))).max()
         self._note(~torch.isfinite(peak), step, torch.tensor(float(WEIGHTS), device=self.device))
 
     def _note(self, bad: torch.Tensor, step: int, kind: torch.Tensor) -> None:
@@ -159,6 +169,7 @@ def state_is_finite(*states) -> bool:
 
     def walk(obj):
         if isinstance(obj, torch.Tensor):
+            obj = local_tensor(obj)  # a sharded state: this rank's shards
             if obj.is_floating_point() and obj.numel():
                 tensors.append(obj.detach())
         elif isinstance(obj, dict):

@@ -8,7 +8,8 @@ pre-training model and its masks, fine-tuning's mixing and loss) is the caller's
     inputs, n = prepare(batch)          host -> device, masks, mixing (outside autocast)
     loss = loss(*inputs)                under the training autocast (bf16 on CUDA with `auto`)
     factor = guard.loss_factor(loss)    1.0, or NaN for a non-finite loss (engine.guard)
-    scaler.scale(loss * factor / accum).backward()   under DDP's `no_sync` but for the last one
+    scaler.scale(loss * factor / accum).backward()   gradient sync off but for the last one
+                                        (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`)
 
 then clipping (optional, after unscaling), the guarded optimizer step (fused AdamW, skipped ON THE
 DEVICE when a loss or gradient is non-finite) and the scheduler. Nothing in it reads a value back
@@ -31,6 +32,7 @@ from torch.profiler import record_function
 from .checkpoint import prune_step_checkpoints, save_checkpoint, step_checkpoint_path
 from .distributed import DistEnv, all_reduce_max
 from .guard import GuardReport, NonFiniteLossError, StepGuard, state_is_finite
+from .sharding import clip_grad_norm, gradient_sync_off, is_sharded
 from .signals import RunInterrupted, StopSignals
 
 __all__ = ["training_autocast", "TrainStep", "StepCheckpoints", "CheckPoints", "shutdown_workers"]
@@ -51,12 +53,13 @@ class TrainStep:
     """One optimizer step from `accum` micro-batches (see the module docstring).
 
     Args:
-        train_model: the module backward runs through (DDP's `no_sync` is taken from it).
+        train_model: the module backward runs through (DDP-wrapped or FSDP-sharded: its
+            gradient sync is turned off but for the last micro-batch, `sharding.gradient_sync_off`).
         params: the parameters the optimizer updates (the guard checks them).
         prepare: `batch -> (inputs, num_images)`, outside autocast.
         loss: `*inputs -> 0-d loss tensor`, under the training autocast.
         seed_step: `step -> None`, called at the first micro-batch of each step (None: no seeding).
-        distributed: the model is DDP-wrapped (gradients all-reduced at the last micro-batch only).
+        distributed: the model is DDP-wrapped or sharded (gradients reduced at the last micro-batch only).
     The phases are labelled `forward`, `backward` and `optimizer` for `torch.profiler`.
     """
 
@@ -70,6 +73,7 @@ class TrainStep:
         self.prepare, self.loss, self.seed_step = prepare, loss, seed_step
         self.device, self.precision, self.accum = device, precision, accum
         self.clip_grad, self.distributed = clip_grad, distributed
+        self.sharded = is_sharded(train_model)
 
     def __call__(self, batches: Iterator, step: int) -> int | None:
         """Optimizer step `step + 1` on the next `accum` micro-batches of `batches`: the number of
@@ -93,7 +97,7 @@ class TrainStep:
         with record_function("backward"):
             # A non-finite loss turns the gradients to NaN (x NaN instead of x 1.0), on every rank.
             factor = self.guard.loss_factor(loss)
-            with contextlib.nullcontext() if last or not self.distributed else self.train_model.no_sync():
+            with contextlib.nullcontext() if last or not self.distributed else gradient_sync_off(self.train_model):
                 self.scaler.scale(loss * factor / self.accum).backward()
         return num_images
 
@@ -103,7 +107,9 @@ class TrainStep:
             grad_norm = None
             if self.clip_grad is not None:
                 self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+                # FSDP: the global norm of the sharded gradients, each rank scaling its own shards
+                clip = clip_grad_norm if self.sharded else torch.nn.utils.clip_grad_norm_
+                grad_norm = clip(self.params, self.clip_grad)
             self.guard.step(self.optimizer, self.scaler, self.params, step, grad_norm)
             self.scheduler.step_update(step)
 
@@ -114,12 +120,23 @@ class StepCheckpoints:
     gather from all of them) and gives the dict to write."""
 
     def __init__(self, run_dir: Path, keep_last: int, env: DistEnv, state: Callable[[], dict],
-                 last_saved: int | None):
+                 last_saved: int | None, write_sharded: Callable[[Path], Path] | None = None):
         self.run_dir, self.keep_last, self.env, self.state = run_dir, keep_last, env, state
         self.last_saved = last_saved  # the step of the newest checkpoint, None before the first
+        # FSDP: `path -> path`, every rank writes its shards into the folder (sharded_checkpoint)
+        self.write_sharded = write_sharded
+
+    def path(self, step: int) -> Path:
+        return step_checkpoint_path(self.run_dir, step, sharded=self.write_sharded is not None)
 
     def save(self, step: int) -> Path | None:
         """Write the state at `step`; its path on rank 0, None on the others."""
+        if self.write_sharded is not None:
+            path = self.write_sharded(self.path(step))
+            if self.env.is_main:
+                prune_step_checkpoints(self.run_dir, self.keep_last)
+            self.last_saved = step
+            return path if self.env.is_main else None
         state = self.state()
         if not self.env.is_main:
             self.last_saved = step
@@ -178,7 +195,7 @@ class CheckPoints:
         if received is None or step >= self.total_steps:
             return
         saved = self.checkpoints.save(step) if self.checkpoints.last_saved != step else None
-        path = saved or step_checkpoint_path(self.checkpoints.run_dir, step)  # DDP: rank 0 wrote it
+        path = saved or self.checkpoints.path(step)  # DDP: rank 0 wrote it
         run_dir = self.checkpoints.run_dir
         raise RunInterrupted(f"stopped by {signal.Signals(received).name} at step {step}; checkpoint '{path}' "
                              f"written; the same command with --resume auto (and --out '{run_dir}') continues "

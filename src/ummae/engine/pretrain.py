@@ -29,7 +29,6 @@ from typing import Callable
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -40,10 +39,10 @@ from ..errors import ConfigError, UmmaeError
 from ..models import build_pretrain_model
 from ..models.specs import backbone_spec
 from ..visualize import picture_rows, save_loss_curve, save_reconstruction_grid, spread_indices
-from .checkpoint import link_or_copy, step_checkpoint_path
+from .checkpoint import link_or_copy, save_checkpoint
 from .cpus import fit_threads, resolve_workers, run_plan
 from .determinism import deterministic_on_cpu
-from .distributed import (DistEnv, all_reduce_sum, gather_strings, init_distributed, resolve_device,
+from .distributed import (DistEnv, all_reduce_sum, any_rank, gather_strings, init_distributed, resolve_device,
                           shared_run_dir, shutdown_distributed)
 from .guard import GRADIENTS, LOSS, WEIGHTS, GuardReport, NonFiniteLossError, StepGuard
 from .loop import CheckPoints, StepCheckpoints, TrainStep, shutdown_workers, training_autocast
@@ -51,6 +50,8 @@ from .metrics import MetricsWriter, log_line, truncate_metrics
 from .optim import build_optimizer, build_scheduler, schedule_lengths
 from .resume import ResumePoint, find_resume, load_weights
 from .rundir import take_run_dir
+from .sharded_checkpoint import load_sharded, save_sharded
+from .sharding import enable_grad_checkpointing, full_state_dicts, load_full_optimizer_state, wrap_for_training
 from .signals import RunInterrupted, StopSignals, ignore_stop_signals_in_worker
 
 __all__ = ["pretrain", "resume_pretrain", "RunResult", "resolve_device", "training_autocast", "NonFiniteLossError",
@@ -217,9 +218,21 @@ class _Session:
     checkpoints: StepCheckpoints | None = None
     skipped_files: set[str] = field(default_factory=set)
 
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.train.strategy == "fsdp"
+
     def checkpoint_state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+        """The state to resume from (every rank calls it; FSDP gathers the full state to rank 0)."""
+        if self.sharded:
+            weights, optim = full_state_dicts(self.model, self.optimizer)
+        else:
+            weights, optim = self.model.state_dict(), self.optimizer.state_dict()
+        return {"model": weights, "optimizer": optim, **self.checkpoint_rest()}
+
+    def checkpoint_rest(self) -> dict:
+        """All of a checkpoint but the weights and the optimizer (a sharded checkpoint's state.pt)."""
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "epoch": self.step / self.data.steps_per_epoch, "steps_per_epoch": self.data.steps_per_epoch,
                 "world_size": self.env.world_size, "config": config_to_dict(self.cfg),
                 # No generator state: every draw is seeded from (seed, epoch, index) or (seed, rank, step).
@@ -234,8 +247,14 @@ def _build_session(cfg: PretrainConfig, env: DistEnv, device: torch.device, data
     model = build_pretrain_model(cfg).to(device)
     loader = _make_loader(cfg, data.dataset, data.sampler, model.masking, device)
     _load_init_weights(model, init_state, cfg)
-    if point is not None:
-        load_weights(model, point.state, point.source)
+    if point is not None and not point.sharded:
+        load_weights(model, point.state, point.source)  # whole weights, before FSDP shards them
+    if cfg.train.grad_checkpointing:
+        enable_grad_checkpointing(model, cfg.model.arch)
+    fsdp = cfg.train.strategy == "fsdp"
+    if fsdp:  # in place, before the optimizer: it must hold the sharded parameters
+        wrap_for_training(model, "fsdp", env, device, bf16=_bf16(cfg, device),
+                          reshard_after_forward=cfg.train.reshard_after_forward)
     # Fused AdamW: it can skip an update on the device (`found_inf`), see engine/guard.py.
     optimizer = build_optimizer(model, cfg.peak_lr(env.world_size), cfg.optim.weight_decay, cfg.optim.betas,
                                 fused=True)
@@ -245,20 +264,33 @@ def _build_session(cfg: PretrainConfig, env: DistEnv, device: torch.device, data
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     step = 0
     if point is not None:
-        optimizer.load_state_dict(point.state["optimizer"])
+        if point.sharded:  # either strategy, any number of processes
+            load_sharded(point.path, model, optimizer)
+        elif fsdp:
+            load_full_optimizer_state(model, optimizer, point.state["optimizer"])
+        else:
+            optimizer.load_state_dict(point.state["optimizer"])
         if point.state.get("scaler"):
             scaler.load_state_dict(point.state["scaler"])
         step = point.step
         scheduler.step_update(step)
     train_model = torch.compile(model) if cfg.train.compile else model
-    if env.enabled:
-        train_model = DistributedDataParallel(train_model, device_ids=[device] if device.type == "cuda" else None)
+    if not fsdp:
+        train_model = wrap_for_training(train_model, "ddp", env, device, bf16=False)
     s = _Session(cfg, env, device, run_dir, data, model, train_model, loader, optimizer, scheduler, scaler,
                  StepGuard(device), step)
+    sharded_writer = None
+    if fsdp:  # periodic checkpoints: each rank writes its shards, no rank gathers the whole state
+        sharded_writer = lambda path: save_sharded(path, model, optimizer, s.checkpoint_rest(), env, device)  # noqa: E731
     s.checkpoints = StepCheckpoints(run_dir, cfg.train.keep_last, env, s.checkpoint_state,
-                                    last_saved=step if point is not None else None)
+                                    last_saved=step if point is not None else None, write_sharded=sharded_writer)
     s.train_step = _train_step(s)
     return s
+
+
+def _bf16(cfg: PretrainConfig, device: torch.device) -> bool:
+    """The training autocast is bf16 (`training_autocast`): FSDP then computes in bf16 too."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
 
 
 def _train_step(s: _Session) -> TrainStep:
@@ -281,7 +313,7 @@ def _train_step(s: _Session) -> TrainStep:
     return TrainStep(s.train_model, [p for p in model.parameters() if p.requires_grad], s.optimizer,
                      s.scheduler, s.scaler, s.guard, prepare=prepare, loss=loss, seed_step=seed_step,
                      device=device, precision=cfg.train.precision, accum=cfg.train.accum_steps,
-                     clip_grad=cfg.optim.clip_grad, distributed=s.env.enabled)
+                     clip_grad=cfg.optim.clip_grad, distributed=s.env.enabled or s.sharded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +330,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, resume: ResumePoint | s
     with a checkpoint and `RunInterrupted`. `fit_cpus` (the CLI): torch's intra-op threads are
     the CPUs the data workers leave (engine.cpus), for the run; else the caller's count stays.
     """
-    env, device = init_distributed(cfg.train.device)
+    env, device = init_distributed(cfg.train.device, group_of_one=cfg.train.strategy == "fsdp")
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(deterministic_on_cpu(device))  # bit-identical fresh CPU runs
@@ -418,20 +450,29 @@ def _finish(s: _Session, log: _Log, point: ResumePoint | None) -> RunResult:
     skipped_steps = s.guard.collect(env, reset_window=True).skipped if step > log.start_step else 0
 
     final = run_dir / "checkpoint.pt"
-    recon = curve = None
     done = step - log.start_step
+    periodic = s.checkpoints.path(step)
+    recon, curve = run_dir / "reconstructions.png", run_dir / "loss.png"
+    # Decided by all ranks before any writes: under FSDP saving and the pictures' forward are collective.
+    save_due = any_rank(bool(done) or not periodic.exists(), env, s.device)  # a finished run resumed again: nothing new
+    recon_due = any_rank(bool(done) or not recon.exists(), env, s.device)
+    if save_due:
+        periodic = s.checkpoints.save(step)
+    if s.sharded:  # the consolidated file every other command reads: gathered to rank 0, written there
+        state = s.checkpoint_state()
+        if env.is_main:
+            save_checkpoint(final, state)
+    if recon_due and (env.is_main or s.sharded):
+        recon = _save_reconstructions(s.model, s.data.dataset, cfg, s.device, recon, write=env.is_main)
     if env.is_main:
-        periodic = step_checkpoint_path(run_dir, step)
-        if done or not periodic.exists():  # a finished run resumed again has nothing new to write
-            periodic = s.checkpoints.save(step)
-        link_or_copy(periodic, final)
-        recon, curve = run_dir / "reconstructions.png", run_dir / "loss.png"
-        if done or not recon.exists():
-            recon = _save_reconstructions(s.model, s.data.dataset, cfg, s.device, recon)
+        if not s.sharded:
+            link_or_copy(periodic, final)
         if done or not curve.exists():
             curve = save_loss_curve(run_dir / "metrics.jsonl", curve)
         if skipped_all:
             skipped_all = _record_skipped(run_dir, set(skipped_all))
+    else:
+        recon = curve = None  # rank 0's files
     return RunResult(
         run_dir=run_dir, config=run_dir / "config.yaml", metrics=run_dir / "metrics.jsonl",
         tensorboard=run_dir / "tb", checkpoint=final, reconstructions=recon, loss_curve=curve, steps=step,
@@ -488,8 +529,9 @@ def _record_skipped(run_dir: Path, paths: set[str]) -> list[str]:
 
 @torch.no_grad()
 def _save_reconstructions(model, dataset, cfg: PretrainConfig, device: torch.device,
-                          path: Path) -> Path | None:
-    """Reconstructions of `vis_images` images spread over the data set, under fixed masks and crops."""
+                          path: Path, write: bool = True) -> Path | None:
+    """Reconstructions of `vis_images` images spread over the data set, under fixed masks and crops.
+    A sharded model runs its forward on every rank; only the one with `write` saves the picture."""
     picked = spread_indices(len(dataset), cfg.train.vis_images)  # not the first files: one class if class-sorted
     if not picked:
         return None
@@ -499,6 +541,8 @@ def _save_reconstructions(model, dataset, cfg: PretrainConfig, device: torch.dev
     masks = draw_masks(model.masking, cfg.train.seed, 0, picked).to(device)
     with training_autocast(device, cfg.train.precision):
         _, pred, _ = model(imgs, masks)
+    if not write:
+        return None
     imgs, masks = picture_rows(imgs, masks)  # EMAE: one row per part (the K parts of an image in turn)
     return save_reconstruction_grid(path, imgs, pred, masks.mask, model.unit,
                                     secondary=masks.secondary, norm_pix_loss=model.norm_pix_loss)

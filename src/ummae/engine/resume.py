@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .checkpoint import find_resume_checkpoint, load_checkpoint, run_dir_of
+from .checkpoint import find_resume_checkpoint, is_sharded_checkpoint, load_checkpoint, run_dir_of
 
 __all__ = ["ResumePoint", "find_resume", "load_weights"]
 
@@ -34,6 +34,11 @@ class ResumePoint:
     def source(self) -> str:
         """How error messages name it."""
         return f"--resume '{self.path}'"
+
+    @property
+    def sharded(self) -> bool:
+        """A folder of FSDP shards: `state` has no weights, `sharded_checkpoint.load_sharded` loads them."""
+        return is_sharded_checkpoint(self.path)
 
     @property
     def step(self) -> int:
@@ -57,6 +62,10 @@ def find_resume(resume: str | Path | None, out: str | None) -> ResumePoint | Non
     if not resume:
         return None
     path = find_resume_checkpoint(str(resume), out)
+    if path is not None and is_sharded_checkpoint(path):
+        from .sharded_checkpoint import read_sharded_state
+
+        return ResumePoint(path, read_sharded_state(path))
     return None if path is None else ResumePoint(path, load_checkpoint(path))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import socket
 import weakref
 from pathlib import Path
@@ -90,6 +91,10 @@ def remove_orphaned_temporaries(run_dir: str | Path) -> list[Path]:
     found = list((run_dir / CHECKPOINT_DIR).glob(".step-*.pt.*.tmp")) + list(run_dir.glob(".*.pt*.tmp"))
     for path in found:
         path.unlink(missing_ok=True)
+    folders = [p for p in (run_dir / CHECKPOINT_DIR).glob(".step-*.dcp.tmp") if p.is_dir()]  # FSDP's shards
+    for path in folders:
+        shutil.rmtree(path, ignore_errors=True)
+    found += folders
     return found
 
 

@@ -1,0 +1,151 @@
+"""Peak memory per rank and step time: DDP vs FSDP vs FSDP + gradient checkpointing (issue 23).
+
+    python scripts/bench_fsdp.py --out fsdp.json                      # ViT-L and Swin-L UM-MAE, CPU
+    python scripts/bench_fsdp.py --models vit_b --ranks 1,2 --out x.json   # smaller, faster
+
+Each (model, strategy, ranks) is one fresh `torchrun` (gloo on CPU, NCCL on CUDA): the model is
+built, wrapped as `ummae pretrain` wraps it (`engine.sharding`), and trained for `--steps`
+optimizer steps of the very `engine.loop.TrainStep` on a fixed random batch. Per rank:
+peak memory growth over the process before the model was built (CPU: peak RSS, VmHWM, after
+the mark is reset; CUDA: the allocator's peak), and the median step time after one warm-up step.
+The runs of one model are interleaved over `--repeats` rounds; the JSON holds every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+MODELS = {  # UM-MAE presets, with ViT-L/B as --set overrides of the ViT-B preset
+    "vit_l": ("ummae_vit_base_224", ["model.embed_dim=1024", "model.depths=[24]", "model.num_heads=[16]"]),
+    "vit_b": ("ummae_vit_base_224", []),
+    "swin_l": ("ummae_swin_large_256", []),
+    "swin_b": ("ummae_swin_large_256", ["model.embed_dim=128", "model.num_heads=[4,8,16,32]"]),
+}
+VARIANTS = {"ddp": ("ddp", False), "fsdp": ("fsdp", False), "fsdp+ckpt": ("fsdp", True)}
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ummae.engine.distributed import init_distributed
+    from ummae.engine.guard import StepGuard
+    from ummae.engine.loop import TrainStep
+    from ummae.engine.optim import build_optimizer, build_scheduler
+    from ummae.engine.sharding import enable_grad_checkpointing, wrap_for_training
+    from ummae.models import build_pretrain_model
+    from ummae.perf.bench import _peak_rss_bytes, _release_freed_memory, _reset_peak_rss
+    from ummae.resolve import resolve_config
+
+    preset, sets = MODELS[args.model]
+    strategy, ckpt = VARIANTS[args.variant]
+    cfg = resolve_config(preset, None, sets, {"train.device": args.device, "train.batch_size": args.batch})
+    env, device = init_distributed(args.device, group_of_one=strategy == "fsdp")
+    cuda = device.type == "cuda"
+    _release_freed_memory()
+    _reset_peak_rss()
+    base = torch.cuda.memory_allocated(device) if cuda else _peak_rss_bytes()
+    torch.manual_seed(0)
+    model = build_pretrain_model(cfg).to(device)
+    if ckpt:
+        enable_grad_checkpointing(model, cfg.model.arch)
+    bf16 = cuda and cfg.train.precision in ("auto", "bf16")
+    train_model = wrap_for_training(model, strategy, env, device, bf16=bf16)
+    opt = build_optimizer(model, 1e-4, 0.05, [0.9, 0.95], fused=True)
+    sched = build_scheduler(opt, 1000, 0, 0.0)
+    imgs = torch.randn(args.batch, 3, cfg.data.img_size, cfg.data.img_size,
+                       generator=torch.Generator().manual_seed(1)).to(device)
+    gen = torch.Generator().manual_seed(2)
+    step = TrainStep(train_model, [p for p in model.parameters() if p.requires_grad], opt, sched,
+                     torch.amp.GradScaler(device.type, enabled=False), StepGuard(device),
+                     prepare=lambda x: ((x,), x.shape[0]), loss=lambda x: train_model(x, generator=gen)[0],
+                     device=device, precision=cfg.train.precision, distributed=env.enabled or strategy == "fsdp")
+    times = []
+    for i in range(args.steps + 1):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step(iter((imgs,)), i)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
+    row = {"rank": env.rank, "peak_growth_bytes": peak - base, "step_time_s": statistics.median(times[1:]),
+           "params": sum(p.numel() for p in model.parameters())}
+    rows = [None] * env.world_size
+    if dist.is_initialized() and env.world_size > 1:
+        dist.all_gather_object(rows, row)
+    else:
+        rows = [row]
+    if env.is_main:
+        Path(args.result).write_text(json.dumps(rows))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_one(model: str, variant: str, ranks: int, batch: int, steps: int, device: str, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               __file__, "--worker", "--model", model, "--variant", variant, "--batch", str(batch),
+               "--steps", str(steps), "--device", device, "--result", str(result)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+        if proc.returncode:
+            return {"error": proc.stderr[-2000:]}
+        rows = json.loads(result.read_text())
+    return {"model": model, "variant": variant, "ranks": ranks, "batch_per_rank": batch, "per_rank": rows,
+            "peak_growth_max_bytes": max(r["peak_growth_bytes"] for r in rows),
+            "step_time_s": max(r["step_time_s"] for r in rows), "params": rows[0]["params"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out")
+    p.add_argument("--models", default="vit_l,swin_l")
+    p.add_argument("--variants", default="ddp,fsdp,fsdp+ckpt")
+    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    runs = []
+    for model in args.models.split(","):
+        for _ in range(args.repeats):  # interleaved: every variant once per round
+            for ranks in map(int, args.ranks.split(",")):
+                for variant in args.variants.split(","):
+                    r = run_one(model, variant, ranks, args.batch, args.steps, args.device, args.threads)
+                    runs.append(r)
+                    if "error" in r:
+                        print(f"bench_fsdp: {model} {variant} x{ranks} failed: {r['error'][-300:]}", file=sys.stderr)
+                    else:
+                        print(f"bench_fsdp: {model:7s} {variant:10s} ranks {ranks}  peak/rank "
+                              f"{r['peak_growth_max_bytes'] / 2**20:8.0f} MiB  step {r['step_time_s']:.2f} s",
+                              file=sys.stderr, flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(runs, indent=2) + "\n")
+    return 1 if any("error" in r for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
