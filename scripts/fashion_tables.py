@@ -346,7 +346,9 @@ def report(args, runner: Runner) -> dict:
     for regime, seeds in (("few", args.ft_seeds), ("full", args.ft_full_seeds)):
         finetune[regime] = {}
         for arm in FT_ARMS:
-            done = [s for s in seeds if runner.record(f"ft_{regime}_{arm}_s{s}")]
+            # a record without its curve (a cache seeded from records that lacked it) counts as not run
+            done = [s for s in seeds if runner.record(f"ft_{regime}_{arm}_s{s}")
+                    and val_curve(out / "runs" / f"ft_{regime}_{arm}_s{s}")]
             curves = [val_curve(out / "runs" / f"ft_{regime}_{arm}_s{s}") for s in done]
             finetune[regime][arm] = None if not done else {
                 "seeds": done, "final_top1": summarise([c[-1] for c in curves]), "curves": curves,
