@@ -15,8 +15,8 @@ import torch
 from tiny import TINY_HIERA_SETS, TINY_SETS
 
 STEPS = 4
-# The tiny Swin (UM-MAE) and timm's Hiera (MAE, masked by Hiera itself).
-MODELS = {"swin": (), "hiera": ("--preset", "mae_hiera_demo", *(a for s in TINY_HIERA_SETS for a in ("--set", s)))}
+# The tiny Swin (UM-MAE), UM-MAE on timm's Swin V2, and timm's Hiera (MAE, masked by Hiera itself).
+MODELS = {"swin": (), "swinv2": ("--preset", "ummae_swinv2_demo"), "hiera": ("--preset", "mae_hiera_demo", *(a for s in TINY_HIERA_SETS for a in ("--set", s)))}
 
 
 def tiny(out: Path, batch: int, *extra: str) -> list[str]:

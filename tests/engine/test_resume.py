@@ -17,7 +17,7 @@ from tiny import TINY_HIERA_SETS, TINY_SETS, run_cli_captured, sigkill_after_che
 
 STEPS = 8
 # The tiny Swin (UM-MAE) and timm's Hiera (MAE, masked by Hiera itself).
-MODELS = {"swin": (), "hiera": ("--preset", "mae_hiera_demo", *(a for s in TINY_HIERA_SETS for a in ("--set", s))),
+MODELS = {"swin": (), "swinv2": ("--preset", "ummae_swinv2_demo"), "hiera": ("--preset", "mae_hiera_demo", *(a for s in TINY_HIERA_SETS for a in ("--set", s))),
           # EMAE: K parts per image drawn in the workers; its consistency term starts at epoch 1
           # (= step 5 of 8 here), so resuming before and after the switch is covered.
           "emae": ("--set", "method=emae", "--set", "emae.consistency_start_epoch=1"),

@@ -237,6 +237,20 @@ def test_training_step_gives_every_parameter_a_gradient(preset):
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
+@pytest.mark.parametrize("preset", ["ummae_swinv2_demo", "simmim_swinv2_demo"])
+def test_bf16_autocast_on_cpu_trains(preset):
+    torch.manual_seed(0)
+    model = build_pretrain_model(demo_cfg(preset=preset)).train()
+    perturbed(model.encoder).train()
+    masks = model.sample_masks(2, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, _ = model(images(), masks)
+    assert pred.dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize("sets, match", [
     (["model.window_size=6"], "has no half-size window on the compact image"),
     (["data.img_size=96"], "has no half-size window on the compact image"),
