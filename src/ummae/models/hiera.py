@@ -253,19 +253,11 @@ def load_backbone_weights(model: HieraMAE, state_dict: dict[str, torch.Tensor], 
     """
     from timm.models.hiera import checkpoint_filter_fn
 
-    weights = checkpoint_filter_fn(state_dict, model.encoder)
-    own = model.encoder.state_dict()
-    skipped = [k for k in weights if k not in own and (k.startswith(_MAE_ONLY) or k.startswith("head.fc."))]
-    unexpected = [k for k in weights if k not in own and k not in skipped]
-    missing = [k for k in own if k not in weights]
-    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if unexpected or missing or wrong:
-        detail = (f"shape of {wrong[0]} is {tuple(weights[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
-                  if wrong else f"{len(missing)} missing keys (e.g. {missing[:1]}), "
-                                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
-        raise ConfigError(f"{source} does not hold weights of this Hiera: {detail}")
-    model.encoder.load_state_dict({k: v for k, v in weights.items() if k in own})
-    return skipped
+    from .loading import load_timm_backbone_weights
+
+    return load_timm_backbone_weights(model.encoder, checkpoint_filter_fn(state_dict, model.encoder),
+                                      model.encoder.state_dict(),
+                                      lambda k: k.startswith(_MAE_ONLY) or k.startswith("head.fc."), source, "Hiera")
 
 
 def read_init_weights(path: str) -> dict:

@@ -157,3 +157,27 @@ def load_backbone(path: str | Path, num_classes: int = 0, drop_path_rate: float 
         raise UmmaeError(f"'{path}': encoder weights do not fit the rebuilt backbone "
                          f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     return backbone, cfg
+
+
+def load_timm_backbone_weights(encoder: torch.nn.Module, weights: dict[str, torch.Tensor],
+                               own: dict[str, torch.Tensor], skip, source: str, what: str) -> list[str]:
+    """Load timm-format backbone `weights` (already through timm's `checkpoint_filter_fn`) into
+    `encoder`, whose backbone keys are `own`: every one must be there with its shape; the keys
+    `skip(key)` accepts (classifier, decoder, ...) are left out, any other extra key is refused.
+    Keys of `encoder` outside `own` (e.g. a mask token) keep their values.
+
+    Returns:
+        the keys of `weights` that were left out.
+    """
+    skipped = [k for k in weights if k not in own and skip(k)]
+    unexpected = [k for k in weights if k not in own and k not in skipped]
+    missing = [k for k in own if k not in weights]
+    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if unexpected or missing or wrong:
+        detail = (f"shape of {wrong[0]} is {tuple(weights[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+                  if wrong else f"{len(missing)} missing keys (e.g. {missing[:1]}), "
+                                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+        raise ConfigError(f"{source} does not hold weights of this {what}: {detail}")
+    strict = own.keys() == encoder.state_dict().keys()
+    encoder.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=strict)
+    return skipped

@@ -362,6 +362,27 @@ def _window_pair_index_cached(rows: int, cols: int, device: torch.device) -> tor
     return _window_pair_index(rows, cols, device)
 
 
+def windowed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float = 0.0,
+                  scale: float | None = None) -> torch.Tensor:
+    """Attention within windows with an additive bias, through SDPA's fused kernels.
+
+    q, k, v: `[B, nW, heads, N, hd]`; bias: `[Bc, nW, heads, N, N]`, Bc = B (per sample: the
+    compact image) or 1 (shared: the full image). Returns `[B, nW, N, heads * hd]`.
+    The kernels take 4-D inputs: a per-sample bias lines up with `[B*nW, heads]` (q, k, v stay
+    views); a shared one is broadcast over the batch as `[1, nW*heads]` instead of being copied B
+    times (q, k, v are copied instead: head_dim < N, so that is the cheaper copy).
+    """
+    B, nW, heads, N, hd = q.shape
+    if bias.shape[0] == 1 and B > 1:
+        q, k, v = (t.reshape(B, nW * heads, N, hd) for t in (q, k, v))
+        bias = bias.reshape(1, nW * heads, N, N)
+    else:
+        q, k, v = (t.reshape(B * nW, heads, N, hd) for t in (q, k, v))
+        bias = bias.reshape(B * nW, heads, N, N)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    return x.reshape(B, nW, heads, N, hd).transpose(2, 3).reshape(B, nW, N, heads * hd)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, biased by true-coordinate offsets."""
 
@@ -399,19 +420,7 @@ class WindowAttention(nn.Module):
             bias = self.pos_bias(coords, lattice, window, blocked).to(q.dtype)  # [Bc, nW, heads, N, N]
 
         with record_function("swin.attention"):
-            # SDPA's fused CPU/GPU kernels take 4-D inputs. A per-sample (compact) bias lines up
-            # with [B*nW, heads] (q, k, v stay views); a shared one (full image, Bc = 1) is
-            # broadcast over the batch as [1, nW*heads] instead of being copied B times (q, k, v
-            # are copied instead: head_dim < N, so that is the cheaper copy).
-            if coords.shape[0] == 1 and B > 1:
-                q, k, v = (t.reshape(B, nW * heads, N, hd) for t in (q, k, v))
-                bias = bias.reshape(1, nW * heads, N, N)
-            else:
-                q, k, v = (t.reshape(B * nW, heads, N, hd) for t in (q, k, v))
-                bias = bias.reshape(B * nW, heads, N, N)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                               dropout_p=self.attn_drop if self.training else 0.0)
-            x = x.reshape(B, nW, heads, N, hd).transpose(2, 3).reshape(B, nW, N, C)
+            x = windowed_sdpa(q, k, v, bias, self.attn_drop if self.training else 0.0)
         with record_function("swin.proj"):
             return self.proj_drop(self.proj(x))
 

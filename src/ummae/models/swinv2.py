@@ -54,7 +54,7 @@ from ..errors import ConfigError
 from ..masking import MaskSample, require_uniform
 from .hiera import read_init_weights as read_weights_file
 from .specs import BackboneSpec, ClassifierLayout, register_backbone, uses_uniform_masks
-from .swin import CoordinateLattice, merge_coordinates, window_attention_mask
+from .swin import CoordinateLattice, merge_coordinates, window_attention_mask, windowed_sdpa
 
 __all__ = ["SwinV2Encoder", "swinv2_timm_model", "build_swinv2", "position_bias", "direct_position_bias",
            "load_backbone_weights", "SWINV2_VARIANTS"]
@@ -263,18 +263,7 @@ def _window_attention(attn: nn.Module, x: torch.Tensor, coords: torch.Tensor, la
     if blocked is not None:
         bias = bias + blocked.to(bias.dtype).mul(MASK_BLOCKED)[:, None]
     bias = bias.to(q.dtype)
-    hd = q.shape[-1]
-    # 4-D inputs for SDPA's fused kernels: a per-sample (compact) bias lines up with [B*nW, heads];
-    # a shared one (full grid) is broadcast over the batch as [1, nW*heads].
-    if coords.shape[0] == 1 and B > 1:
-        q, k, v = (t.reshape(B, nW * heads, N, hd) for t in (q, k, v))
-        bias = bias.reshape(1, nW * heads, N, N)
-    else:
-        q, k, v = (t.reshape(B * nW, heads, N, hd) for t in (q, k, v))
-        bias = bias.reshape(B * nW, heads, N, N)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
-                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = out.reshape(B, nW, heads, N, hd).transpose(2, 3).reshape(B, nW, N, C)
+    out = windowed_sdpa(q, k, v, bias, attn.attn_drop.p if attn.training else 0.0, scale=1.0)  # q carries the scale
     return attn.proj_drop(attn.proj(out))
 
 
@@ -352,20 +341,11 @@ def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
     """
     from timm.models.swin_transformer_v2 import checkpoint_filter_fn
 
+    from .loading import load_timm_backbone_weights
+
     encoder = model.encoder
-    weights = checkpoint_filter_fn(state_dict, encoder)
-    own = encoder.timm_state_dict()
-    skipped = [k for k in weights if k not in own and k.startswith(_NOT_BACKBONE)]
-    unexpected = [k for k in weights if k not in own and k not in skipped]
-    missing = [k for k in own if k not in weights]
-    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if unexpected or missing or wrong:
-        detail = (f"shape of {wrong[0]} is {tuple(weights[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
-                  if wrong else f"{len(missing)} missing keys (e.g. {missing[:1]}), "
-                                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
-        raise ConfigError(f"{source} does not hold weights of this Swin V2: {detail}")
-    encoder.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
-    return skipped
+    return load_timm_backbone_weights(encoder, checkpoint_filter_fn(state_dict, encoder), encoder.timm_state_dict(),
+                                      lambda k: k.startswith(_NOT_BACKBONE), source, "Swin V2")
 
 
 # ---------------------------------------------------------------------------------------------
