@@ -49,7 +49,7 @@ import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer_v2 import SwinTransformerV2, window_partition, window_reverse
 
-from ..compaction import compact_coordinates, compact_image, compact_unit_flags, full_coordinates
+from ..compaction import compact_coordinates, compact_image, compact_unit_flags
 from ..errors import ConfigError
 from ..masking import MaskSample, require_uniform
 from .hiera import read_init_weights as read_weights_file
