@@ -99,3 +99,37 @@ def test_emae_two_gloo_processes_match_one_process(tmp_path):
     w2 = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["model"]
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=5e-5)
+
+
+
+# Each rank runs `ummae pretrain` as the CLI does, then counts its gloo threads before exiting.
+_RANK_SCRIPT = """
+import os, sys
+import ummae.engine.distributed as distributed
+from ummae.cli import main
+
+if sys.argv[1] == "no-collect":  # the control: the process group left to interpreter shutdown
+    distributed.gc = type("NoCollect", (), {"collect": staticmethod(lambda: 0)})
+code = main(sys.argv[2:])
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {os.environ['RANK']} gloo threads {sum('gloo' in n for n in names)}", flush=True)
+if sys.argv[1] == "no-collect":
+    os._exit(code)  # skip the interpreter shutdown where the control's rank could abort
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads thread names from /proc")
+def test_a_finished_rank_frees_its_gloo_group_before_the_interpreter_exits(tmp_path):
+    """A group left to interpreter shutdown aborts a finished rank at random (SIGABRT, "terminate
+    called without an active exception"): after the run, no gloo thread is left."""
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    counts = {}
+    for how in ("no-collect", "ours"):
+        out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(script), how, *tiny(tmp_path / how, 2, "--max-steps", "1")])
+        assert out.returncode == 0, out.stderr[-3000:]
+        counts[how] = sorted(int(line.split()[-1]) for line in out.stdout.splitlines() if "gloo threads" in line)
+    assert len(counts["ours"]) == 2 and min(counts["no-collect"]) > 0, counts  # the control has them
+    assert counts["ours"] == [0, 0], counts

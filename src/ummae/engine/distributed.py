@@ -9,6 +9,7 @@ so the same loop serves one CPU, one GPU and many nodes (torchrun's usual `--nno
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -77,8 +78,16 @@ def init_distributed(device_name: str, group_of_one: bool = False) -> tuple[Dist
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group and free it now, while the interpreter is fully alive.
+
+    `destroy_process_group` only unregisters the group: the DDP wrapper and the training session
+    still hold it, in reference cycles, so without the collection its gloo threads would run on
+    until interpreter shutdown, where tearing them down aborts the process at random
+    ("terminate called without an active exception", a rank lost after a finished run).
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _reduce(value: float, op, env: DistEnv, device: torch.device) -> float:
