@@ -36,9 +36,10 @@ RUNS = {
 }
 
 
-# Export options per fixture key: "swin" is the ummae_swin format (`--format ummae`), whose tests
-# below predate timm's own Swin format; "swin_timm" exports the same run as timm's `swin_*`.
-EXPORTS = {"swin": ["--format", "ummae"], "swin_timm": []}
+# Export options per fixture key: "swin" and "vit" are the ummae_* formats (`--format ummae`),
+# whose tests below predate timm's own formats; "swin_timm" and "vit_timm" export the same runs
+# as timm's `swin_*` and `vit_*` (the default).
+EXPORTS = {"swin": ["--format", "ummae"], "swin_timm": [], "vit": ["--format", "ummae"], "vit_timm": []}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def exported(tmp_path_factory, run_cli):
     made, runs = {}, {}
 
     def get(arch: str):
-        base = "swin" if arch.startswith("swin") else arch
+        base = arch.split("_")[0]
         if base not in runs:
             root = tmp_path_factory.mktemp(f"export_{base}")
             run = run_cli(["pretrain", "--out", str(root / "run"), *COMMON, *RUNS[base]], root)
@@ -363,6 +364,122 @@ with torch.no_grad():
         assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max())
 
 
+# -- ViT as timm's own vit_* (the default format) ----------------------------------------------
+def _random_vit(img_size, patch_size: int, embed_dim: int, depth: int, num_heads: int):
+    """An ummae ViT off its initial values (zero biases, unit norms), as a pre-training run leaves it."""
+    from ummae.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                              num_heads=num_heads).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":  # the fixed sin-cos table stays what pre-training has
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _vit_export(model, size, path: Path) -> tuple[str, dict]:
+    """What `ummae export` writes for a ViT (its `timm_native`): timm's keys, no mask token."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from ummae.models import vit
+
+    m = SimpleNamespace(patch_size=model.patch_size, embed_dim=model.embed_dim, depths=[len(model.blocks)],
+                        num_heads=[model.blocks[0].attn.num_heads], mlp_ratio=4.0)
+    name, args, state, extra = vit.native_export(model, SimpleNamespace(model=m, data=SimpleNamespace(img_size=size)),
+                                                 size)
+    assert set(extra) == {"mask_token"} and "mask_token" not in state
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return name, args
+
+
+def test_vit_export_loads_as_timms_own_vit_without_ummae(exported, tmp_path):
+    ckpt, weights, card, out = exported("vit_timm")
+    assert card["model"] == "vit_base_patch16_224.mae" and card["format"] == "timm" and not card["needs_ummae"]
+    assert card["model_args"]["img_size"] == IMG and card["model_args"]["fc_norm"] is False
+    assert "load: import timm;" in out
+    # The CLI's export (64 px, 4 blocks), ViT-sized 224 px with patch 16, and a rectangular 48x80
+    # image with patch 8: each against ummae's full-image backbone.
+    cases = {"run": (reference(ckpt), IMG, card["model"], card["model_args"], str(weights))}
+    for key, (size, patch, dim, depth, heads) in {"224": (224, 16, 32, 2, 2),
+                                                  "48x80": ((48, 80), 8, 24, 3, 3)}.items():
+        model = _random_vit(size, patch, dim, depth, heads)
+        path = tmp_path / f"vit_{key}.safetensors"
+        cases[key] = (model, size, *_vit_export(model, size, path), str(path))
+    inputs = {}
+    for key, (_, size, *_) in cases.items():
+        h, w = (size, size) if isinstance(size, int) else size
+        inputs[key] = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
+    torch.save(inputs, tmp_path / "x.pt")
+    jobs = {key: (name, args, path) for key, (_, _, name, args, path) in cases.items()}
+    code = NO_UMMAE + f"""
+import timm, torch
+from safetensors.torch import load_file
+try:
+    import ummae
+    raise SystemExit("ummae importable")
+except ImportError:
+    pass
+inputs, outs = torch.load({str(tmp_path / "x.pt")!r}), {{}}
+for key, (name, args, w) in {jobs!r}.items():
+    x = inputs[key]
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=w), **args).eval()
+    model.load_state_dict(load_file(w), strict=True)  # every key, both ways (no head, no mask token)
+    plain = timm.create_model(name, checkpoint_path=w, **args).eval()  # train.py --initial-checkpoint
+    body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=w), features_only=True,
+                             out_indices=(0, 1), **args).eval()
+    clf = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=w), **dict(args, num_classes=5))
+    with torch.no_grad():
+        outs[key] = dict(full=model.forward_features(x), plain=plain.forward_features(x), maps=body(x),
+                         inter=model.forward_intermediates(x, indices=[0, 1], intermediates_only=True),
+                         logits=clf.eval()(x))
+torch.save(outs, {str(tmp_path / "y.pt")!r})
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = torch.load(tmp_path / "y.pt")
+    for key, (ref, *_) in cases.items():
+        x, g = inputs[key], got[key]
+        with torch.no_grad():
+            full = ref.forward_features(x)
+            maps = ref.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        assert g["full"].shape == full.shape, key
+        assert torch.allclose(g["full"], full, rtol=0, atol=1e-5 * full.abs().max()), key
+        assert torch.equal(g["plain"], g["full"]) and g["logits"].shape == (2, 5)
+        assert len(g["maps"]) == len(g["inter"]) == 2
+        for a, b, c in zip(g["maps"], g["inter"], maps):  # NCHW patch grids
+            assert a.shape == b.shape == c.shape and torch.equal(a, b)
+            assert torch.allclose(a, c, rtol=0, atol=1e-5 * c.abs().max()), key
+
+
+def test_a_perturbed_vit_weight_differs(tmp_path):
+    # Negative control of the comparison above: one block's qkv weight off by 1e-2.
+    from safetensors.torch import load_file
+
+    model = _random_vit(64, 16, 16, 2, 2)
+    name, args = _vit_export(model, 64, tmp_path / "v.safetensors")
+    target = timm.create_model(name, pretrained=False, **args).eval()
+    state = load_file(str(tmp_path / "v.safetensors"))
+    target.load_state_dict(state, strict=True)
+    x = image(1)
+    with torch.no_grad():
+        assert torch.equal(target.forward_features(x), model.forward_features(x))
+        state["blocks.1.attn.qkv.weight"] += 1e-2
+        target.load_state_dict(state, strict=True)
+        assert not torch.allclose(target.forward_features(x), model.forward_features(x), atol=1e-4)
+
+
+def test_vit_export_at_another_size_is_one_clear_error(exported, run_cli, tmp_path):
+    ckpt = exported("vit")[0]
+    res = run_cli(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "v.safetensors"),
+                   "--img-size", "96"], tmp_path)
+    assert res.code == 2 and len(res.err.strip().splitlines()) == 1
+    assert "pre-training size 64x64" in res.err and not (tmp_path / "v.safetensors").exists()
+
+
 def _random_swin(depths=(2, 2, 2, 2)):
     from ummae.models.swin import SwinTransformer
 
@@ -416,16 +533,17 @@ def test_a_wrong_table_differs():
         assert not torch.allclose(model.forward_features(x), target.forward_features(x), atol=1e-3)
 
 
-def test_timm_format_rebuilds_ummaes_backbone_exactly(exported):
+@pytest.mark.parametrize("arch", ["swin_timm", "vit_timm"])
+def test_timm_format_rebuilds_ummaes_backbone_exactly(exported, arch):
     from ummae.models.loading import encoder_source
 
-    ckpt, weights, _, _ = exported("swin_timm")
+    ckpt, weights, _, _ = exported(arch)
     backbone, _ = load_backbone(weights)  # what finetune / knn / linprobe build from an export
     ref = reference(ckpt)
     assert set(backbone.state_dict()) == set(ref.state_dict())
     assert all(torch.equal(a, ref.state_dict()[k]) for k, a in backbone.state_dict().items())
     cfg, w = encoder_source(weights)
-    assert cfg.model.arch == "swin" and "mask_token" in w
+    assert cfg.model.arch == arch.split("_")[0] and "mask_token" in w
 
 
 def test_official_options_fall_back_to_ummae_swin_with_one_line():

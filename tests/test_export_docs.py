@@ -27,6 +27,13 @@ PRETRAIN_HIERA = ["pretrain", "--no-progress", "--max-steps", "1", "--batch-size
                   "model.decoder_depth=1", "--set", "model.decoder_heads=2"]
 
 
+# The page's ViT section exports a tiny ViT run (timm's vit_* keys): one step at 64 px.
+PRETRAIN_VIT = ["pretrain", "--no-progress", "--max-steps", "1", "--batch-size", "2", "--preset", "ummae_vit_demo",
+                "--set", "data.img_size=64", "--set", "data.num_workers=0", "--set", "data.demo_length=2",
+                "--set", "train.vis_images=1", "--set", "model.decoder_dim=16", "--set", "model.decoder_depth=1",
+                "--set", "model.decoder_heads=2", "--set", "model.embed_dim=16", "--set", "model.num_heads=[2]"]
+
+
 def blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
 
@@ -44,6 +51,8 @@ def test_export_md_runs_as_written(tmp_path, run_cli, monkeypatch):
     assert res.code == 0, res.err
     res = run_cli([*PRETRAIN_HIERA, "--out", str(tmp_path / "runs" / "hiera_t")], tmp_path)
     assert res.code == 0, res.err
+    res = run_cli([*PRETRAIN_VIT, "--out", str(tmp_path / "runs" / "vit_b")], tmp_path)
+    assert res.code == 0, res.err
     monkeypatch.chdir(tmp_path)
     for block in blocks("bash"):
         for line in block.splitlines():
@@ -52,6 +61,7 @@ def test_export_md_runs_as_written(tmp_path, run_cli, monkeypatch):
                 assert res.code == 0, res.err
     assert (tmp_path / "exports" / "swin_t_ummae.safetensors").is_file()
     assert (tmp_path / "exports" / "hiera_t.safetensors").is_file()
+    assert (tmp_path / "exports" / "vit_b.safetensors").is_file()
 
     torch.manual_seed(0)
     namespace: dict = {}  # what the blocks made, for the checks below
@@ -62,7 +72,7 @@ def test_export_md_runs_as_written(tmp_path, run_cli, monkeypatch):
 
     # The blocks that say they run without ummae do, in a process where `import ummae` fails.
     alone = [b for b in blocks("python") if b.startswith("# runs without ummae")]
-    assert len(alone) == 2  # timm's own Swin, Hiera
+    assert len(alone) == 3  # timm's own Swin, ViT, Hiera
     for block in alone:
         code = "import sys; sys.modules['ummae'] = None\n" + block
         res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -70,6 +80,8 @@ def test_export_md_runs_as_written(tmp_path, run_cli, monkeypatch):
         assert res.returncode == 0, res.stderr[-2000:]
     assert namespace["swin"].default_cfg["architecture"].startswith("swin_")
     assert namespace["swin_clf"].num_classes == 10
+    assert namespace["vit"].default_cfg["architecture"].startswith("vit_") and namespace["vit_clf"].num_classes == 10
+    assert namespace["vit_maps"].feature_info.reduction() == [16, 16, 16]
 
     # What the blocks promise.
     assert namespace["card"]["model"] == "ummae_swin"

@@ -115,7 +115,8 @@ NATIVE_RTOL = 1e-5
 def _verify(backbone: torch.nn.Module, weights: Path, name: str, model_args: dict, img_size: int,
             native: bool = False) -> None:
     """The timm model rebuilt from the card loads `weights` strictly and matches `backbone`:
-    bit for bit for ummae's own models, to float32 rounding for timm's own Swin (`native`)."""
+    bit for bit for ummae's own models, to float32 rounding for timm's own Swin and ViT
+    (`native`)."""
     import timm
     from safetensors.torch import load_file
 
@@ -152,9 +153,10 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
         verify: rebuild the model through timm from the written file and check that it loads
             strictly and reproduces the backbone's features (a second or so on a CPU).
         format: "timm": timm's own model where the architecture allows (Swin as `swin_*`,
-            Hiera as `hiera_*`), loadable without ummae; otherwise (PVT, ViT, the official
-            checkpoints' Swin options) ummae's registered model, with `ExportResult.note` saying
-            why. "ummae": ummae's registered model (`ummae_swin`, ...).
+            Swin V2 as `swinv2_*`, ViT as `vit_*`, Hiera as `hiera_*`), loadable without ummae;
+            otherwise (PVT, the official checkpoints' Swin options) ummae's registered model,
+            with `ExportResult.note` saying why. "ummae": ummae's registered model
+            (`ummae_swin`, `ummae_vit`, ...).
         window: Swin's full-image window (default: the doubled pre-training window for UM-MAE,
             as `load_backbone` builds it).
         img_size: the input size recorded in the card (and, for timm's Swin, the size whose
@@ -198,7 +200,8 @@ def export_backbone(checkpoint: str | Path, out: str | Path, verify: bool = True
     if window is not None:
         model_args["window_size"] = int(window)
 
-    # timm's own model where the backbone can be one (Swin); else the registered ummae_* model.
+    # timm's own model under other keys or without ummae's extra tensors (Swin, ViT), where the
+    # backbone can be one; else the registered ummae_* model.
     native, note, metadata_extra = False, "", {}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
     if format == "timm" and spec.timm_native is not None:

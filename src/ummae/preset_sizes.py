@@ -22,6 +22,7 @@ ENCODER_PARAMS: dict[str, tuple[str, int]] = {
     'emae_vit_base_224': ('7fc3e27ae8ba57f1', 85799424),
     'emae_swin_tiny_256': ('1d60fe8590d24f02', 27501834),
     'emae_pvt_small_256': ('8b651e90ad549b81', 19982656),
+    'emae_swinv2_tiny_256': ('3ec5e67f9243626c', 27578250),
     'ummae_swin_demo': ('065106182f054415', 1426099),
     'simmim_swin_demo': ('8416343da771611e', 1426099),
     'ummae_pvt_demo': ('8fdca9bda32547b5', 593760),
@@ -34,6 +35,7 @@ ENCODER_PARAMS: dict[str, tuple[str, int]] = {
     'emae_vit_demo': ('5a4757aa3c269a4c', 527808),
     'emae_swin_demo': ('0295956f6a6fef5c', 1426099),
     'emae_pvt_demo': ('61db327ad415facc', 593760),
+    'emae_swinv2_demo': ('fb564aeb52badb48', 1440915),
     'emae_hiera_demo': ('09c18f5bad1b43b8', 1200992),
     'demo': ('894c5de99e47d57a', 1426099),
 }
@@ -54,6 +56,7 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     'emae_vit_base_224': ('7fc3e27ae8ba57f1', 'vit 768d 12', '4 disjoint random parts + consistency, 16px units'),
     'emae_swin_tiny_256': ('1d60fe8590d24f02', 'swin 96-192-384-768d 2-2-6-2', '4 disjoint uniform parts + SM 0.25 + consistency, 16px units'),
     'emae_pvt_small_256': ('8b651e90ad549b81', 'pvt 64-128-320-512d 3-4-6-3', '4 disjoint uniform parts + SM 0.25 + consistency, 16px units'),
+    'emae_swinv2_tiny_256': ('3ec5e67f9243626c', 'swinv2 96-192-384-768d 2-2-6-2', '4 disjoint uniform parts + SM 0.25 + consistency, 16px units'),
     'ummae_swin_demo': ('065106182f054415', 'swin 32-64-128-256d 1-1-2-1', 'uniform 75% + SM 0.25, 16px units'),
     'simmim_swin_demo': ('8416343da771611e', 'swin 32-64-128-256d 1-1-2-1', 'random 75% -> mask tokens, 16px units'),
     'ummae_pvt_demo': ('8fdca9bda32547b5', 'pvt 32-64-96-128d 1-1-2-1', 'uniform 75% + SM 0.25, 16px units'),
@@ -66,6 +69,7 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     'emae_vit_demo': ('5a4757aa3c269a4c', 'vit 96d 4', '4 disjoint random parts + consistency, 16px units'),
     'emae_swin_demo': ('0295956f6a6fef5c', 'swin 32-64-128-256d 1-1-2-1', '4 disjoint uniform parts + SM 0.25 + consistency, 16px units'),
     'emae_pvt_demo': ('61db327ad415facc', 'pvt 32-64-96-128d 1-1-2-1', '4 disjoint uniform parts + SM 0.25 + consistency, 16px units'),
+    'emae_swinv2_demo': ('fb564aeb52badb48', 'swinv2 32-64-128-256d 1-1-2-1', '4 disjoint uniform parts + SM 0.25 + consistency, 16px units'),
     'emae_hiera_demo': ('09c18f5bad1b43b8', 'hiera 32-64-128-256d 1-1-2-1', '4 disjoint random parts + consistency, 32px units'),
     'demo': ('894c5de99e47d57a', 'swin 32-64-128-256d 1-1-2-1', 'uniform 75% + SM 0.25, 16px units'),
 }

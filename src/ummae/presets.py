@@ -9,7 +9,8 @@ a method and a recipe, and named `<method>_<backbone>_<size>`:
   Swin-L (`ummae_swin_large_256`, `simmim_swin_large_256`), and timm's own Swin V2
   (`ummae_swinv2_tiny_256` vs `simmim_swinv2_tiny_256`);
 - EMAE (4 disjoint parts per image + self-consistency): `emae_vit_base_224` (random parts),
-  `emae_swin_tiny_256` and `emae_pvt_small_256` (uniform parts, "UM-EMAE"), and a tiny
+  `emae_swin_tiny_256`, `emae_pvt_small_256` and `emae_swinv2_tiny_256` (uniform parts,
+  "UM-EMAE"), and a tiny
   `emae_hiera_demo` (random parts of timm's Hiera mask units);
 - a tiny variant of each, `<method>_<backbone>_demo`, that trains on the built-in photographs in
   a couple of minutes on a CPU (tests, demos, quick checks); `demo` is `ummae_swin_demo`.
@@ -141,6 +142,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "emae_pvt_small_256": (
         "PVT-S, UM-EMAE: 4 uniform parts per image on the compact grid + self-consistency",
         _preset("emae", PVT_S, PAPER, PAPER_DECODER, emae=dict(parts="uniform"))),
+    "emae_swinv2_tiny_256": (
+        "timm's Swin-V2-T, UM-EMAE: 4 uniform parts per image on the compact grid (window 8) + "
+        "self-consistency",
+        _preset("emae", SWINV2_T, PAPER, PAPER_DECODER, emae=dict(parts="uniform"))),
     # ---- tiny variants: CPU demos and tests ----------------------------------------------------
     "ummae_swin_demo": (
         "tiny Swin, UM-MAE on the built-in demo photographs, 128 px; about a minute on a 2-core CPU",
@@ -178,6 +183,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "emae_pvt_demo": (
         "tiny PVT, UM-EMAE (4 uniform parts per image) on the demo photographs, 128 px",
         _preset("emae", PVT_DEMO, DEMO, DEMO_DECODER, emae=dict(parts="uniform"))),
+    "emae_swinv2_demo": (
+        "tiny timm Swin V2, UM-EMAE (4 uniform parts per image) on the demo photographs, 128 px",
+        _preset("emae", SWINV2_DEMO, DEMO, DEMO_DECODER, emae=dict(parts="uniform"))),
     "emae_hiera_demo": (
         "tiny timm Hiera, EMAE with 4 disjoint random parts of the 32 px mask units (75% each), 128 px",
         _preset("emae", HIERA_DEMO, DEMO, DEMO_DECODER, masking=dict(unit_size=32), emae=dict(parts="random"))),

@@ -70,8 +70,8 @@ def test_random_parts_must_divide_the_grid():
 def test_presets_list_the_method(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
-    for name in ("emae_vit_base_224", "emae_swin_tiny_256", "emae_pvt_small_256",
-                 "emae_vit_demo", "emae_swin_demo", "emae_pvt_demo", "emae_hiera_demo"):
+    for name in ("emae_vit_base_224", "emae_swin_tiny_256", "emae_pvt_small_256", "emae_swinv2_tiny_256",
+                 "emae_vit_demo", "emae_swin_demo", "emae_pvt_demo", "emae_swinv2_demo", "emae_hiera_demo"):
         assert name in out
     assert "4 disjoint uniform parts + SM 0.25 + consistency" in out
     assert "4 disjoint random parts + consistency" in out
@@ -142,6 +142,28 @@ def test_bench_counts_the_k_parts_in_the_flops_per_image():
     assert e["batch_size"] == m["batch_size"] == 2  # images, not parts
     assert e["flops_per_image"] == pytest.approx(4 * m["flops_per_image"])
     assert e["images_per_s"] == pytest.approx(2 / e["step_time_s"])
+
+
+def test_swinv2_um_emae_run_trains_and_exports_timms_swinv2(tmp_path):
+    """UM-EMAE on timm's Swin V2 (`emae_swinv2_demo`): 4 uniform parts per image through the
+    compact-image path in one batch of B x 4, then a plain `swinv2_*` export of the encoder."""
+    run_dir = tmp_path / "run"
+    res = run_cli_captured(["pretrain", "--preset", "emae_swinv2_demo", "--out", str(run_dir), "--no-progress",
+                            "--max-steps", "2", "--batch-size", "2", "--set", "data.num_workers=0",
+                            "--set", "data.demo_length=4", "--set", "train.vis_images=1",
+                            "--set", "train.log_every=1"], run_dir)
+    assert res.code == 0, res.err
+    assert "effective batch 2 images x 4 parts" in res.out
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    backbone, cfg = load_backbone(run_dir / "checkpoint.pt")
+    assert (cfg.method, cfg.model.arch, cfg.emae.parts) == ("emae", "swinv2", "uniform")
+    assert backbone.mask_token is None  # a full-image Swin V2 is timm's model as is
+    out = tmp_path / "v2.safetensors"
+    res = run_cli_captured(["export", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(out)], tmp_path)
+    assert res.code == 0, res.err
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["model"].startswith("swinv2_") and not card["needs_ummae"] and card["method"] == "emae"
 
 
 def test_export_and_full_image_backbone_load_an_emae_checkpoint(emae_run, tmp_path):

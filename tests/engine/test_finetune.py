@@ -301,18 +301,19 @@ def test_hiera_finetune_with_timms_layer_groups(tmp_path, checkpoints, labeled):
     assert not torch.equal(tuned["blocks.3.attn.qkv.weight"], pretrained["blocks.3.attn.qkv.weight"])
 
 
+@pytest.mark.parametrize("arch", ["swin", "vit"])
 @pytest.mark.parametrize("fmt", ["timm", "ummae"])
-def test_finetune_starts_from_either_swin_export_format(tmp_path, checkpoints, labeled, fmt):
-    """`ummae export` writes timm's own `swin_*` (default) or `ummae_swin`: finetune takes both,
-    from the same encoder weights as the checkpoint (timm's format carries the coordinate MLPs
-    and mask token in its metadata)."""
+def test_finetune_starts_from_either_export_format(tmp_path, checkpoints, labeled, arch, fmt):
+    """`ummae export` writes timm's own `swin_*` / `vit_*` (default) or `ummae_swin` / `ummae_vit`:
+    finetune takes both, from the same encoder weights as the checkpoint (timm's format carries
+    the ummae-only tensors, Swin's coordinate MLPs and the mask token, in its metadata)."""
     from ummae.export import export_backbone
 
-    weights = tmp_path / f"swin_{fmt}.safetensors"
-    result = export_backbone(checkpoints["swin"], weights, format=fmt)
-    assert result.model.startswith("swin_" if fmt == "timm" else "ummae_swin")
+    weights = tmp_path / f"{arch}_{fmt}.safetensors"
+    result = export_backbone(checkpoints[arch], weights, format=fmt)
+    assert result.model.startswith(f"{arch}_" if fmt == "timm" else f"ummae_{arch}")
     _, from_export = encoder_source(weights)
-    _, from_ckpt = encoder_source(checkpoints["swin"])
+    _, from_ckpt = encoder_source(checkpoints[arch])
     assert from_export.keys() == from_ckpt.keys()
     assert all(torch.equal(from_export[k], from_ckpt[k]) for k in from_ckpt)
     out = tmp_path / "run"

@@ -19,7 +19,8 @@ def build(name: str, **sets):
 
 
 def test_the_grid_has_a_demo_of_every_method_and_backbone():
-    assert DEMO_PRESETS == ["emae_hiera_demo", "emae_pvt_demo", "emae_swin_demo", "emae_vit_demo", "mae_hiera_demo",
+    assert DEMO_PRESETS == ["emae_hiera_demo", "emae_pvt_demo", "emae_swin_demo", "emae_swinv2_demo", "emae_vit_demo",
+                            "mae_hiera_demo",
                             "mae_vit_demo", "simmim_pvt_demo", "simmim_swin_demo", "simmim_swinv2_demo",
                             "ummae_pvt_demo", "ummae_swin_demo", "ummae_swinv2_demo", "ummae_vit_demo"]
 

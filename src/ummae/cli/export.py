@@ -9,11 +9,12 @@ __all__ = ["add_parser", "run"]
 EPILOG = """\
 writes NAME.safetensors (the encoder of the full-image backbone: no decoder, Swin's window
 doubled for UM-MAE checkpoints) and NAME.json ({"model": ..., "model_args": {...}, ...}).
-Swin and Hiera export as timm's own models (swin_*, hiera_*), which load without ummae; PVT
-(and, with --format ummae, Swin) as ummae's registered models, which need `import ummae`.
+Swin, Swin V2, ViT and Hiera export as timm's own models (swin_*, swinv2_*, vit_*, hiera_*),
+which load without ummae; PVT (and, with --format ummae, Swin and ViT) as ummae's registered
+models, which need `import ummae`.
 Each export is checked: timm rebuilds the model from the two files, loads the weights with
-strict key matching and must reproduce the backbone's features (timm's Swin: to float32
-rounding; ummae's models: exactly).
+strict key matching and must reproduce the backbone's features (timm's Swin and ViT: to
+float32 rounding; ummae's models: exactly).
 
 examples:
   ummae export --checkpoint runs/swin_t/checkpoint.pt --out swin_t.safetensors
@@ -41,8 +42,9 @@ def add_parser(sub) -> None:
                         "if present)")
     p.add_argument("--format", choices=("timm", "ummae"), default="timm",
                    help="timm (default): timm's own model where the architecture allows (Swin: "
-                        "swin_*, with the position-bias tables evaluated from the coordinate MLPs); "
-                        "ummae: ummae's registered model (ummae_swin: the MLPs, any window)")
+                        "swin_*, with the position-bias tables evaluated from the coordinate MLPs; "
+                        "ViT: vit_*); ummae: ummae's registered model (ummae_swin: the MLPs, any "
+                        "window; ummae_vit)")
     p.add_argument("--window", type=int, default=None, metavar="W",
                    help="Swin's full-image window (default: 2x the pre-training window for UM-MAE, "
                         "as fine-tuning uses it: 16 at 256 px); written in the card")
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.card}")
     if result.note:
         print(f"note: {result.note}")
-    needs = "import ummae, timm" if result.needs_ummae else "import timm"  # only ummae_* names need ummae: timm's own Swin, Swin V2, Hiera
+    needs = "import ummae, timm" if result.needs_ummae else "import timm"  # only ummae_* names need ummae: timm's own Swin, Swin V2, ViT, Hiera
     print(f"load: {needs}; timm.create_model({result.model!r}, pretrained=True, "
           f"pretrained_cfg_overlay=dict(file={str(result.weights)!r}), **model_args)  "
           f"# model_args from {result.card.name}")

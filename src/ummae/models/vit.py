@@ -42,7 +42,7 @@ from . import official
 from .specs import BackboneSpec, ClassifierLayout, register_backbone
 from .weight_init import init_linear_and_norm
 
-__all__ = ["VisionTransformer"]
+__all__ = ["VisionTransformer", "TIMM_VIT_NAMES", "timm_vit_model", "native_export", "from_timm_state"]
 
 # timm options that the masked path relies on: exactly one prefix token (the class token) that
 # has its own row in the position table, and a patch grid fixed at construction.
@@ -272,10 +272,59 @@ def _validate(cfg) -> None:
 
 
 def _timm_model(cfg) -> tuple[str, dict]:
-    """`ummae_vit` (`models.registry`); its position table fixes the input size."""
+    """`ummae_vit` (`models.registry`, `ummae export --format ummae`); its position table fixes
+    the input size."""
     m = cfg.model
     return "ummae_vit", dict(img_size=cfg.data.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
                              depth=m.depths[0], num_heads=m.num_heads[0], mlp_ratio=m.mlp_ratio)
+
+
+# -- timm's own ViT (`ummae export`'s default) -------------------------------------------------
+# timm's registered sizes: (patch_size, embed_dim, depth, num_heads) -> name; MAE's tag where timm
+# has one (its pretrained config has no classifier, as an MAE encoder has none). The arguments
+# are always complete, so the name only picks timm's defaults: other sizes use ViT-B's.
+TIMM_VIT_NAMES = {
+    (16, 192, 12, 3): "vit_tiny_patch16_224",
+    (16, 384, 12, 6): "vit_small_patch16_224",
+    (16, 768, 12, 12): "vit_base_patch16_224.mae",
+    (16, 1024, 24, 16): "vit_large_patch16_224.mae",
+    (14, 1280, 32, 16): "vit_huge_patch14_224.mae",
+}
+
+
+def timm_vit_model(m, img_size) -> tuple[str, dict]:
+    """`(timm model name, create_model kwargs)` of timm's own `VisionTransformer` holding this
+    encoder (`m` a ModelConfig): the same module under the same keys, so only the options that
+    differ from timm's defaults need saying. `global_pool="avg"` with `fc_norm=False`: the final
+    norm on every token, then the average of the patch tokens (ummae's layout, see the class
+    docstring; timm would move the norm after the pooling). No head (`num_classes=0`). timm's
+    defaults are ummae's already: class token, qkv bias, LayerNorm eps 1e-6, learned `pos_embed`
+    (the file holds the sin-cos values)."""
+    name = TIMM_VIT_NAMES.get((m.patch_size, m.embed_dim, m.depths[0], m.num_heads[0]),
+                              "vit_base_patch16_224.mae")
+    size = int(img_size) if isinstance(img_size, int) else [int(v) for v in img_size]
+    args = dict(img_size=size, patch_size=int(m.patch_size), embed_dim=int(m.embed_dim), depth=int(m.depths[0]),
+                num_heads=int(m.num_heads[0]), mlp_ratio=float(m.mlp_ratio), global_pool="avg", fc_norm=False,
+                num_classes=0)
+    return name, args
+
+
+def native_export(backbone: VisionTransformer, cfg, img_size):
+    """`BackboneSpec.timm_native` of ViT: `(name, model_args, timm state, ummae-only tensors)`.
+    The keys are timm's already; the mask token (no timm key) goes to the ummae-only tensors."""
+    if _pair(img_size) != tuple(backbone.patch_embed.img_size):
+        h, w = backbone.patch_embed.img_size
+        raise ConfigError(f"--img-size {img_size}: a ViT export is at its pre-training size {h}x{w} (its "
+                          f"position table); build timm's vit_* with another img_size to resample it")
+    name, args = timm_vit_model(cfg.model, cfg.data.img_size)
+    state = backbone.state_dict()
+    extra = {k: state.pop(k) for k in ("mask_token",) if k in state}
+    return name, args, state, extra
+
+
+def from_timm_state(state: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ummae `VisionTransformer` weights from a timm-format export: timm's keys plus the mask token."""
+    return {**state, **extra}
 
 
 def _feature_map(encoder: VisionTransformer, feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -294,7 +343,8 @@ register_backbone(BackboneSpec(
             stem=r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre|mask_token)",
             blocks=r"^encoder\.blocks\.(\d+)"),
         num_blocks=lambda encoder: len(encoder.blocks), fixed_pos_embed=True),
-    timm_model=_timm_model, finetune_defaults=lambda m: {"layer_decay": 0.8, "drop_path": 0.1},
+    timm_model=_timm_model, timm_native=native_export, from_timm_native=from_timm_state,
+    finetune_defaults=lambda m: {"layer_decay": 0.8, "drop_path": 0.1},
     read_init_weights=official.read_init_weights, profile_blocks=("vit", timm_vit.Block),
     ignored_keys={"model.embed_dims": "model.embed_dims is for per-stage widths; vit uses model.embed_dim",
                   "model.mlp_ratios": "model.mlp_ratios is for per-stage ratios; vit uses model.mlp_ratio",
