@@ -102,28 +102,32 @@ DDP_SCRIPT = textwrap.dedent('''
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     import ummae  # noqa: F401
+    from ummae.engine.distributed import shutdown_distributed
 
-    name, keep_mask_token, args = sys.argv[1], sys.argv[2] == "1", eval(sys.argv[3])
+
+    def train(name, keep_mask_token, args):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=3, mask_token=keep_mask_token, **args)
+        ddp = DDP(model, find_unused_parameters=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(dist.get_rank())
+        for step in range(3):
+            x, y = torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 3, (2,), generator=g)
+            loss = torch.nn.functional.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        # DDP keeps the replicas identical.
+        w = torch.cat([p.detach().flatten() for p in model.parameters()])
+        ws = [torch.zeros_like(w) for _ in range(2)]
+        dist.all_gather(ws, w)
+        assert torch.equal(ws[0], ws[1])
+        if dist.get_rank() == 0:  # one writer: two processes' prints can interleave
+            print("trained", name, "on", dist.get_world_size(), "processes", flush=True)
+
     dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=3, mask_token=keep_mask_token, **args)
-    ddp = DDP(model, find_unused_parameters=False)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(dist.get_rank())
-    for step in range(3):
-        x, y = torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 3, (2,), generator=g)
-        loss = torch.nn.functional.cross_entropy(ddp(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # DDP keeps the replicas identical.
-    w = torch.cat([p.detach().flatten() for p in model.parameters()])
-    ws = [torch.zeros_like(w) for _ in range(2)]
-    dist.all_gather(ws, w)
-    assert torch.equal(ws[0], ws[1])
-    if dist.get_rank() == 0:  # one writer: two processes' prints can interleave
-        print("trained", name, "on", dist.get_world_size(), "processes", flush=True)
-    dist.destroy_process_group()
+    train(sys.argv[1], sys.argv[2] == "1", eval(sys.argv[3]))
+    shutdown_distributed()  # the DDP wrapper gone with train()'s frame: the group is freed now
 ''')
 
 
