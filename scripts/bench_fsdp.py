@@ -2,6 +2,7 @@
 
     python scripts/bench_fsdp.py --out fsdp.json                      # ViT-L and Swin-L UM-MAE, CPU
     python scripts/bench_fsdp.py --models vit_b --ranks 1,2 --out x.json   # smaller, faster
+    python scripts/bench_fsdp.py --summarize x.json     # the markdown table of docs/benchmarks.md
 
 Each (model, strategy, ranks) is one fresh `torchrun` (gloo on CPU, NCCL on CUDA): the model is
 built, wrapped as `ummae pretrain` wraps it (`engine.sharding`), and trained for `--steps`
@@ -156,6 +157,45 @@ def largest_batch(model: str, variant: str, ranks: int, steps: int, device: str,
             "failure_is_out_of_memory": is_out_of_memory(stop) if "error" in stop else None, "tries": tries}
 
 
+def summarize(runs: list[dict]) -> str:
+    """A markdown table per model: variant x ranks -> peak per rank at each batch, the state (the
+    intercept of peak over batch, in bytes per parameter), activations per image (the slope), the
+    resident state after the steps, and the step time over DDP's at the same ranks and batch."""
+    ok = [r for r in runs if "error" not in r]
+    out = []
+    for model in dict.fromkeys(r["model"] for r in ok):
+        mine = [r for r in ok if r["model"] == model]
+        batches = sorted({r["batch_per_rank"] for r in mine})
+        params = mine[0]["params"]
+        cell = {}
+        for r in mine:  # with --repeats: the median over rounds
+            cell.setdefault((r["variant"], r["ranks"], r["batch_per_rank"]), []).append(r)
+        med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
+        out += [f"{model}: {params / 1e6:.1f}M parameters (encoder + decoder), batch per rank {batches}", "",
+                "| variant | ranks | " + " | ".join(f"peak/rank b={b} (MiB)" for b in batches)
+                + " | state (B/param) | activations (MiB/img) | resident after steps (B/param) | "
+                + " | ".join(f"step / DDP b={b}" for b in batches) + " |",
+                "|" + "---|" * (5 + 2 * len(batches))]
+        for variant, ranks in dict.fromkeys((v, n) for v, n, _ in cell):
+            rows = [cell.get((variant, ranks, b)) for b in batches]
+            if not all(rows):
+                continue
+            peaks = [med(rs, lambda r: r["peak_growth_max_bytes"]) for rs in rows]
+            slope = (peaks[-1] - peaks[0]) / (batches[-1] - batches[0]) if len(batches) > 1 else float("nan")
+            state = peaks[0] - slope * batches[0]
+            after = med(rows[0], lambda r: max(x["after_steps_growth_bytes"] for x in r["per_rank"]))
+            ratios = []
+            for b, rs in zip(batches, rows):
+                ddp = cell.get(("ddp", ranks, b))
+                ratios.append(med(rs, lambda r: r["step_time_s"]) / med(ddp, lambda r: r["step_time_s"])
+                              if ddp else float("nan"))
+            out.append(f"| {variant} | {ranks} | " + " | ".join(f"{p / 2**20:.0f}" for p in peaks)
+                       + f" | {state / params:.1f} | {slope / 2**20:.0f} | {after / params:.1f} | "
+                       + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -183,6 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    p.add_argument("--summarize", metavar="JSON", nargs="+", help="print the tables of written JSON files")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -190,6 +231,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.summarize:
+        print("\n".join(summarize(json.loads(Path(f).read_text())["runs"]) for f in args.summarize))
         return 0
     import platform
 
