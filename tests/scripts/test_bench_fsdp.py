@@ -1,8 +1,8 @@
 """scripts/bench_fsdp.py without running a model: the doubling search for the largest batch and
 the summary table (the runs themselves are measurements, docs/benchmarks.md)."""
 
-
 from __future__ import annotations
+
 import importlib.util
 from pathlib import Path
 
