@@ -19,9 +19,11 @@ others still run):
               the synthetic step's images/s at the same batch: is the loader the bottleneck?
 
   fsdp        scripts/bench_fsdp.py on one GPU (1 rank: FSDP shards nothing, so this is the
-              activation-checkpointing effect): ViT-L and Swin-L UM-MAE, DDP vs FSDP vs FSDP +
-              checkpointing, allocator peak and step time (`--parts fsdp`; not run by default,
-              never run yet).
+              activation-checkpointing effect): ViT-L and Swin-L UM-MAE at batch 32, plain vs
+              checkpointed vs FSDP vs FSDP + checkpointed, allocator peak and step time (and the
+              ratios to the plain model); then the largest batch that fits per preset, plain
+              and checkpointed, by doubling from 8 until CUDA runs out of memory (every try a
+              fresh process). `--parts fsdp`; not in the default, never run yet.
 
 Nothing here is a test; tests/scripts/test_gpu_checks.py runs `--smoke`.
 """
@@ -191,18 +193,28 @@ def loader_part(preset, sets, device, batch, steps, workers, out_dir: Path, log)
             "jpeg_size": [500, 375]}
 
 
-def fsdp_part(device: str, batch: int, steps: int, log):
+def fsdp_part(device: str, batch: int, steps: int, log, models=("vit_l", "swin_l"), search_cap=4096):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_fsdp", ROOT / "scripts" / "bench_fsdp.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = []
-    for model in ("vit_l", "swin_l"):
-        for variant in ("ddp", "fsdp", "fsdp+ckpt"):
+    rows, largest = [], []
+    for model in models:
+        runs = {}
+        for variant in ("ddp", "ddp+ckpt", "fsdp", "fsdp+ckpt"):  # one rank: "ddp" is the plain model
             log(f"   {model} {variant}, batch {batch}")
-            rows.append(bench.run_one(model, variant, 1, batch, steps, device, threads=4))
-    return rows
+            runs[variant] = r = bench.run_one(model, variant, 1, batch, steps, device, threads=4)
+            rows.append(r)
+        if all("error" not in r for r in runs.values()):
+            plain = runs["ddp"]
+            for variant, r in runs.items():
+                r["peak_over_plain"] = r["peak_growth_max_bytes"] / plain["peak_growth_max_bytes"]
+                r["step_time_over_plain"] = r["step_time_s"] / plain["step_time_s"]
+        for variant in ("ddp", "ddp+ckpt"):
+            largest.append(bench.largest_batch(model, variant, 1, min(steps, 3), device, 4, cap=search_cap,
+                                               log=log))
+    return {"batch": batch, "runs": rows, "largest_batch": largest}
 
 
 def main(argv=None) -> int:
@@ -254,7 +266,9 @@ def main(argv=None) -> int:
             _part(results, "loader", lambda: loader_part(grid[0][0], sets, device, 4 if smoke else 128,
                                                          4 if smoke else 60, workers, tmp, log), log)
         if "fsdp" in parts:
-            _part(results, "fsdp", lambda: fsdp_part(device, 2 if smoke else 32, 2 if smoke else 10, log), log)
+            _part(results, "fsdp", lambda: fsdp_part(device, 2 if smoke else 32, 2 if smoke else 10, log,
+                                                     ("vit_b",) if smoke else ("vit_l", "swin_l"),
+                                                     4 if smoke else 4096), log)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     for row in results.get("grid", []) if isinstance(results.get("grid"), list) else []:
         log(f"{row['mode']:8s} {row['preset']:24s} {row['images_per_s']:9.1f} img/s  MFU {100 * row['mfu']:5.1f}%  "
