@@ -101,8 +101,6 @@ def worker(args) -> None:
         rows = [row]
     if env.is_main:
         Path(args.result).write_text(json.dumps(rows))
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _rss_bytes() -> int:
@@ -230,7 +228,10 @@ def main(argv=None) -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        from ummae.engine.distributed import shutdown_distributed
+
         worker(args)
+        shutdown_distributed()  # after worker's frame (the model, the optimizer) is gone: frees the group now
         return 0
     if args.summarize:
         print("\n".join(summarize(json.loads(Path(f).read_text())["runs"]) for f in args.summarize))
