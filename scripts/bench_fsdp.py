@@ -194,19 +194,6 @@ def summarize(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
@@ -240,10 +227,12 @@ def main(argv=None) -> int:
 
     import torch
 
+    from ummae.perf.bench import _device_name
+
     batches = [int(b) for b in (args.batches or str(args.batch)).split(",")]
     runs = []
     meta = {"command": " ".join(["python", "scripts/bench_fsdp.py"] + (sys.argv[1:] if argv is None else list(argv))),
-            "cpu": _cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": _device_name(torch.device("cpu")), "torch": torch.__version__, "python": platform.python_version(),
             "threads_per_rank": args.threads, "steps": args.steps,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "peak_memory_method": "per rank = per process; CPU: peak RSS (VmHWM) over the training steps, "
