@@ -69,6 +69,7 @@ INPUT_CASES = [
     ("shards missing --data", ["shards", "--data", "no/dir", "--out", "shards"], "--data: 'no/dir' does not exist"),
     ("shards bad --shard-size", ["shards", "--data", "images", "--out", "shards", "--shard-size", "0"],
      "--shard-size must be at least 1"),
+    ("shard-index missing --data", ["shard-index", "--data", "no/dir"], "--data: 'no/dir' does not exist"),
     ("visualize missing --checkpoint", ["visualize", "img.png", "--checkpoint", "no.pt", "--out", "r.png"],
      "--checkpoint: 'no.pt' does not exist"),
     ("visualize bad --masks", ["visualize", "img.png", "--checkpoint", "ckpt.pt", "--out", "r.png", "--masks", "0"],

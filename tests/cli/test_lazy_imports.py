@@ -17,7 +17,7 @@ def test_help_of_every_command_imports_neither_torch_nor_timm():
         "import contextlib, io\n"
         "from ummae.cli import build_parser, COMMANDS\n"
         "parser = build_parser()\n"
-        "for c in ['pretrain', 'finetune', 'knn', 'linprobe', 'visualize', 'export', 'convert', 'presets', 'bench', None]:\n"
+        "for c in ['pretrain', 'finetune', 'knn', 'linprobe', 'visualize', 'export', 'convert', 'presets', 'bench', 'shard-index', None]:\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "        parser.parse_args([c, '--help'] if c else ['--help'])")
     assert "ummae.cli.pretrain" in modules  # the parsers were really built

@@ -213,10 +213,10 @@ def test_the_header_index_agrees_with_tarfile_on_every_tar_dialect(tmp_path, fmt
             info.size, info.mtime = len(data), 1.5  # fractional mtime: a pax header per member
             tar.addfile(info, io.BytesIO(data))
     fast, reference = _index_shard(str(shard)), _index_with_tarfile(str(shard))
-    assert fast == reference and reference[1] is None
+    assert fast == reference and reference[1] is None  # heads too: where tarfile's member headers start
     assert [m[0] for m in fast[0]] == [n for n in names if n != "k2.cls"]
     raw = shard.read_bytes()
-    assert [raw[off:off + size] for _, off, size in fast[0]][0] == bytes([0]) * 10
+    assert [raw[off:off + size] for _, off, size, _ in fast[0]][0] == bytes([0]) * 10
     # a garbage header in the middle ends the shard there, with the members before it kept
     second = fast[0][1][1] - 512
     shard.write_bytes(raw[:second] + b"\x07" * 512 + raw[second + 512:])

@@ -17,13 +17,14 @@ from . import finetune as finetune_cmd
 from . import knn as knn_cmd
 from . import linprobe as linprobe_cmd
 from . import presets as presets_cmd
+from . import shard_index as shard_index_cmd
 from . import shards as shards_cmd
 from . import pretrain as pretrain_cmd
 from . import visualize as visualize_cmd
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (pretrain_cmd, shards_cmd, finetune_cmd, linprobe_cmd, knn_cmd, visualize_cmd, export_cmd,
+COMMANDS = (pretrain_cmd, shards_cmd, shard_index_cmd, finetune_cmd, linprobe_cmd, knn_cmd, visualize_cmd, export_cmd,
             convert_cmd, presets_cmd, bench_cmd)
 
 

@@ -19,7 +19,9 @@ def add_parser(sub) -> None:
         "shards", help="pack a folder of images into tar shards (for large data sets, many nodes)",
         description="Write every image under --data (searched recursively, as `ummae pretrain` does) "
                     "into uncompressed tar shards of --shard-size images, in the WebDataset format, "
-                    "bytes unchanged. Unreadable files are left out and listed in OUT/skipped_images.txt.",
+                    "bytes unchanged, each with an index file (SHARD.ummae-index) that start-up reads "
+                    "instead of every tar header. Unreadable files are left out and listed in "
+                    "OUT/skipped_images.txt.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="DIR", required=True, help="folder of images")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write the shards into")

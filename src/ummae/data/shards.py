@@ -47,10 +47,11 @@ import torch
 from PIL import Image
 
 from ummae.data.folder import IMAGE_EXTENSIONS, ImageFolderUnlabeled, load_rgb
+from ummae.data.shard_index import IndexProblem, ShardIndex, read_index, write_index
 from ummae.errors import ConfigError, UmmaeError
 
-__all__ = ["TarShards", "fetch_shard", "find_shards", "is_shard_spec", "image_field", "require_webdataset",
-           "shard_cache_dir"]
+__all__ = ["TarShards", "fetch_shard", "find_shards", "image_field", "index_shard", "index_shards",
+           "is_shard_spec", "require_webdataset", "shard_cache_dir"]
 
 # Open shard files per process: enough for a few shards' worth of locality, well under ulimits.
 MAX_OPEN_SHARDS = 64
@@ -184,8 +185,11 @@ def _read_list_file(path: Path) -> list[str]:
     return shards
 
 
-def _index_shard(shard: str) -> tuple[list[tuple[str, int, int]], str | None]:
-    """`([(member name, data offset, size), ...] of the image members, problem or None)`.
+def _index_shard(shard: str) -> tuple[list[tuple[str, int, int, int]], str | None]:
+    """`([(member name, data offset, size, head), ...] of the image members, problem or None)`.
+
+    `head`: the bytes of the member's tar header blocks, right before its data (512, or more when
+    a pax record or GNU long name precedes its ustar header).
 
     Reads only the 512-byte tar headers, skipping over the data. A shard cut short keeps the
     members whose headers were read; a member whose data is cut is still listed, and fails (is
@@ -193,19 +197,27 @@ def _index_shard(shard: str) -> tuple[list[tuple[str, int, int]], str | None]:
     to find the next member without it.
 
     ustar headers, with the pax records (`path`, `size`) and GNU long names that WebDataset and
-    Python's tarfile add, are parsed here, several times faster than `tarfile`, which builds a
-    TarInfo object per member; a shard with any other header (global pax headers, sparse files,
-    base-256 sizes) is indexed by `tarfile`.
+    Python's tarfile add, are parsed here (`_scan_headers`), several times faster than `tarfile`,
+    which builds a TarInfo object per member; a shard with any other header (global pax headers,
+    sparse files, base-256 sizes) is indexed by `tarfile`.
     """
+    scanned = _scan_headers(shard)
+    return scanned if scanned is not None else _index_with_tarfile(shard)
+
+
+def _scan_headers(shard: str) -> tuple[list[tuple[str, int, int, int]], str | None] | None:
+    """`_index_shard` by ummae's own header parser; None for a shard with a header of a tar
+    dialect it does not parse (`_OTHER_DIALECT`)."""
     try:
         fd = os.open(shard, os.O_RDONLY)
     except OSError as err:
         return [], f"cannot be opened ({err})"
     try:
         end = os.fstat(fd).st_size
-        members: list[tuple[str, int, int]] = []
+        members: list[tuple[str, int, int, int]] = []
         override: dict[str, bytes] = {}  # from a pax or GNU long-name header, for the next member
         offset = 0
+        start = None  # where the header blocks of the member being read begin
         while True:
             header = os.pread(fd, 512, offset)
             if len(header) < 512:
@@ -213,43 +225,107 @@ def _index_shard(shard: str) -> tuple[list[tuple[str, int, int]], str | None]:
                 return members, problem and f"unreadable after {len(members)} images ({problem})"
             if header == _ZERO_BLOCK:  # end-of-archive marker
                 return members, None
-            try:
-                checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-            except ValueError:
-                checksum = -1
-            if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as spaces
-                problem = "invalid header" if offset else "not an uncompressed tar"
+            fields = _parse_header(header)
+            if fields is _OTHER_DIALECT:
+                return None
+            if isinstance(fields, str):
+                problem = "not an uncompressed tar" if fields is _BAD_CHECKSUM and offset == 0 else fields
                 return members, f"unreadable after {len(members)} images ({problem})"
-            typeflag, size_field = header[156:157], header[124:136]
-            if header[257:262] != b"ustar" or typeflag in b"KgS" or size_field[0] & 0x80:
-                return _index_with_tarfile(shard)  # a valid header of a dialect not parsed here
-            try:
-                size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
-            except ValueError:
-                return members, f"unreadable after {len(members)} images (invalid size field)"
-            data_offset, offset = offset + 512, offset + 512 + (size + 511) // 512 * 512
+            typeflag, name, size = fields
+            start = offset if start is None else start
+            data_offset, offset = offset + 512, offset + 512 + _padded(size)
             if typeflag in b"xL":  # a pax record or GNU long name: it describes the next member
-                extended = os.pread(fd, size, data_offset)
-                if typeflag == b"L":
-                    override["path"] = extended.split(b"\0", 1)[0]
-                else:
-                    override.update(_pax_records(extended))
+                _extend(override, typeflag, os.pread(fd, size, data_offset))
                 continue
-            name = header[:100].split(b"\0", 1)[0]
-            prefix = header[345:500].split(b"\0", 1)[0]
-            name = override.get("path", prefix + b"/" + name if prefix else name)
+            name = override.get("path", name)
             if "size" in override:
                 size = int(override["size"])
-                offset = data_offset + (size + 511) // 512 * 512
-            override = {}
+                offset = data_offset + _padded(size)
+            override, head, start = {}, data_offset - start, None
             name = name.decode("utf-8", "surrogateescape")
-            if typeflag in (b"0", b"\0", b"7") and image_field(name):
-                members.append((name, data_offset, size))
+            if typeflag in _FILE_TYPES and image_field(name):
+                members.append((name, data_offset, size, head))
     finally:
         os.close(fd)
 
 
 _ZERO_BLOCK = bytes(512)
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular files (`7`: contiguous, read as regular)
+# What `_parse_header` says of a header it cannot parse (compared by identity).
+_BAD_CHECKSUM, _OTHER_DIALECT, _BAD_SIZE = "invalid header", "a tar dialect not parsed here", "invalid size field"
+
+
+def _padded(size: int) -> int:
+    """Bytes a member of `size` bytes takes in a tar: whole 512-byte blocks."""
+    return (size + 511) // 512 * 512
+
+
+def _parse_header(header: bytes) -> tuple[bytes, bytes, int] | str:
+    """`(typeflag, name, size)` of a 512-byte ustar header (the name with its ustar prefix, as the
+    header holds it: a pax `path` record or GNU long name before it may replace it), or why not:
+    `_BAD_CHECKSUM` (not a header), `_OTHER_DIALECT` (a valid header, of a dialect read by
+    `tarfile` instead: not ustar, a GNU multi-volume / global pax / sparse header, a base-256
+    size), `_BAD_SIZE`."""
+    try:
+        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        checksum = -1
+    if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as spaces
+        return _BAD_CHECKSUM
+    typeflag, size_field = header[156:157], header[124:136]
+    if header[257:262] != b"ustar" or typeflag in b"KgS" or size_field[0] & 0x80:
+        return _OTHER_DIALECT
+    try:
+        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return _BAD_SIZE
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0]
+    return typeflag, prefix + b"/" + name if prefix else name, size
+
+
+def _extend(override: dict[str, bytes], typeflag: bytes, extended: bytes) -> None:
+    """Record what a GNU long-name (`L`) or pax (`x`) header's data says of the next member."""
+    if typeflag == b"L":
+        override["path"] = extended.split(b"\0", 1)[0]
+    else:
+        override.update(_pax_records(extended))
+
+
+def _member_mismatch(block: bytes, head: int, name: bytes, size: int) -> str | None:
+    """Why `block[:head]`, the tar header blocks an index places right before a member's data, are
+    not those of the member `name` (UTF-8 bytes) of `size` bytes; None when they are.
+
+    Parsed as `_scan_headers` parses them, so a pax `path` record or GNU long name gives the
+    whole name, which the ustar header itself may hold cut at 100 bytes or with `?` for
+    non-ASCII characters. Checked: every header's checksum, that the last one is a regular
+    file's and ends exactly at the data, its name and its size.
+    """
+    override: dict[str, bytes] = {}
+    position = 0
+    try:
+        while position + 512 <= head:
+            fields = _parse_header(block[position:position + 512])
+            if isinstance(fields, str):
+                return f"no tar header where the index says ({fields})"
+            typeflag, header_name, header_size = fields
+            data, position = position + 512, position + 512 + _padded(header_size)
+            if typeflag in b"xL":
+                _extend(override, typeflag, block[data:data + header_size])
+                continue
+            if data != head:
+                return "the member's headers are not where the index says"
+            if typeflag not in _FILE_TYPES:
+                return "not a file"
+            found_name, found_size = override.get("path", header_name), int(override.get("size", header_size))
+            if found_name != name:
+                return f"the member there is '{found_name.decode('utf-8', 'replace')}'"
+            if found_size != size:
+                return f"the member there has {found_size} bytes, not {size}"
+            return None
+    except ValueError:  # a pax record that does not parse
+        return "an unreadable pax header where the index says"
+    return "no member header where the index says"
 
 
 def _pax_records(data: bytes) -> dict[str, bytes]:
@@ -264,9 +340,9 @@ def _pax_records(data: bytes) -> dict[str, bytes]:
     return records
 
 
-def _index_with_tarfile(shard: str) -> tuple[list[tuple[str, int, int]], str | None]:
+def _index_with_tarfile(shard: str) -> tuple[list[tuple[str, int, int, int]], str | None]:
     """`_index_shard` through Python's tarfile, which reads every tar dialect."""
-    members: list[tuple[str, int, int]] = []
+    members: list[tuple[str, int, int, int]] = []
     try:
         tar = tarfile.open(shard, "r:")  # "r:": uncompressed only, the format random access needs
     except (tarfile.ReadError, OSError) as err:
@@ -280,20 +356,91 @@ def _index_with_tarfile(shard: str) -> tuple[list[tuple[str, int, int]], str | N
             if info is None:
                 return members, None
             if info.isfile() and image_field(info.name):
-                members.append((info.name, info.offset_data, info.size))
+                # `info.offset`: where the member's first header block is, pax or GNU ones included
+                members.append((info.name, info.offset_data, info.size, info.offset_data - info.offset))
+
+
+def _shard_members(shard: str) -> tuple[ShardIndex | None, bool]:
+    """`(the members from the index file of `shard`, True)` when it has a fresh one; `(None,
+    False)` when it has none, or one that cannot be used, which is warned about in one line."""
+    try:
+        index = read_index(shard)
+    except IndexProblem as err:
+        warnings.warn(f"shard '{shard}': not using its index file ({err}), reading its tar headers "
+                      f"instead; rewrite the index with: ummae shard-index --data '{shard}'", stacklevel=3)
+        return None, False
+    return index, index is not None
+
+
+def index_shard(shard: str) -> str | None:
+    """Write the index file of `shard` (`ummae.data.shard_index`) from a scan of its tar headers.
+
+    Returns None when written, else why not: a damaged shard, or a tar dialect only `tarfile`
+    reads (`_scan_headers`), whose members' headers `TarShards.read_bytes` could not check;
+    such a shard's headers are read at every start instead. Raises UmmaeError (one line) when
+    the file cannot be written.
+    """
+    scanned = _scan_headers(shard)
+    if scanned is None:
+        return "a tar dialect ummae's header reader does not parse (global pax headers, sparse files " \
+               "or base-256 sizes)"
+    members, problem = scanned
+    if problem is not None:
+        return f"the shard is damaged: {problem}"
+    try:
+        write_index(shard, ShardIndex.from_members(members))
+    except OSError as err:
+        raise UmmaeError(f"cannot write the index of shard '{shard}': {err.strerror or err}") from None
+    return None
+
+
+def index_shards(spec: str | os.PathLike, force: bool = False,
+                 progress: bool = True) -> tuple[int, int, list[str]]:
+    """Write the missing and stale index files of the shards `spec` names (`find_shards`);
+    `force`: rewrite the fresh ones too. Returns `(written, already fresh, ["<shard>: why it
+    has no index", ...])`. Raises UmmaeError on a bad spec or an index that cannot be written."""
+    from ummae.engine.progress import progress_mode, track
+
+    written, fresh, problems = 0, 0, []
+    for shard in track(find_shards(spec), "index", progress_mode(progress), unit="shard"):
+        if not force:
+            try:
+                if read_index(shard) is not None:
+                    fresh += 1
+                    continue
+            except IndexProblem:
+                pass  # stale or damaged: rewritten below
+        problem = index_shard(shard)
+        if problem is None:
+            written += 1
+        else:
+            problems.append(f"{shard}: {problem}")
+    return written, fresh, problems
 
 
 class _MemberNames:
-    """`names[i]` -> `'<shard path>/<member name>'`, the id of image i in warnings and skip lists."""
+    """`names[i]` -> `'<shard path>/<member name>'`, the id of image i in warnings and skip lists.
 
-    def __init__(self, shards: list[str], shard_of: np.ndarray, members: np.ndarray) -> None:
-        self.shards, self.shard_of, self.members = shards, shard_of, members
+    The member names are kept as one bytes object and the end of each name in it (`name_ends`,
+    int64 [n]): no Python object per image, so the table is compact and forked DataLoader workers
+    share it (a list of str would be copied page by page into every worker as reference counts
+    are touched), and the names of an index file are used as they were read."""
+
+    def __init__(self, shards: list[str], shard_of: np.ndarray, names: bytes, name_ends: np.ndarray) -> None:
+        self.shards, self.shard_of, self.names, self.name_ends = shards, shard_of, names, name_ends
 
     def __len__(self) -> int:
-        return len(self.members)
+        return len(self.name_ends)
+
+    def member(self, index: int) -> bytes:
+        """The tar member name of image `index`, as stored (UTF-8 bytes)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"image {index} of {len(self)}")
+        index %= len(self)
+        return self.names[int(self.name_ends[index - 1]) if index else 0:int(self.name_ends[index])]
 
     def __getitem__(self, index: int) -> str:
-        member = self.members[index].decode("utf-8", "surrogateescape")
+        member = self.member(index).decode("utf-8", "surrogateescape")
         return f"{self.shards[self.shard_of[index]]}/{member}"
 
 
@@ -306,8 +453,15 @@ class TarShards(ImageFolderUnlabeled):
     `'<shard path>/<member name>'` goes to the run's skipped_images.txt. A shard that is not a tar
     at all is warned about at indexing and left out (`self.bad_shards`).
 
+    Each shard's members come from its index file (`<shard>.ummae-index`, see
+    `ummae.data.shard_index`) when it has a fresh one, else from reading its tar headers. An
+    index that is stale, corrupt or unreadable is warned about (once per shard, naming the
+    command that rewrites it) and the shard's headers are read instead; `self.indexed` counts
+    the shards whose index file was used.
+
     Order: shards in the order given, members in tar order; index i is stable as long as the
-    shards are, which is what exact resume relies on.
+    shards are, which is what exact resume relies on. An index file lists the same members in
+    the same order as the header scan, so i does not depend on whether a shard has one.
     """
 
     def __init__(self, spec: str | os.PathLike,
@@ -319,38 +473,61 @@ class TarShards(ImageFolderUnlabeled):
         self.skipped: set[str] = set()
         self.shards = find_shards(spec)
         self.bad_shards: list[str] = []
-        names: list[bytes] = []
-        shard_of: list[int] = []
-        offsets: list[int] = []
-        sizes: list[int] = []
-        for k, shard in enumerate(self.shards):
-            members, problem = _index_shard(shard)
-            if problem is not None:
-                self.bad_shards.append(f"{shard}: {problem}")
-                warnings.warn(f"shard '{shard}' is damaged: {problem}", stacklevel=2)
-            names += [name.encode("utf-8", "surrogateescape") for name, _, _ in members]
-            shard_of += [k] * len(members)
-            offsets += [offset for _, offset, _ in members]
-            sizes += [size for _, _, size in members]
-        if not names:
+        tables: list[ShardIndex] = []
+        self.indexed = 0
+        for shard in self.shards:
+            table, from_file = _shard_members(shard)
+            if from_file:
+                self.indexed += 1
+            else:
+                members, problem = _index_shard(shard)
+                if problem is not None:
+                    self.bad_shards.append(f"{shard}: {problem}")
+                    warnings.warn(f"shard '{shard}' is damaged: {problem}", stacklevel=2)
+                table = ShardIndex.from_members(members)
+                # Entries just read from the shard itself: its reads need no check (head 0).
+                table.heads = np.zeros(len(table), dtype=np.int64)
+            tables.append(table)
+        counts = [len(t) for t in tables]
+        if not sum(counts):
             raise UmmaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the {len(self.shards)} "
                              f"shard(s) of '{spec}'")
-        # The index is numpy arrays, not Python objects: millions of entries stay compact, and
-        # forked DataLoader workers share them (a list of str would be copied page by page into
-        # every worker as reference counts are touched).
-        self._shard_of = np.asarray(shard_of, dtype=np.int32)
-        self.paths = _MemberNames(self.shards, self._shard_of, np.array(names, dtype=np.bytes_))
-        self._offset = np.asarray(offsets, dtype=np.int64)
-        self._size = np.asarray(sizes, dtype=np.int64)
+        # The table is numpy arrays, not Python objects: millions of entries stay compact, and
+        # forked DataLoader workers share them.
+        self._shard_of = np.repeat(np.arange(len(tables), dtype=np.int32), counts)
+        self._offset = np.concatenate([t.offsets for t in tables])
+        self._size = np.concatenate([t.sizes for t in tables])
+        self._head = np.concatenate([t.heads for t in tables]).astype(np.int32)
+        name_base = np.cumsum([0] + [len(t.names) for t in tables[:-1]])
+        self.paths = _MemberNames(self.shards, self._shard_of, b"".join(t.names for t in tables),
+                                  np.concatenate([t.name_ends + base for t, base in zip(tables, name_base)]))
         self._files: OrderedDict[int, int] = OrderedDict()  # shard -> open fd, least recent first
 
     def read_bytes(self, index: int) -> bytes:
-        """The stored bytes of image `index` (e.g. the JPEG file), with one positional read."""
-        size = int(self._size[index])
-        data = os.pread(self._fd(int(self._shard_of[index])), size, int(self._offset[index]))
-        if len(data) < size:
+        """The stored bytes of image `index` (e.g. the JPEG file), with one positional read.
+
+        A member listed by an index file is read together with its tar header blocks (`head`
+        bytes before the data, in the same `os.pread`), and they must be the member's: a valid
+        checksum, its name and size (`_member_mismatch`). So an index that passed the load-time
+        checks (`read_index`) but is wrong anyway never yields another member's bytes: the read
+        raises UmmaeError, and the image is skipped and named like an unreadable one. Not
+        rescanned and retried: every process must number the images alike (the seeded epoch
+        order deals indices to ranks and workers), and one DataLoader worker that rescanned a
+        changed shard mid-run would number its members on its own.
+        """
+        size, offset, head = int(self._size[index]), int(self._offset[index]), int(self._head[index])
+        shard = int(self._shard_of[index])
+        data = os.pread(self._fd(shard), size + head, offset - head)
+        if len(data) < size + head:
             raise UmmaeError(f"cannot read image '{self.paths[index]}': shard truncated "
-                             f"({len(data)} of {size} bytes)")
+                             f"({max(len(data) - head, 0)} of {size} bytes)")
+        if head:
+            mismatch = _member_mismatch(data, head, self.paths.member(index), size)
+            if mismatch:
+                raise UmmaeError(f"cannot read image '{self.paths[index]}': the shard's index does not match "
+                                 f"the shard ({mismatch}); rewrite it with: ummae shard-index --data "
+                                 f"'{self.shards[shard]}'")
+            data = data[head:]
         return data
 
     def _source(self, index: int) -> io.BytesIO:
@@ -398,6 +575,8 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: in
     own `ShardWriter`. Every file is decoded once first, so that unreadable ones are left out
     (and listed) instead of failing a training run later.
 
+    Every shard gets its index file (`<shard>.ummae-index`, `ummae.data.shard_index`) too.
+
     Returns `(shard paths, unreadable files with the reason)`. Raises UmmaeError if `data` holds no
     images, none is readable, or `out` already holds shards.
     """
@@ -440,4 +619,19 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: in
         for shard in shards:
             os.remove(shard)
         raise UmmaeError(f"none of the {len(files)} images under '{data}' could be read")
+    _index_written(shards)
     return shards, unreadable
+
+
+def _index_written(shards: list[str]) -> None:
+    """An index file next to each shard just written, so that start-up reads it instead of the
+    tar headers. A failure is a warning, not an error: the shards are complete without it."""
+    for shard in shards:
+        try:
+            problem = index_shard(shard)
+            failure = problem and f"no index written for shard '{shard}' ({problem})"
+        except UmmaeError as err:
+            failure = str(err)
+        if failure:
+            warnings.warn(f"{failure}; its tar headers are read at start-up instead (retry with: "
+                          f"ummae shard-index --data '{shard}')", stacklevel=3)
