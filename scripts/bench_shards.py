@@ -13,7 +13,8 @@ round so machine noise hits every reader alike:
 
 each two ways: `bytes` (reading the stored image only) and `sample` (bytes + decode + the
 pre-training random-resized crop to 224 px, i.e. a whole training sample; the mask is left out as
-it does not depend on the storage). It also times building the shards' index (tar headers only).
+it does not depend on the storage). It also times building the shards' table at start-up (from the
+index files `ummae shards` writes; `--startup` compares that with reading every tar header).
 The files are in the page cache after the first round, so this measures the readers' own cost,
 not a disk or a network file system.
 

@@ -274,6 +274,15 @@ def test_the_index_is_written_atomically(shards, tmp_path, monkeypatch):
     assert len(_no_warnings(lambda: TarShards(tmp_path / "out"))) == 1
 
 
+def test_the_writer_refuses_what_the_reader_would_call_corrupt(shards, tmp_path):
+    copy = _copy(shards, tmp_path / "c")
+    entries = _entries(read_index(copy / "train-000000.tar"))
+    for head in (0, shard_index.MAX_HEAD + 512):  # no header known; a claim of more than 1 MiB of them
+        with pytest.raises(ValueError, match="cannot hold"):
+            write_index(copy / "train-000000.tar", ShardIndex.from_members([(*entries[0][:3], head)]))
+    assert read_index(copy / "train-000000.tar") is not None  # the index there was left alone
+
+
 def test_a_damaged_shard_gets_no_index(shards, tmp_path):
     shard = tmp_path / "cut.tar"
     raw = (shards / "train-000000.tar").read_bytes()

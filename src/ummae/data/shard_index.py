@@ -50,6 +50,9 @@ _HEADER = struct.Struct("<8sIIQQ32sII")  # magic, version, n, shard size, names 
 _ENTRY_BYTES = 8 + 8 + 4 + 4  # offset, size, head, name end
 # Member header chains hashed into the fingerprint: the first, the last and three spread between.
 FINGERPRINT_MEMBERS = 5
+# The most tar header bytes before one member's data an index may claim (a pax record with a
+# long path is a few KiB): each read reads them, so a damaged index must not claim gigabytes.
+MAX_HEAD = 1 << 20
 
 
 def index_path(shard: str | os.PathLike) -> str:
@@ -132,8 +135,10 @@ def write_index(shard: str | os.PathLike, index: ShardIndex) -> str:
     writing fails (OSError is raised). Raises ValueError for an index the format cannot hold.
     """
     n = len(index)
-    if n >= 2 ** 32 or len(index.names) >= 2 ** 32 or (n and int(index.heads.min()) <= 0):
-        raise ValueError(f"cannot write an index of {n} members ({len(index.names)} name bytes)")
+    heads_ok = not n or 0 < int(index.heads.min()) <= int(index.heads.max()) <= MAX_HEAD
+    if n >= 2 ** 32 or len(index.names) >= 2 ** 32 or not heads_ok:
+        raise ValueError(f"the index format cannot hold these {n} members ({len(index.names)} name bytes, "
+                         f"or a member with no tar header or over {MAX_HEAD} bytes of them)")
     target = index_path(shard)
     with open(shard, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -166,7 +171,7 @@ def read_index(shard: str | os.PathLike) -> ShardIndex | None:
       unreadable  it cannot be opened or read (permissions, an I/O error);
       corrupt     shorter or longer than its header says, wrong magic or version, a CRC-32
                   mismatch (a damaged or half-overwritten file), or entries that cannot be a
-                  tar's: a size < 0, a head not a positive multiple of 512, a member that starts
+                  tar's: a size < 0, a head not a multiple of 512 from 512 to `MAX_HEAD`, a member that starts
                   before the previous one ends or ends past the shard, name ends not increasing;
       stale       the shard's size, or its fingerprint (`fingerprint`), is not the one indexed.
     """
@@ -222,8 +227,8 @@ def _inconsistency(index: ShardIndex, shard_size: int) -> str | None:
         return None
     if (sizes < 0).any():
         return "a negative size"
-    if (heads < 512).any() or (heads % 512).any():
-        return "a header length that is not a positive multiple of 512"
+    if (heads < 512).any() or (heads % 512).any() or (heads > MAX_HEAD).any():
+        return f"a header length that is not a multiple of 512 between 512 and {MAX_HEAD}"
     starts, stops = offsets - heads, offsets + sizes
     if starts[0] < 0 or (starts[1:] < stops[:-1]).any():
         return "members that overlap or are out of order"

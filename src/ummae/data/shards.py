@@ -9,10 +9,18 @@ image extension (`jpg`, `png`, ...) is one sample; labels and other members are 
 Why an index instead of WebDataset's streaming reader: ummae seeds every crop and mask by
 `(seed, epoch, index)` and orders each epoch by a seeded permutation of indices
 (`ummae.data.sampling`), which is what makes resume exact and runs world-size invariant. A
-streamed shard has no index. So at start-up each process reads the shards' tar headers (512
-bytes per member; the image bytes are skipped with a seek) into a table of
-`(shard, data offset, size)`, and `dataset[i]` reads exactly member i with one positional read.
-The epoch then samples shards exactly like a folder: every image once per epoch across all
+streamed shard has no index. So at start-up each process builds a table of
+`(shard, data offset, size)` of every image member, and `dataset[i]` reads exactly member i
+with one positional read. The table comes from the index file next to each shard
+(`train-000000.tar.ummae-index`, `ummae.data.shard_index`: names, offsets and sizes as arrays,
+one read per shard), which `ummae shards` writes and `ummae shard-index` writes for shards from
+other tools; without one, from the shard's tar headers (512 bytes per member, the image bytes
+skipped with a seek), which for ImageNet-1K's 1.28M images costs every process of a run seconds
+of CPU and, on a cold network file system, a round trip per member. An index is used only when
+fresh (the shard's size and a fingerprint of some member headers match); a stale or damaged one
+is warned about and the headers are read instead, and since no index check can see every
+change, each read of an indexed member also reads its tar header and checks it is that member
+(`TarShards.read_bytes`): a wrong index never yields another image's bytes. The epoch then samples shards exactly like a folder: every image once per epoch across all
 ranks and DataLoader workers, the same crops and masks for any number of processes, bit-identical
 losses after a resume. The price: each read is a random access, which local disks and network
 file systems (NFS, Lustre, GPFS, or an object store mounted with a FUSE client such as
@@ -360,24 +368,24 @@ def _index_with_tarfile(shard: str) -> tuple[list[tuple[str, int, int, int]], st
                 members.append((info.name, info.offset_data, info.size, info.offset_data - info.offset))
 
 
-def _shard_members(shard: str) -> tuple[ShardIndex | None, bool]:
-    """`(the members from the index file of `shard`, True)` when it has a fresh one; `(None,
-    False)` when it has none, or one that cannot be used, which is warned about in one line."""
+def _fresh_index(shard: str) -> ShardIndex | None:
+    """The members of `shard` from its index file; None when it has none, or one that cannot be
+    used (stale, corrupt, unreadable), which is warned about in one line."""
     try:
-        index = read_index(shard)
+        return read_index(shard)
     except IndexProblem as err:
         warnings.warn(f"shard '{shard}': not using its index file ({err}), reading its tar headers "
                       f"instead; rewrite the index with: ummae shard-index --data '{shard}'", stacklevel=3)
-        return None, False
-    return index, index is not None
+        return None
 
 
 def index_shard(shard: str) -> str | None:
     """Write the index file of `shard` (`ummae.data.shard_index`) from a scan of its tar headers.
 
-    Returns None when written, else why not: a damaged shard, or a tar dialect only `tarfile`
-    reads (`_scan_headers`), whose members' headers `TarShards.read_bytes` could not check;
-    such a shard's headers are read at every start instead. Raises UmmaeError (one line) when
+    Returns None when written, else why not: a damaged shard, a tar dialect only `tarfile`
+    reads (`_scan_headers`), whose members' headers `TarShards.read_bytes` could not check, or
+    a shard the format cannot hold (`write_index`); such a shard's headers are read at every
+    start instead. Raises UmmaeError (one line) when
     the file cannot be written.
     """
     scanned = _scan_headers(shard)
@@ -389,6 +397,8 @@ def index_shard(shard: str) -> str | None:
         return f"the shard is damaged: {problem}"
     try:
         write_index(shard, ShardIndex.from_members(members))
+    except ValueError as err:  # a shard beyond what the format holds (4G members, MiB-long headers)
+        return str(err)
     except OSError as err:
         raise UmmaeError(f"cannot write the index of shard '{shard}': {err.strerror or err}") from None
     return None
@@ -476,8 +486,8 @@ class TarShards(ImageFolderUnlabeled):
         tables: list[ShardIndex] = []
         self.indexed = 0
         for shard in self.shards:
-            table, from_file = _shard_members(shard)
-            if from_file:
+            table = _fresh_index(shard)
+            if table is not None:
                 self.indexed += 1
             else:
                 members, problem = _index_shard(shard)
