@@ -111,8 +111,8 @@ def fingerprint(fd: int, shard_size: int, index: ShardIndex) -> bytes:
     (`ummae shards` writes the time of writing), so a shard rewritten with other members, or the
     same ones at another time, or shifted, changes them. The size catches a shard cut short or
     appended to. It costs a handful of 512-byte reads per shard whatever the image sizes, where
-    hashing the shard's first and last KiB would mostly hash image bytes, and the last 10 KiB of
-    a tar written by Python's tarfile or WebDataset are zero padding in almost every shard. The
+    hashing the shard's first and last KiB would mostly hash image bytes, and a tar written by
+    Python's tarfile (so by WebDataset) ends in 1 to 11 KiB of zeros, whatever its members. The
     modification time is not used: a copy (cp, rsync, an object store) changes it and leaves the
     index right. What this misses (a member in between renamed, headers at the same places) the
     check of every read catches (`TarShards.read_bytes`).
