@@ -20,12 +20,12 @@ e.g. 661 px for ummae_swin_tiny_256 (256 px, scale 0.2): 764x573 for a 4:3 photo
 square one. No single longer (or shorter) side is right for every aspect ratio, so --max-side N
 stays the plain cap on the longer side.
 
-Larger images become upright JPEGs (EXIF orientation applied, Pillow LANCZOS, quality 90).
-Smaller ones keep their bytes if they are JPEGs, BMPs or uncompressed TIFFs; other formats (PNG,
-WebP, GIF, compressed TIFF), which decode 1.7-3.5x slower per training sample than a JPEG, are
+With --max-side (N or auto), images larger than the size become upright JPEGs of that size
+(EXIF orientation applied, Pillow LANCZOS, quality 90). Smaller ones keep their bytes if they are JPEGs, BMPs or uncompressed TIFFs; other formats (PNG,
+WebP, GIF, compressed TIFF), which decode 1.6-3.1x slower per training sample than a JPEG, are
 stored as JPEGs at their own size. Keys and order are the folder's, so a run on the shards draws
-the same images in the same order as on the folder (the crop boxes are drawn anew: same sizes,
-other positions).
+the same images in the same order as on the folder (the crop boxes are drawn anew: same relative
+sizes, other positions).
 
 examples:
   ummae shards --data /data/imagenet/train --out /data/imagenet-shards --shard-size 5000
@@ -115,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
     check_input("--data", args.data, "dir")
     check_output("--out", args.out, "dir")
 
-    from ..data.folder import find_images
     from ..data.reencode import CropSafe, LongerSideAtMost
     from ..data.shards import write_shards
 
@@ -127,9 +126,8 @@ def run(args: argparse.Namespace) -> int:
     pattern = out / (f"{args.prefix}-{{{first}..{last}}}.tar" if len(shards) > 1 else Path(shards[0]).name)
     print(f"ummae shards: wrote {len(shards)} shard(s) to {out}")
     if shrink is not None:
-        folder_mb = sum(p.stat().st_size for p in find_images(args.data)) / 1e6
         shards_mb = sum(Path(s).stat().st_size for s in shards) / 1e6
-        print(f"  images stored  {shrink.describe()}; {folder_mb:,.1f} MB of files -> {shards_mb:,.1f} MB of shards")
+        print(f"  images stored  {shrink.describe()}; {shards_mb:,.1f} MB of shards")
     print(f"  train with     ummae pretrain --data '{pattern}'")
     if unreadable:
         listing = out / "skipped_images.txt"

@@ -35,11 +35,12 @@ __all__ = ["JPEG_QUALITY", "CropSafe", "LongerSideAtMost", "crop_safe_side", "en
            "reencoded_at_own_size", "shrink_image", "stored_image"]
 
 # Measured (scripts/bench_reencode.py; docs/benchmarks.md, "Re-encoded shards"), 12 MP photos
-# stored at 764x573, q85 / q90 / q95: 75 / 96 / 142 KiB per image; 458 / 418 / 354 training
+# stored at 764x573, q85 / q90 / q95: 75 / 96 / 142 KiB per image; 445 / 413 / 364 training
 # samples/s per core; the same 256 px crop differs from the original's by 2.1 / 1.9 / 1.5 grey
 # levels at scale 0.2 (1.3 / 1.1 / 0.9 for the whole image), against 0.5-1.9 (by scale) between
 # the two decode paths of the original, a difference training accepts by default. 90's loss is
-# of that size, and it is 1.18x faster than 95 at 0.68x the bytes, for 0.3 grey levels more.
+# of that size; it is 1.06-1.13x faster than 95 (3 and 12 MP) at 0.68x the bytes, for 0.3 grey
+# levels more, while 85 is only 1.06-1.08x faster than 90 (within the noise of other runs).
 JPEG_QUALITY = 90
 
 
@@ -55,7 +56,7 @@ def crop_safe_side(img_size: int, min_crop_scale: float) -> float:
         sqrt(W * H) >= img_size / sqrt(min_crop_scale * 3/4)      (661 px for 256 px, scale 0.2)
 
     For a 4:3 photo that is a shorter side of img_size / sqrt(min_crop_scale) (573 px: the issue's
-    estimate, 764x573), for a square one 661x661, for 16:9 881x496. (A crop that does not fit in
+    estimate, 764x573), for a square one 661x661, for 16:9 882x496. (A crop that does not fit in
     the image is redrawn, up to 10 times, then replaced by the largest centred crop of an allowed
     aspect, whose shorter side is the image's: `CropSafe` keeps that >= img_size as well, which
     only binds for panoramas wider than 1 / (min_crop_scale * 3/4) = 6.7:1.)
@@ -109,7 +110,7 @@ def shrink_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
     `img` may already be a reduced-scale JPEG decode of at least twice `size` (see
     `stored_image`): the same two steps as Pillow's own `Image.thumbnail` (draft, then resize
-    with reducing_gap 2), measured 0.2 grey levels from a full decode + LANCZOS and 3.4x faster
+    with reducing_gap 2), measured 0.2 grey levels from a full decode + LANCZOS and 2.9x faster
     at 4000x3000 -> 764x573 (docs/benchmarks.md, "Re-encoded shards").
     """
     return img.resize(size, Image.Resampling.LANCZOS)
@@ -160,10 +161,11 @@ def stored_image(path: str | os.PathLike, shrink=None, quality: int = JPEG_QUALI
 
 def reencoded_at_own_size(opened: Image.Image) -> bool:
     """Whether `ummae shards --max-side` stores an image it need not shrink as a JPEG anyway: if
-    it decodes slower than a JPEG would. Measured per 256 px training sample at 500x375
-    (docs/benchmarks.md, "Re-encoded shards"): PNG 3.5x, lossy WebP and LZW TIFF 1.7x slower than
-    the JPEG; BMP and uncompressed TIFF 1.8x faster (at 10x the bytes): kept, as are JPEGs
-    (re-encoding one would only lose). GIF (palette, LZW) and other formats are re-encoded."""
+    it decodes slower than a JPEG would. Measured per 256 px training sample from the same 500x375
+    photos (docs/benchmarks.md, "Re-encoded shards"): PNG 3.1x, lossy WebP 1.8x, LZW TIFF 1.6x
+    slower than from the JPEG; BMP and uncompressed TIFF 1.9x faster (at 10x the bytes): kept, as
+    are JPEGs (re-encoding one would only lose). GIF (palette, LZW) and other formats are
+    re-encoded."""
     if opened.format in ("JPEG", "MPO", "BMP"):  # MPO: the multi-picture JPEG some cameras write
         return False
     return not (opened.format == "TIFF" and opened.info.get("compression") == "raw")
