@@ -356,6 +356,8 @@ def test_auto_is_the_smallest_size_at_which_no_crop_upsamples():
     assert rule(2000, 2000) == (661, 661)
     assert rule(8000, 1000) == (2048, 256)  # a panorama: the shorter side (the fallback crop's) binds
     assert rule(500, 375) is None and rule(661, 661) is None and rule(662, 662) == (661, 661)
+    assert "e.g. 764x573 for a 4:3 photo" in rule.describe()
+    assert "e.g. 6106x4580" in CropSafe(2048, 0.2).describe()  # larger than the 12 MP photo of the example above
 
     def least_crop_side(width, height):
         """The shorter side of the smallest, most elongated crop RandomResizedCrop draws."""

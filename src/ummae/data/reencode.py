@@ -100,9 +100,10 @@ class CropSafe:
         return None if size[0] >= width else size  # not smaller (within rounding): stored as it is
 
     def describe(self) -> str:
+        example = self(40_000, 30_000)  # a 4:3 photo large enough to be shrunk for any img_size
         return (f"the smallest size at which no {self.img_size} px crop of scale >= {self.min_crop_scale:g} "
                 f"upsamples: sqrt(width x height) >= {math.ceil(self.side)} px, e.g. "
-                f"{'x'.join(map(str, self(4000, 3000)))} for a 4:3 photo")
+                f"{example[0]}x{example[1]} for a 4:3 photo")
 
 
 def shrink_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:
