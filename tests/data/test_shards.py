@@ -264,3 +264,149 @@ def test_pretrain_on_bad_shards_fails_in_one_line_before_writing(shards, tmp_pat
         result = run_cli_captured(tiny_pretrain_args(out, "--data", data), out)
         assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
         assert "Traceback" not in result.err and not out.exists()
+
+
+# -- --max-side: images re-encoded to the size training needs ---------------------------------------
+
+def _upright_picture() -> Image.Image:
+    """48 wide x 64 tall: white top quarter over a smooth dark gradient, so "upright" can be checked."""
+    pixels = np.zeros((64, 48, 3), dtype=np.uint8)
+    pixels[16:] = np.linspace(0, 80, 48, dtype=np.uint8)[None, :, None]
+    pixels[:16] = 255
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    """Large and small images of several kinds; sorted names give the keys 0..4 in this order."""
+    root = tmp_path_factory.mktemp("mixed")
+    upright = _upright_picture()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the camera held upright
+    upright.transpose(Image.Transpose.ROTATE_90).save(root / "a_rotated.jpg", quality=95, exif=exif)
+    upright.resize((18, 24)).save(root / "b_small.png")
+    upright.save(root / "c_small.jpg", quality=80)  # 64 px: not above --max-side 64
+    upright.convert("L").resize((96, 128)).save(root / "d_grey.jpg", quality=95)
+    upright.convert("CMYK").resize((96, 128)).save(root / "e_cmyk.jpg", quality=95)
+    upright.resize((18, 24)).save(root / "f_small.bmp")
+    transparent = upright.resize((18, 24)).convert("RGBA")
+    transparent.putalpha(Image.fromarray(np.repeat(np.array([[0] * 9 + [255] * 9], np.uint8), 24, axis=0)))
+    transparent.save(root / "g_alpha.png")  # left half transparent: training sees it white
+    return root
+
+
+def _members(shard_dir: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(next(shard_dir.glob("*.tar"))) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_max_side_stores_large_images_upright_at_n_and_small_ones_unchanged(mixed_folder, tmp_path):
+    from ummae.data import load_rgb
+
+    out = tmp_path / "s"
+    result = run_cli_captured(["shards", "--data", str(mixed_folder), "--out", str(out), "--max-side", "32",
+                               "--no-progress"], out)
+    assert result.code == 0, result.err
+    assert "longer side at most 32 px" in result.out
+    members = _members(out)
+    # keys are the folder positions; what is stored as a JPEG becomes .jpg, the BMP keeps its bytes
+    assert [name for name, _ in members] == [f"{k:09d}.jpg" for k in range(5)] + ["000000005.bmp", "000000006.jpg"]
+    assert members[5][1] == (mixed_folder / "f_small.bmp").read_bytes()  # decodes faster than a JPEG: kept
+    stored = [Image.open(io.BytesIO(data)) for _, data in members]
+    # above 32 px: longer side 32; the small PNGs: JPEGs at their own size (they decode slower)
+    assert [im.size for im in stored] == [(24, 32), (18, 24), (24, 32), (24, 32), (24, 32), (18, 24), (18, 24)]
+    assert [im.format for im in stored] == ["JPEG"] * 5 + ["BMP", "JPEG"]
+    assert [im.mode for im in stored] == ["RGB", "RGB", "RGB", "L", "RGB", "RGB", "RGB"]  # grey stays grey, CMYK -> RGB
+    rotated = stored[0]
+    assert rotated.getexif().get(0x0112) is None  # upright pixels, no orientation tag left to apply
+    expected = _upright_picture().resize((24, 32), Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(rotated, dtype=float) - np.asarray(expected, dtype=float)).mean() < 3
+    assert np.asarray(rotated)[:6].mean() > 240 > 60 > np.asarray(rotated)[10:].mean()  # white on top
+    assert np.asarray(stored[6])[:, :7].min() > 240  # the transparent half: white, as load_rgb shows it
+    # what training decodes from the shards is the folder's image, shrunk: the same picture
+    for k, path in enumerate(sorted(mixed_folder.iterdir())):
+        original = np.asarray(load_rgb(path).resize(stored[k].size, Image.Resampling.LANCZOS), dtype=float)
+        assert np.abs(np.asarray(load_rgb(io.BytesIO(members[k][1])), dtype=float) - original).mean() < 4, path
+
+
+def test_max_side_keeps_images_of_exactly_n_as_they_are(mixed_folder, tmp_path):
+    out = tmp_path / "s"
+    result = run_cli_captured(["shards", "--data", str(mixed_folder), "--out", str(out), "--max-side", "64",
+                               "--no-progress"], out)
+    assert result.code == 0, result.err
+    members = _members(out)
+    assert members[0][1] == (mixed_folder / "a_rotated.jpg").read_bytes()  # 48x64 upright: not above 64
+    assert members[2][1] == (mixed_folder / "c_small.jpg").read_bytes()
+    assert Image.open(io.BytesIO(members[3][1])).size == (48, 64)  # the 96x128 grey one is halved
+    assert members[5][1] == (mixed_folder / "f_small.bmp").read_bytes()
+    assert Image.open(io.BytesIO(members[1][1])).format == "JPEG"  # the PNG: re-encoded at its size
+
+
+def test_auto_is_the_smallest_size_at_which_no_crop_upsamples():
+    from torchvision import transforms as T
+
+    from ummae.data.reencode import CropSafe, crop_safe_side
+    from ummae.data.transforms import CROP_RATIO
+
+    # the crop's least side is sqrt(min_crop_scale * 3/4 * W * H): bound the area, not a side
+    assert crop_safe_side(256, 0.2) == pytest.approx(256 / (0.2 * 0.75) ** 0.5) == pytest.approx(661.0, abs=0.1)
+    rule = CropSafe(256, 0.2)
+    assert rule(4000, 3000) == (764, 573)  # a 4:3 photo: shorter side 256 / sqrt(0.2), the issue's estimate
+    assert rule(3000, 4000) == (573, 764)
+    assert rule(2000, 2000) == (661, 661)
+    assert rule(8000, 1000) == (2048, 256)  # a panorama: the shorter side (the fallback crop's) binds
+    assert rule(500, 375) is None and rule(661, 661) is None and rule(662, 662) == (661, 661)
+    assert "e.g. 764x573 for a 4:3 photo" in rule.describe()
+    assert "e.g. 6106x4580" in CropSafe(2048, 0.2).describe()  # larger than the 12 MP photo of the example above
+
+    def least_crop_side(width, height):
+        """The shorter side of the smallest, most elongated crop RandomResizedCrop draws."""
+        stand_in = torch.empty(1, 1, 1).expand(1, height, width)
+        sides = []
+        for ratio in CROP_RATIO:
+            for seed in range(20):
+                torch.manual_seed(seed)
+                _, _, h, w = T.RandomResizedCrop.get_params(stand_in, [0.2, 0.2], [ratio, ratio])
+                sides.append(min(h, w))
+        return min(sides)
+
+    for width, height in ((4000, 3000), (2000, 2000), (1000, 1600)):
+        small = rule(width, height)
+        assert least_crop_side(*small) >= 256
+        # a few pixels smaller, and the worst crop would be upsampled: the size is the smallest
+        assert least_crop_side(small[0] - 4, small[1] - 3) < 256, (width, height)
+
+
+def test_max_side_auto_sizes_for_the_preset_and_the_shards_still_read(mixed_folder, tmp_path):
+    from ummae.data.reencode import CropSafe
+
+    out = tmp_path / "s"
+    # ummae_swin_demo: 128 px crops, scale 0.2-1 -> sqrt(W x H) >= 331; --img-size 32 overrides it
+    result = run_cli_captured(["shards", "--data", str(mixed_folder), "--out", str(out), "--max-side", "auto",
+                               "--preset", "ummae_swin_demo", "--img-size", "32", "--no-progress"], out)
+    assert result.code == 0, result.err
+    assert "sqrt(width x height) >= 83 px" in result.out
+    assert CropSafe(32, 0.2)(96, 128) == (72, 96)
+    members = _members(out)
+    assert Image.open(io.BytesIO(members[3][1])).size == (72, 96)  # the 96x128 ones shrunk
+    assert members[0][1] == (mixed_folder / "a_rotated.jpg").read_bytes()  # 48x64: small enough
+    ds = TarShards(out, pretrain_transform(32))
+    assert len(ds) == 7 and ds[3].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-side", "8"], "--max-side must be at least 16 px, got 8"),
+    (["--max-side", "big"], "--max-side must be a number of pixels or auto, got 'big'"),
+    (["--max-side", "auto"], "--max-side auto needs --preset NAME"),
+    (["--max-side", "auto", "--preset", "ummae_swin_tiny"], "unknown preset 'ummae_swin_tiny' (--preset)"),
+    (["--max-side", "64", "--preset", "demo"], "--preset only applies with --max-side auto"),
+    (["--min-crop-scale", "0.3"], "--min-crop-scale only applies with --max-side auto"),
+    (["--max-side", "auto", "--preset", "demo", "--min-crop-scale", "0"], "--min-crop-scale (data.min_crop_scale) must be in (0, 1]"),
+    (["--max-side", "auto", "--preset", "demo", "--img-size", "8"], "--img-size (data.img_size) must be at least 16"),
+    (["--max-side", "auto", "--config", "no.yaml"], "--config: 'no.yaml' does not exist"),
+])
+def test_bad_size_options_are_one_line_errors_before_any_work(mixed_folder, tmp_path, extra, message):
+    out = tmp_path / "s"
+    result = run_cli_captured(["shards", "--data", str(mixed_folder), "--out", str(out), *extra], out)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert f"ummae shards: error: {message}" in result.err and not out.exists()

@@ -73,6 +73,29 @@ def test_training_on_shards_is_the_same_run_as_on_the_folder(demo_folder, demo_s
     assert runs["folder"] == runs["shards"] and len(runs["shards"]) == 3
 
 
+def test_shards_re_encoded_with_max_side_train(demo_folder, tmp_path):
+    # Every demo photo (303-1411 px a side) is re-encoded to a 256 px longer side, in the folder's order.
+    import io
+    import math
+
+    from PIL import Image
+
+    shards = tmp_path / "small"
+    result = run_cli_captured(["shards", "--data", str(demo_folder), "--out", str(shards), "--shard-size", "4",
+                               "--max-side", "256", "--no-progress"], shards)
+    assert result.code == 0, result.err
+    stored = []
+    for k in range(4):
+        with tarfile.open(shards / f"train-{k:06d}.tar") as tar:
+            stored += [(m.name, Image.open(io.BytesIO(tar.extractfile(m).read())).size) for m in tar.getmembers()]
+    assert [name for name, _ in stored] == [f"{i:09d}.jpg" for i in range(N)]
+    assert all(max(size) == 256 for _, size in stored)
+    run = tmp_path / "run"
+    result = run_cli_captured(args(run, pattern(shards), 3), run)
+    assert result.code == 0, result.err
+    assert len(losses(run)) == 3 and all(math.isfinite(v) for v in losses(run).values())
+
+
 # Runs `ummae` under torchrun, logging every sample the data loader draws as "rank epoch index".
 _LOGGING_MAIN = textwrap.dedent("""\
     import os, sys

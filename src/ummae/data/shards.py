@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ummae.data.folder import IMAGE_EXTENSIONS, ImageFolderUnlabeled, load_rgb
+from ummae.data.folder import IMAGE_EXTENSIONS, ImageFolderUnlabeled
 from ummae.data.shard_index import IndexProblem, ShardIndex, read_index, write_index
 from ummae.errors import ConfigError, UmmaeError
 
@@ -577,13 +577,18 @@ class TarShards(ImageFolderUnlabeled):
 
 
 def write_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000,
-                 prefix: str = "train", progress: bool = True) -> tuple[list[str], list[str]]:
+                 prefix: str = "train", progress: bool = True, shrink=None) -> tuple[list[str], list[str]]:
     """Pack every image under folder `data` into tar shards `out/<prefix>-000000.tar`, ...
 
-    Each readable image is stored as it is on disk (no re-encoding) under the key of its position
-    in the sorted file list (`000000123.jpg`), `shard_size` images per shard, with WebDataset's
-    own `ShardWriter`. Every file is decoded once first, so that unreadable ones are left out
-    (and listed) instead of failing a training run later.
+    Each readable image is stored under the key of its position in the sorted file list
+    (`000000123.jpg`), `shard_size` images per shard, with WebDataset's own `ShardWriter`: as it
+    is on disk (bytes unchanged), or, with `shrink` (`ummae.data.reencode.LongerSideAtMost` or
+    `CropSafe`, `ummae shards --max-side`), as `ummae.data.reencode.stored_image` decides: a
+    smaller upright JPEG if `shrink` says it is too large, a JPEG of its own size if its format
+    decodes slower than one (PNG, WebP, ...), else its bytes. The key stays the file's position
+    either way, so the shards hold the folder's images in the folder's order. Every file is
+    decoded once first, so that unreadable ones are left out (and listed) instead of failing a
+    training run later.
 
     Every shard gets its index file (`<shard>.ummae-index`, `ummae.data.shard_index`) too.
 
@@ -591,6 +596,7 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: in
     images, none is readable, or `out` already holds shards.
     """
     from ummae.data.folder import find_images
+    from ummae.data.reencode import stored_image
     from ummae.engine.progress import progress_mode, track
 
     wds = require_webdataset()
@@ -610,12 +616,12 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: in
                              mtime=int(time.time())) as sink:
             for number, path in enumerate(track(files, "shards", progress_mode(progress), unit="img")):
                 try:
-                    load_rgb(path)
+                    field, stored = stored_image(path, shrink)
                 except UmmaeError as err:
                     unreadable.append(str(err))
                     continue
                 # WebDataset fields are the extension without the dot; `jpeg` and `jpg` are both fine.
-                sink.write({"__key__": f"{number:09d}", path.suffix.lower()[1:]: path.read_bytes()})
+                sink.write({"__key__": f"{number:09d}", field: stored})
                 written += 1
     except OSError as e:
         # A full disk (or a folder gone read-only) mid-way: no half-written shard, and no set
