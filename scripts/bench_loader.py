@@ -20,6 +20,8 @@ time of this one-thread process, so that other programs on a shared machine do n
     plain-float  load_rgb (full decode, no copy) + pretrain_transform (normalised float)
     plain-uint8  load_rgb (full decode) + pretrain_crop (uint8; normalised on the device)
     fast-uint8   CropDecoder(decode="fast"): box first, JPEG decoded at 1/2..1/8 scale
+    gpu-worker   EncodedCrop (data.decode=gpu): what is left to a worker when the training process
+                 decodes on the GPU: read the file, read the JPEG header, draw box and flip
 And, to see where time goes, decode alone (full size) with Pillow, torchvision.io.decode_jpeg
 and, if installed, simplejpeg; and mask drawing alone.
 
@@ -41,8 +43,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ummae.data import CropDecoder, load_demo_images, load_rgb, pretrain_crop, pretrain_transform
-from ummae.data.sampling import draw_masks, seed_for
+from ummae.data import CropDecoder, EncodedCrop, load_demo_images, load_rgb, pretrain_crop, pretrain_transform
+from ummae.data.sampling import draw_masks, seed_for, seeded_draws
 
 SIZES = {"imagenet": (500, 375), "camera": (2000, 1500), "camera-12mp": (4000, 3000)}
 
@@ -80,8 +82,8 @@ def pipelines(img_size: int, masking) -> dict:
 
     def sample(make):
         def run(path, key):
-            torch.manual_seed(seed_for(0, "augment", *key))
-            image = make(path)
+            with seeded_draws(seed_for(0, "augment", *key)):  # as SeededSamples seeds a worker's sample
+                image = make(path)
             if masking is not None:
                 draw_masks(masking, 0, key[0], [key[1]])
             return image
@@ -92,6 +94,7 @@ def pipelines(img_size: int, masking) -> dict:
         "plain-float": sample(lambda p: old(load_rgb(p))),
         "plain-uint8": sample(lambda p: crop(load_rgb(p))),
         "fast-uint8": sample(fast),
+        "gpu-worker": sample(EncodedCrop(img_size)),
     }
     if masking is not None:
         runs["mask only"] = lambda path, key: draw_masks(masking, 0, key[0], [key[1]])
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--preset", default="ummae_swin_tiny_256", help="model for the mask and GPU estimate")
     parser.add_argument("--gpu-tflops", type=float, default=790.0, help="GPU bf16 dense peak (H200: ~790)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation")
+    parser.add_argument("--only", nargs="+", metavar="PIPELINE",
+                        help="time only these pipelines (names as printed), e.g. fast-uint8 gpu-worker")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -178,11 +183,13 @@ def main() -> None:
             paths = make_jpegs(Path(tmp), width, height, args.photos, args.noise)
             bpp = statistics.mean(p.stat().st_size for p in paths) / (width * height)
             repeat = max(1, round(4 * 500 * 375 / (width * height)))  # >= 4 rounds of work at 500x375
-            rates = time_interleaved(pipelines(gpu["img_size"], masking), paths, args.rounds, repeat)
-            rates.update(time_interleaved(decoders(), paths, args.rounds, repeat))
-            base = rates["old"]
+            runs = {**pipelines(gpu["img_size"], masking), **decoders()}
+            if args.only:
+                runs = {name: run for name, run in runs.items() if name in args.only}
+            rates = time_interleaved(runs, paths, args.rounds, repeat)
+            base = rates.get("old", next(iter(rates.values())))
             print(f"\n{name} {width}x{height}, {bpp:.2f} bytes/pixel, crop {gpu['img_size']}px, 1 thread")
-            print(f"{'pipeline':28s} {'img/s/core':>10s} {'vs old':>7s} {'cores for GPU':>13s}")
+            print(f"{'pipeline':28s} {'img/s/core':>10s} {'vs ' + next(iter(rates))[:5]:>7s} {'cores for GPU':>13s}")
             for run, rate in rates.items():
                 cores = gpu["images_per_s"] / rate
                 print(f"{run:28s} {rate:10.1f} {rate / base:6.2f}x {cores:13.0f}")

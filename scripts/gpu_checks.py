@@ -15,8 +15,11 @@ others still run):
   torchrun    a 1-process `torchrun ... -m ummae pretrain` (NCCL on a GPU, gloo on CPU): the
               distributed code path end to end;
   loader      full-loop images/s of `ummae pretrain` from a folder of JPEGs (the demo
-              photographs saved at ImageNet-like 500x375) with the real data loader, next to
-              the synthetic step's images/s at the same batch: is the loader the bottleneck?
+              photographs saved at ImageNet-like 500x375 and camera-like 2000x1500) with the
+              real data loader, `data.decode=fast` (the workers decode) and `data.decode=gpu`
+              (the workers read bytes, nvJPEG decodes the batch), next to the synthetic step's
+              images/s at the same batch: is the loader the bottleneck? And the device decode
+              alone (`ummae.data.decode_batch`, one batch), images/s;
 
   fsdp        scripts/bench_fsdp.py on one GPU (1 rank: FSDP shards nothing, so this is the
               activation-checkpointing effect): ViT-L and Swin-L UM-MAE at batch 32, plain vs
@@ -173,24 +176,52 @@ def _jpeg_folder(root: Path, count: int, size=(500, 375)) -> Path:
     return folder.parent
 
 
-def loader_part(preset, sets, device, batch, steps, workers, out_dir: Path, log):
+def loader_part(preset, sets, device, batch, steps, workers, out_dir: Path, log, sizes=((500, 375),)):
+    """Full-loop images/s of `ummae pretrain` per JPEG size and decode mode (`fast`: the workers
+    decode; `gpu`: the workers read bytes, the training process decodes on the device), next to
+    the synthetic step; and the device decode alone (`decode_batch` on one batch of the files)."""
+    from ummae.data import EncodedCrop, collate_encoded, decode_batch
+    from ummae.data.sampling import SeededSamples
+    from ummae.data.folder import ImageFolderUnlabeled
     from ummae.engine.pretrain import pretrain
 
-    data = _jpeg_folder(out_dir, max(batch * 4, 64))
-    cfg = resolve_config(preset, None, list(sets) + [f"data.num_workers={workers}", "train.save_every=0",
-                                                     f"train.log_every={max(steps // 4, 1)}"],
-                         {"train.device": device, "train.batch_size": batch, "train.max_steps": steps,
-                          "data.path": str(data), "train.out": str(out_dir / "loader_run")})
-    result = pretrain(cfg, progress=False)
-    lines = [json.loads(line) for line in Path(result.metrics).read_text().splitlines()]
-    steady = [line["images_per_sec"] for line in lines[1:]] or [result.images_per_sec]
     synthetic = run_benchmark(_configs([preset], sets, device), batch_size=batch, steps=max(steps // 4, 2),
                               warmup=1, device=device, measure_memory=False)["results"][0]["images_per_s"]
-    loop = sorted(steady)[len(steady) // 2]
+    runs = []
+    for size in sizes:
+        data = _jpeg_folder(out_dir / f"{size[0]}x{size[1]}", max(batch * 4, 64), size)
+        for decode in ("fast", "gpu"):
+            log(f"   loader {size[0]}x{size[1]}, decode={decode}, {workers} workers, batch {batch}")
+            cfg = resolve_config(preset, None, list(sets) + [
+                f"data.num_workers={workers}", f"data.decode={decode}", "train.save_every=0",
+                f"train.log_every={max(steps // 4, 1)}"],
+                {"train.device": device, "train.batch_size": batch, "train.max_steps": steps,
+                 "data.path": str(data), "train.out": str(out_dir / f"loader_{size[0]}_{decode}")})
+            result = pretrain(cfg, progress=False)
+            lines = [json.loads(line) for line in Path(result.metrics).read_text().splitlines()]
+            steady = sorted(line["images_per_sec"] for line in lines[1:]) or [result.images_per_sec]
+            loop = steady[len(steady) // 2]
+            runs.append({"jpeg_size": list(size), "decode": decode, "full_loop_images_per_s": loop,
+                         "full_loop_images_per_s_run_mean": result.images_per_sec,
+                         "loop_over_synthetic": loop / synthetic, "cpu_decoded": result.cpu_decoded})
+        # the device decode alone: one batch of these files, decoded, cropped, resized, flipped
+        cfg = resolve_config(preset, None, list(sets))
+        samples = SeededSamples(ImageFolderUnlabeled(data, loader=EncodedCrop(cfg.data.img_size)), 0)
+        encoded = collate_encoded([samples[(0, i)] for i in range(batch)])["image"]
+        encoded = encoded.pin_memory() if device.startswith("cuda") else encoded
+        times = []
+        for _ in range(4):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            decode_batch(encoded, cfg.data.img_size, device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        runs.append({"jpeg_size": list(size), "decode": "device decode alone (decode_batch)",
+                     "images_per_s": batch / sorted(times[1:])[len(times[1:]) // 2]})
     return {"preset": preset, "batch_size": batch, "workers": workers, "cpu_count": os.cpu_count(),
-            "full_loop_images_per_s": loop, "full_loop_images_per_s_run_mean": result.images_per_sec,
-            "synthetic_step_images_per_s": synthetic, "loop_over_synthetic": loop / synthetic,
-            "jpeg_size": [500, 375]}
+            "synthetic_step_images_per_s": synthetic, "runs": runs}
 
 
 def fsdp_part(device: str, batch: int, steps: int, log, models=("vit_l", "swin_l"), search_cap=4096):
@@ -264,7 +295,9 @@ def main(argv=None) -> int:
         if "loader" in parts:
             workers = 0 if smoke else min(os.cpu_count() or 1, 16)
             _part(results, "loader", lambda: loader_part(grid[0][0], sets, device, 4 if smoke else 128,
-                                                         4 if smoke else 60, workers, tmp, log), log)
+                                                         4 if smoke else 60, workers, tmp, log,
+                                                         ((500, 375),) if smoke else ((500, 375), (2000, 1500))),
+                  log)
         if "fsdp" in parts:
             _part(results, "fsdp", lambda: fsdp_part(device, 2 if smoke else 32, 2 if smoke else 10, log,
                                                      ("vit_b",) if smoke else ("vit_l", "swin_l"),

@@ -118,7 +118,9 @@ class DataConfig:
     min_crop_scale: float = 0.2  # RandomResizedCrop scale range (min_crop_scale, 1)
     demo_length: int = 512  # demo crops per epoch
     num_workers: int | None = None  # DataLoader workers per process; None: fitted to the CPUs (engine/cpus.py)
-    decode: str = "fast"  # JPEGs: fast (decode at reduced scale when the crop allows) | plain
+    # JPEGs: fast (decode at reduced scale when the crop allows) | plain | gpu (workers read bytes,
+    # the training process decodes the batch on the device: ummae.data.gpu_decode)
+    decode: str = "fast"
 
 
 @dataclass
@@ -392,8 +394,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"data.min_crop_scale must be in (0, 1], got {d.min_crop_scale}")
     positive("data.demo_length", d.demo_length)
     positive("data.num_workers (--workers)", d.num_workers, zero=True, allow_none=True)
-    if d.decode not in ("fast", "plain"):
-        raise ConfigError(f"data.decode must be 'fast' or 'plain', got {d.decode!r}")
+    if d.decode not in ("fast", "plain", "gpu"):
+        raise ConfigError(f"data.decode must be 'fast', 'plain' or 'gpu', got {d.decode!r}")
     if d.path is not None and not str(d.path).strip():
         raise ConfigError("data.path (--data) is empty")
 

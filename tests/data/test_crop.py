@@ -235,8 +235,9 @@ def test_config_decode_option_is_validated():
 
     assert resolve_config("demo").data.decode == "fast"  # the default
     assert resolve_config("demo", sets=["data.decode=plain"]).data.decode == "plain"
+    assert resolve_config("demo", sets=["data.decode=gpu"]).data.decode == "gpu"
     with pytest.raises(ConfigError, match="data.decode"):
-        resolve_config("demo", sets=["data.decode=gpu"])
+        resolve_config("demo", sets=["data.decode=nvjpeg"])
 
 
 @pytest.mark.parametrize("decode", ["fast", "plain"])

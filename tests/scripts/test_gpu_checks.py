@@ -37,3 +37,17 @@ def test_smoke_grid_eager_and_compiled_with_mfu_and_matmul(gpu_checks, tmp_path)
 def test_cuda_run_without_a_gpu_is_refused(gpu_checks, tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_checks.torch.cuda, "is_available", lambda: False)
     assert gpu_checks.main(["--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_smoke_loader_runs_both_decode_modes_next_to_the_synthetic_step(gpu_checks, tmp_path):
+    out = tmp_path / "loader.json"
+    code = gpu_checks.main(["--smoke", "--out", str(out), "--parts", "loader"])
+    report = json.loads(out.read_text())
+    assert code == 0, report.get("loader")
+    loader = report["loader"]
+    assert loader["synthetic_step_images_per_s"] > 0
+    assert [(r["jpeg_size"], r["decode"]) for r in loader["runs"]] == [
+        ([500, 375], "fast"), ([500, 375], "gpu"), ([500, 375], "device decode alone (decode_batch)")]
+    for r in loader["runs"][:2]:
+        assert r["full_loop_images_per_s"] > 0 and r["cpu_decoded"] == 0  # RGB JPEGs: all decoded in the loop
+    assert loader["runs"][2]["images_per_s"] > 0

@@ -146,6 +146,9 @@ def _summary(result, cfg) -> str:
                      f"{result.run_dir / 'skipped_images.txt'}")
     if result.skipped_steps:
         lines.append(f"  skipped steps    {result.skipped_steps} with a non-finite loss or gradients (train.on_nonfinite=skip)")
+    if cfg.data.decode == "gpu" and cfg.data.path is not None and result.steps > result.start_step:
+        lines.append(f"  decode=gpu       {result.cpu_decoded} image(s) decoded by the workers instead "
+                     f"(not RGB JPEG: PNG, grey, CMYK, ...)")
     return "\n".join(lines)
 
 

@@ -27,9 +27,19 @@ from torchvision.transforms.v2 import functional as F
 from ummae.data.folder import load_rgb
 from ummae.data.transforms import CROP_RATIO, pretrain_crop
 
-__all__ = ["DECODE_MODES", "CropDecoder"]
+__all__ = ["DECODE_MODES", "CropDecoder", "draw_crop_box"]
 
-DECODE_MODES: tuple[str, ...] = ("fast", "plain")
+# "gpu" (`ummae.data.gpu_decode`): the workers draw the boxes, the training process decodes.
+DECODE_MODES: tuple[str, ...] = ("fast", "plain", "gpu")
+
+
+def draw_crop_box(size: tuple[int, int], scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box `(top, left, height, width)` for an image of upright `size`
+    (width, height), drawn from torch's global generator by torchvision's own `get_params`."""
+    width, height = size
+    # get_params only reads the size: a zero-stride tensor stands in for the image.
+    stand_in = torch.empty(1, 1, 1).expand(1, height, width)
+    return tuple(T.RandomResizedCrop.get_params(stand_in, list(scale), list(CROP_RATIO)))
 
 
 class CropDecoder:
@@ -43,8 +53,8 @@ class CropDecoder:
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
                  decode: str = "fast") -> None:
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if decode not in ("fast", "plain"):
+            raise ValueError(f"decode must be 'fast' or 'plain', got {decode!r}")
         self.img_size = img_size
         self.scale = tuple(scale)
         self.hflip = hflip
@@ -61,9 +71,7 @@ class CropDecoder:
             """Draw the crop from the header's upright (width, height); return the smallest
             image size that keeps the crop at >= img_size pixels on both sides."""
             width, height = size
-            # get_params only reads the size: a zero-stride tensor stands in for the image.
-            stand_in = torch.empty(1, 1, 1).expand(1, height, width)
-            top, left, h, w = T.RandomResizedCrop.get_params(stand_in, list(self.scale), list(CROP_RATIO))
+            top, left, h, w = draw_crop_box(size, self.scale)
             drawn.update(width=width, box=(top, left, h, w))
             return math.ceil(width * self.img_size / w), math.ceil(height * self.img_size / h)
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import PretrainConfig, check_resumable, config_to_dict
-from ..data import build_pretrain_dataset, to_model_input
+from ..data import build_pretrain_dataset, collate_encoded, to_device_batch, to_model_input
 from ..data.sampling import EpochSampler, SeededSamples, draw_masks, seed_for
 from ..errors import ConfigError, UmmaeError
 from ..models import build_pretrain_model
@@ -82,6 +82,7 @@ class RunResult:
     skipped_images: list[str] | None = None
     skipped_steps: int = 0
     start_step: int = 0  # the step this session started at (> 0 when resumed)
+    cpu_decoded: int = 0  # decode=gpu: images of this session decoded by the workers (not RGB JPEG)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +196,8 @@ def _make_loader(cfg: PretrainConfig, dataset, sampler: EpochSampler, masking,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         worker_init_fn=ignore_stop_signals_in_worker,  # the main process stops them at a step boundary
+        # decode=gpu: the files' bytes and crop boxes, batched into one buffer (ummae.data.gpu_decode)
+        collate_fn=collate_encoded if cfg.data.decode == "gpu" else None,
     )
 
 
@@ -217,6 +220,7 @@ class _Session:
     train_step: TrainStep | None = None
     checkpoints: StepCheckpoints | None = None
     skipped_files: set[str] = field(default_factory=set)
+    cpu_decoded: int = 0  # decode=gpu: images the workers decoded (not RGB JPEG), this session
 
     @property
     def sharded(self) -> bool:
@@ -299,7 +303,11 @@ def _train_step(s: _Session) -> TrainStep:
 
     def prepare(batch_data: dict):
         s.skipped_files.update(p for x in batch_data["skipped"] if x for p in x.split("\n"))
-        imgs = to_model_input(batch_data["image"], device)  # uint8 -> device, normalised there
+        # uint8 on the device (decode=gpu: decoded there), then normalised there
+        imgs, failed = to_device_batch(batch_data["image"], cfg.data.img_size, device)
+        s.skipped_files.update(str(s.data.dataset.paths[int(batch_data["index"][b])]) for b in failed)
+        s.cpu_decoded += getattr(batch_data["image"], "cpu_decoded", 0)
+        imgs = to_model_input(imgs, device)
         masks = model.masking.sample_type.from_batch(batch_data)  # as the workers drew them
         masks = masks.to(device, non_blocking=True)
         return (imgs, masks), imgs.shape[0]
@@ -480,7 +488,8 @@ def _finish(s: _Session, log: _Log, point: ResumePoint | None) -> RunResult:
         images_per_sec=done * cfg.effective_batch * env.world_size / max(seconds, 1e-9), device=str(s.device),
         num_params=sum(p.numel() for p in s.model.parameters()), world_size=env.world_size,
         resumed_from=point.path if point is not None else None, skipped_images=skipped_all,
-        skipped_steps=skipped_steps, start_step=log.start_step)
+        skipped_steps=skipped_steps, start_step=log.start_step,
+        cpu_decoded=int(all_reduce_sum(s.cpu_decoded, env, s.device)))
 
 
 def _raise_if_nonfinite(report: GuardReport, cfg: PretrainConfig, run_dir: Path, steps_per_epoch: int,
@@ -536,7 +545,8 @@ def _save_reconstructions(model, dataset, cfg: PretrainConfig, device: torch.dev
     if not picked:
         return None
     samples = SeededSamples(dataset, cfg.train.seed)
-    imgs = to_model_input(torch.stack([samples[(0, i)]["image"] for i in picked]), device)
+    batch = collate_encoded([samples[(0, i)] for i in picked])  # any decode mode
+    imgs = to_model_input(to_device_batch(batch["image"], cfg.data.img_size, device)[0], device)
     model.eval()
     masks = draw_masks(model.masking, cfg.train.seed, 0, picked).to(device)
     with training_autocast(device, cfg.train.precision):
