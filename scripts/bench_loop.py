@@ -15,9 +15,9 @@ bytes) stored three ways:
 
 with 0, 1 and 2 DataLoader workers (`--workers`), `data.decode=fast` (and `gpu`, which on a
 CPU decodes in the training process: what it costs without a GPU; `--decodes`). Each run is a
-fresh process of `--steps` steps; its rate is the median `images_per_sec` of its logged windows
+fresh process of `--steps` optimizer steps of one batch each (`--accum-steps 1`); its rate is the median `images_per_sec` of its logged windows
 after the first (start-up, first batches), and its CPU time per image (the process tree's user +
-system time over the whole run) is recorded beside. The synthetic rate is `ummae bench` of the
+system time over the whole run, start-up included) is recorded beside. The synthetic rate is `ummae bench` of the
 same preset, batch and device (fixed random images: no data loading at all), measured in the
 same session. `loop_over_synthetic` near 1 means the loader keeps up.
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -102,7 +101,7 @@ def run_loop(preset: str, data: str, workers: int, decode: str, batch: int, step
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = ummae("pretrain", "--preset", preset, "--data", data, "--out", str(out), "--batch-size", str(batch),
-                 "--max-steps", str(steps), "--workers", str(workers), "--device", "cpu", "--no-progress",
+                 "--accum-steps", "1", "--max-steps", str(steps), "--workers", str(workers), "--device", "cpu", "--no-progress",
                  "--set", f"data.decode={decode}", "--set", "train.log_every=2", "--set", "train.save_every=0",
                  "--set", "train.vis_images=0")
     wall = time.perf_counter() - start
@@ -131,15 +130,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--decodes", nargs="+", default=["fast"], choices=["fast", "plain", "gpu"])
+    parser.add_argument("--batch-size", type=int, help="for every preset (default: the PRESETS table)")
+    parser.add_argument("--size", default="2000x1500", help="the JPEGs' WIDTHxHEIGHT (default 2000x1500)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    folder = make_camera_jpegs(args.work / "jpegs", args.images)
-    report = {"machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "jpeg_size": [2000, 1500],
+    size = tuple(int(v) for v in args.size.split("x"))
+    folder = make_camera_jpegs(args.work / "jpegs", args.images, size)
+    import torch
+    from ummae.perf.bench import _device_name
+
+    report = {"machine": f"{os.cpu_count()} CPUs, {_device_name(torch.device('cpu'))}",
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "jpeg_size": list(size),
               "images": args.images, "steps": args.steps, "runs": [], "synthetic": {}, "disk_bytes": {}}
     for preset in args.presets:
-        batch = PRESETS[preset]
+        batch = args.batch_size or PRESETS[preset]
         report["synthetic"][preset] = rate = synthetic(preset, batch, args.work)
         print(f"{preset}, batch {batch}: synthetic step {rate:.1f} images/s", flush=True)
         for storage, data in storages(args.work, folder, preset).items():
