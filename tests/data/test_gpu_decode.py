@@ -204,3 +204,13 @@ def test_bad_decode_mode_is_a_one_line_config_error(tmp_path):
     result = run_cli_captured(["pretrain", "--out", str(tmp_path / "x"), "--set", "data.decode=nvjpeg"], tmp_path)
     assert result.code != 0 and "data.decode must be 'fast', 'plain' or 'gpu'" in result.err
     assert "Traceback" not in result.err
+
+
+def test_a_batch_with_nothing_left_to_decode_on_the_device(tmp_path):
+    for k in range(2):
+        photo(80, 60, seed=k).save(tmp_path / f"{k}.png")
+    samples = SeededSamples(ImageFolderUnlabeled(tmp_path, loader=EncodedCrop(SIZE)), seed=0)
+    batch = collate_encoded([samples[(0, i)] for i in range(2)])["image"]
+    assert batch.cpu_decoded == 2 and batch.data.numel() == 0
+    images, failed = decode_batch(batch, SIZE, "cpu")
+    assert failed == [] and torch.equal(images, batch.pixels)
