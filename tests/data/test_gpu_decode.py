@@ -214,3 +214,15 @@ def test_a_batch_with_nothing_left_to_decode_on_the_device(tmp_path):
     assert batch.cpu_decoded == 2 and batch.data.numel() == 0
     images, failed = decode_batch(batch, SIZE, "cpu")
     assert failed == [] and torch.equal(images, batch.pixels)
+
+
+def test_a_multi_picture_jpeg_from_a_camera_goes_to_the_device_decoder(tmp_path):
+    path = tmp_path / "camera.jpg"
+    photo(160, 120).save(path, "MPO", save_all=True, append_images=[photo(160, 120, seed=1)], quality=90)
+    with Image.open(path) as opened:
+        assert opened.format == "MPO"
+    with seeded_draws(3):
+        reference = CropDecoder(SIZE, decode="plain")(path)
+    with seeded_draws(3):
+        sample = EncodedCrop(SIZE)(path)
+    assert "jpeg" in sample and mean_difference(decode_one(sample), reference) < 0.5

@@ -52,6 +52,9 @@ __all__ = ["EncodedCrop", "EncodedBatch", "collate_encoded", "decode_batch", "to
 
 # The colour modes Pillow reports for JPEGs that go to the device: 3-channel YCbCr/RGB files.
 DEVICE_MODES = ("RGB",)
+# Pillow's formats that are JPEG files: MPO is the multi-picture JPEG many cameras and phones
+# write (a JPEG whose first picture any JPEG decoder reads).
+JPEG_KINDS = ("JPEG", "MPO")
 
 
 class EncodedCrop:
@@ -76,13 +79,13 @@ class EncodedCrop:
             data = _read(source)
             with Image.open(io.BytesIO(data)) as opened:  # reads the header only
                 kind, mode, (width, height) = opened.format, opened.mode, opened.size
-                orientation = opened.getexif().get(ExifTags.Base.Orientation, 1) if kind == "JPEG" else 1
+                orientation = opened.getexif().get(ExifTags.Base.Orientation, 1) if kind in JPEG_KINDS else 1
         except UnidentifiedImageError:
             raise UmmaeError(f"cannot read image '{name}': empty file or not an image format") from None
         except Exception as err:  # OSError from a missing file, Pillow's various header errors
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             raise UmmaeError(f"cannot read image '{name}': {reason}") from None
-        if kind != "JPEG" or mode not in DEVICE_MODES or orientation not in range(1, 9):
+        if kind not in JPEG_KINDS or mode not in DEVICE_MODES or orientation not in range(1, 9):
             buffer = io.BytesIO(data)
             buffer.name = str(name)
             return {"pixels": self.fallback(buffer)}
