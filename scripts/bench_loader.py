@@ -49,18 +49,24 @@ from ummae.data.sampling import draw_masks, seed_for, seeded_draws
 SIZES = {"imagenet": (500, 375), "camera": (2000, 1500), "camera-12mp": (4000, 3000)}
 
 
+def grainy_cover(photo: Image.Image, width: int, height: int, rng: np.random.Generator,
+                 noise: float) -> Image.Image:
+    """`photo` cover-resized (bicubic) and centre-cropped to width x height, with Gaussian grain
+    of sigma `noise` drawn from `rng` (see the module docstring)."""
+    s = max(width / photo.width, height / photo.height)
+    big = photo.resize((round(photo.width * s), round(photo.height * s)), Image.Resampling.BICUBIC)
+    left, top = (big.width - width) // 2, (big.height - height) // 2
+    pixels = np.asarray(big.crop((left, top, left + width, top + height)), dtype=np.float32)
+    return Image.fromarray(np.clip(pixels + rng.normal(0, noise, pixels.shape), 0, 255).astype(np.uint8))
+
+
 def make_jpegs(folder: Path, width: int, height: int, count: int, noise: float) -> list[Path]:
     """`count` JPEGs of width x height from the demo photographs (see the module docstring)."""
     rng = np.random.default_rng(0)
     paths = []
     for k, photo in enumerate(load_demo_images()[:count]):
-        s = max(width / photo.width, height / photo.height)
-        big = photo.resize((round(photo.width * s), round(photo.height * s)), Image.Resampling.BICUBIC)
-        left, top = (big.width - width) // 2, (big.height - height) // 2
-        pixels = np.asarray(big.crop((left, top, left + width, top + height)), dtype=np.float32)
-        pixels = np.clip(pixels + rng.normal(0, noise, pixels.shape), 0, 255).astype(np.uint8)
         path = folder / f"{width}x{height}_{k}.jpg"
-        Image.fromarray(pixels).save(path, quality=90)
+        grainy_cover(photo, width, height, rng, noise).save(path, quality=90)
         paths.append(path)
     return paths
 

@@ -43,6 +43,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loader import grainy_cover  # noqa: E402
 PRESETS = {"ummae_swin_demo": 16, "ummae_swin_tiny_256": 8}  # preset -> batch size
 
 
@@ -55,13 +57,7 @@ def make_camera_jpegs(folder: Path, count: int, size=(2000, 1500), noise: float 
         return folder
     photos, (width, height) = load_demo_images(), size
     for i in range(count):
-        photo = photos[i % len(photos)]
-        s = max(width / photo.width, height / photo.height)
-        big = photo.resize((round(photo.width * s), round(photo.height * s)), Image.Resampling.BICUBIC)
-        left, top = (big.width - width) // 2, (big.height - height) // 2
-        pixels = np.asarray(big.crop((left, top, left + width, top + height)), dtype=np.float32)
-        pixels = pixels + np.random.default_rng(i).normal(0, noise, pixels.shape)
-        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        img = grainy_cover(photos[i % len(photos)], width, height, np.random.default_rng(i), noise)
         if (i // len(photos)) % 2:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         img.save(folder / f"{i:05d}.jpg", quality=90)
