@@ -139,20 +139,21 @@ class EncodedBatch:
 
 
 def _encoded_batch(images: list[dict], img_size: int) -> EncodedBatch:
-    encoded = [(b, x) for b, x in enumerate(images) if "jpeg" in x]
+    # A CPU-decoded sample has no file in `data` (length 0); its box, flip and orientation are unused.
+    on_device = ["jpeg" in x for x in images]
     decoded = [(b, x["pixels"]) for b, x in enumerate(images) if "pixels" in x]
-    lengths = torch.zeros(len(images), dtype=torch.int64)
-    boxes = torch.zeros(len(images), 4, dtype=torch.int64)
-    flips = torch.zeros(len(images), dtype=torch.bool)
-    orientations = torch.ones(len(images), dtype=torch.uint8)
-    for b, x in encoded:
-        lengths[b], boxes[b], flips[b], orientations[b] = len(x["jpeg"]), torch.tensor(x["box"]), x["flip"], \
-            x["orientation"]
-    data = torch.cat([x["jpeg"] for _, x in encoded]) if encoded else torch.zeros(0, dtype=torch.uint8)
+    data = (torch.cat([x["jpeg"] for x in images if "jpeg" in x]) if any(on_device)
+            else torch.zeros(0, dtype=torch.uint8))
     pixels = (torch.stack([p for _, p in decoded]) if decoded
               else torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8))
-    return EncodedBatch(data, lengths, boxes, flips, orientations, pixels,
-                        torch.tensor([b for b, _ in decoded], dtype=torch.int64))
+    return EncodedBatch(
+        data,
+        lengths=torch.tensor([len(x["jpeg"]) if e else 0 for x, e in zip(images, on_device)], dtype=torch.int64),
+        boxes=torch.tensor([x["box"] if e else (0, 0, 0, 0) for x, e in zip(images, on_device)], dtype=torch.int64),
+        flips=torch.tensor([e and x["flip"] for x, e in zip(images, on_device)], dtype=torch.bool),
+        orientations=torch.tensor([x["orientation"] if e else 1 for x, e in zip(images, on_device)],
+                                  dtype=torch.uint8),
+        pixels=pixels, pixels_at=torch.tensor([b for b, _ in decoded], dtype=torch.int64))
 
 
 def collate_encoded(samples: list[dict]) -> dict:
