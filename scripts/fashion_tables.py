@@ -6,6 +6,7 @@
     python scripts/fashion_tables.py --out runs/fashion --report  # tables + pictures from what has run
     python scripts/fashion_tables.py --out runs/fashion --save-records docs/bench/fashion   # to commit
     python scripts/fashion_tables.py --out NEW --records docs/bench/fashion   # continue on another machine
+    python scripts/fashion_tables.py --out runs/fashion --stop 170   # stop at 170 min; the next call continues
 
 Data: Fashion-MNIST (60,000 training + the official 10,000 test images, 28x28 grey, 10 classes),
 written by scripts/make_fashion_folder.py as `DATA/{train,test}/<class>/*.png`, padded to 32 px
@@ -53,7 +54,11 @@ passes; 3 epochs with all labels, seed 0), estimated:
 (over the issue's ~8 by the equal-epoch EMAE runs, each 3x UM-MAE's cost per epoch.)
 Runs go `--jobs` at a time, each on one thread (`OMP_NUM_THREADS=1`); every run's wall-clock,
 CPU time (`wait4`, data workers included) and peak memory are recorded. Everything is cached
-under `--out`, so an interrupted invocation continues where it stopped; `--records` seeds a new
+under `--out`, so an interrupted invocation continues where it stopped: `--stop MINUTES` or
+SIGTERM to the script interrupts the running jobs, whose pre-trainings and fine-tunings write a
+checkpoint that the next invocation continues from (`--resume auto`; the training is the same as
+an uninterrupted one's, the record sums the CPU time of the pieces), so a run may be longer than
+a session; an interrupted evaluation runs again from the start. `--records` seeds a new
 cache from committed records (a finished pre-training whose checkpoint is missing runs again
 when a job that still has to run needs it; `--save-records` also commits each finished
 pre-training's encoder, a few MB, so that the fine-tuning jobs of a later session start from it).
@@ -105,6 +110,9 @@ FT_ARMS = {"ummae_swin": "ummae_swin", "simmim_swin": "simmim_swin", "random_swi
            "mae_vit": "mae_vit", "random_vit": "mae_vit"}  # arm: the checkpoint it starts from (or its shape)
 FEW_PER_CLASS, FEW_COPIES = 60, 10  # 1% of the labels; each listed 10 times: an epoch = 10 passes
 KNN_KS = (10, 20, 50)
+# Appended to a pre-training's or fine-tuning's command to continue it from the checkpoint it wrote
+# when the runner interrupted it (`--stop`, or SIGTERM to the script): a run may span sessions.
+RESUME = ["--resume", "auto"]
 
 
 def pretrain_argv(cfg: str, out: Path, seed: int, epochs: int, data: Path) -> list[str]:
@@ -174,7 +182,7 @@ def build_jobs(args, runner: Runner) -> list[Job]:
         name = name or f"pre_{cfg}_e{E}"
         argv = (pretrain_argv(cfg, run_dir(name), 0, epochs, data) if epochs is not None else
                 lambda: pretrain_argv(cfg, run_dir(name), 0, equal_time_epochs(cfg), data))
-        jobs.append(Job(name, argv, list(deps), outputs=[ckpt(name)]))
+        jobs.append(Job(name, argv, list(deps), outputs=[ckpt(name)], resume=RESUME))
         return name
 
     def equal_time_epochs(cfg: str) -> int:
@@ -209,7 +217,8 @@ def build_jobs(args, runner: Runner) -> list[Job]:
             for arm, ref in FT_ARMS.items():
                 name = f"ft_{regime}_{arm}_s{s}"
                 jobs.append(Job(name, finetune_argv(ckpt(f"pre_{ref}_e{E}"), train, data / "test", run_dir(name),
-                                                    epochs, s, arm.startswith("random")), [f"pre_{ref}_e{E}"]))
+                                                    epochs, s, arm.startswith("random")), [f"pre_{ref}_e{E}"],
+                                outputs=[run_dir(name) / "metrics.jsonl"], resume=RESUME))
     # 4. EMAE, UM-EMAE, Hiera: equal epochs, then equal CPU time
     for cfg in LATER:
         evaluate_checkpoint(pretrain(cfg, E))
@@ -515,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=5, help="draws of the few-label subsets (default 5)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--deadline", type=float, help="start no job after this many minutes; finish the running ones")
+    p.add_argument("--stop", type=float, metavar="MINUTES",
+                   help="after this many minutes interrupt the running jobs too (as SIGTERM to this script "
+                        "does): pre-trainings and fine-tunings write a checkpoint and the next invocation "
+                        "continues them; evaluations run again")
     p.add_argument("--only", nargs="+", help="run only jobs whose name starts with one of these")
     p.add_argument("--report", action="store_true", help="only write the tables and pictures from what has run")
     p.add_argument("--records", type=Path, help="seed the cache from committed records (missing files only)")
@@ -564,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "<repo>": str(REPO)})
         print(f"seeded {n} record files from {args.records}")
     deadline = time.time() + 60 * args.deadline if args.deadline else None
-    runner = Runner(args.out, args.jobs, deadline, REPO)
+    runner = Runner(args.out, args.jobs, deadline, REPO, stop=time.time() + 60 * args.stop if args.stop else None)
     if not args.report:
         jobs = build_jobs(args, runner)
         if args.records:

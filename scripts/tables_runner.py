@@ -6,6 +6,13 @@
   files it leaves for later jobs (`outputs`, e.g. a checkpoint): when a job that still has to run
   needs one that is gone (a cache seeded from committed records on another machine), the job that
   made it runs again.
+- A job that can continue (`resume`: the arguments that make its command pick up its last
+  checkpoint, `--resume auto` for ummae's) survives an interruption: SIGTERM to the runner, or its
+  `stop` time, sends SIGTERM to the running jobs; ummae's commands finish the step, write a
+  checkpoint and exit 143, and the runner keeps what they had spent in `OUT/jobs/<name>.partial.json`.
+  The next invocation, in this session or the next, continues them from the checkpoint and their
+  record adds up the pieces (CPU time summed, `pieces` counted). A grid whose runs are longer than
+  a session's time so still finishes, with costs that count every piece.
 - `seed_records` / `save_records`: the small JSON records of a cache (job records, evaluations,
   metrics curves, tables; never checkpoints) copied between a cache and a committed folder.
 - `save_encoders` / `seed_encoders`: the one exception, the encoder of a finished pre-training
@@ -19,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import time
@@ -40,6 +48,19 @@ class Job:
     argv: list[str] | Callable[[], list[str]]
     deps: list[str] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
+    resume: list[str] = field(default_factory=list)  # appended to argv to continue an interrupted run
+
+
+# Exit statuses of a run stopped by a signal after writing its checkpoint: 128 + SIGINT, 128 + SIGTERM.
+STOPPED_EXITS = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+def can_continue(job: Job) -> bool:
+    """Whether `job` can pick up where it stopped: it takes `resume` arguments and a folder of its
+    outputs holds a periodic ummae checkpoint (`checkpoints/step-*.pt`) to continue from."""
+    from ummae.engine.checkpoint import list_step_checkpoints
+
+    return bool(job.resume) and any(list_step_checkpoints(Path(o).parent) for o in job.outputs)
 
 
 def to_rerun(jobs: list[Job], finished: Callable[[str], bool]) -> list[Job]:
@@ -63,9 +84,13 @@ def to_rerun(jobs: list[Job], finished: Callable[[str], bool]) -> list[Job]:
 class Runner:
     """Runs jobs `jobs` at a time in list order (a job waits for its deps), caching each record."""
 
+    poll_seconds = 1.0  # how often it looks at its jobs (the tests' jobs take milliseconds)
+
     def __init__(self, out: Path, jobs: int, deadline: float | None, cwd: Path,
-                 subdirs: tuple[str, ...] = ("jobs", "bench", "eval")):
-        self.out, self.slots, self.deadline, self.cwd = out, jobs, deadline, cwd
+                 subdirs: tuple[str, ...] = ("jobs", "bench", "eval"), stop: float | None = None):
+        """`deadline`: start no job after this time (`time.time()`); `stop`: at this time, also
+        interrupt the running ones (resumable ones keep their checkpoint for the next invocation)."""
+        self.out, self.slots, self.deadline, self.cwd, self.stop = out, jobs, deadline, cwd, stop
         for sub in subdirs:
             (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -74,6 +99,14 @@ class Runner:
 
     def record(self, name: str) -> dict | None:
         path = self.record_path(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def partial_path(self, name: str) -> Path:
+        return self.out / "jobs" / f"{name}.partial.json"
+
+    def partial(self, name: str) -> dict | None:
+        """What the earlier pieces of an interrupted, resumable job spent (None: it has none)."""
+        path = self.partial_path(name)
         return json.loads(path.read_text()) if path.exists() else None
 
     def _log(self, message: str) -> None:
@@ -87,8 +120,30 @@ class Runner:
                 self.record_path(j.name).rename(self.record_path(j.name).with_suffix(".replaced.json"))
         running: dict[str, tuple[subprocess.Popen, float, list[str]]] = {}
         failed: set[str] = set()
+        stopped: set[str] = set()  # interrupted this invocation: continued by the next one
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        by_name = {j.name: j for j in jobs}
+        signalled: list[int] = []
+
+        def on_signal(signum, frame):  # SIGTERM/SIGINT to the runner: interrupt the jobs, start none
+            signalled.append(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._run(pending, running, failed, stopped, env, by_name, signalled)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _run(self, pending, running, failed, stopped, env, by_name, signalled) -> None:
+        interrupting = False
         while pending or running:
+            if not interrupting and (signalled or (self.stop is not None and time.time() > self.stop)):
+                interrupting = True
+                why = f"signal {signal.Signals(signalled[0]).name}" if signalled else "stop time"
+                self._log(f"{why}: interrupting {len(running)} running job(s), starting no more")
+                for proc, _, _ in running.values():
+                    proc.send_signal(signal.SIGTERM)
             for name, (proc, start, argv) in list(running.items()):
                 # wait4, not Popen.poll: it also returns the CPU time the run used (its data
                 # workers included), which other programs on the machine do not inflate, and the
@@ -98,43 +153,72 @@ class Runner:
                     continue
                 del running[name]
                 proc.returncode = os.waitstatus_to_exitcode(status)
-                seconds = time.time() - start
+                piece = {"seconds": time.time() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                         "max_rss_mib": usage.ru_maxrss / 1024}
+                earlier = self.partial(name)
+                if earlier:  # the pieces before this one
+                    piece = {"seconds": earlier["seconds"] + piece["seconds"],
+                             "cpu_seconds": earlier["cpu_seconds"] + piece["cpu_seconds"],
+                             "max_rss_mib": max(earlier["max_rss_mib"], piece["max_rss_mib"]),
+                             "pieces": earlier["pieces"] + 1}
+                if proc.returncode != 0 and can_continue(by_name[name]) and (
+                        proc.returncode in STOPPED_EXITS or earlier):
+                    # stopped after a checkpoint (or killed before it got going again): keep the cost
+                    self.partial_path(name).write_text(json.dumps({"argv": argv, "pieces": 1, **piece}))
+                    stopped.add(name)
+                    self._log(f"stopped {name} (exit {proc.returncode}): continues from its checkpoint "
+                              f"next time ({piece['cpu_seconds']:.0f} s CPU so far)")
+                    continue
+                if proc.returncode != 0 and interrupting:  # not resumable: starts afresh next time
+                    stopped.add(name)
+                    self._log(f"interrupted {name} (exit {proc.returncode}): runs from the start next time")
+                    continue
                 if proc.returncode != 0:
                     failed.add(name)
                     self._log(f"FAILED {name} (exit {proc.returncode}); see {self.out / 'jobs' / (name + '.log')}")
                     continue
-                cpu = usage.ru_utime + usage.ru_stime
-                self.record_path(name).write_text(json.dumps({"argv": argv, "seconds": seconds, "cpu_seconds": cpu,
-                                                              "max_rss_mib": usage.ru_maxrss / 1024}))
-                self._log(f"done {name} in {seconds:.0f} s ({cpu:.0f} s CPU)")
+                self.record_path(name).write_text(json.dumps({"argv": argv, **piece}))
+                self.partial_path(name).unlink(missing_ok=True)
+                self._log(f"done {name} in {piece['seconds']:.0f} s ({piece['cpu_seconds']:.0f} s CPU)")
             blocked = [j for j in pending if any(d in failed for d in j.deps)]
             for j in blocked:
                 pending.remove(j)
                 failed.add(j.name)
                 print(f"skipped {j.name}: a run it needs failed", flush=True)
-            late = self.deadline is not None and time.time() > self.deadline
+            late = interrupting or (self.deadline is not None and time.time() > self.deadline)
             while not late and len(running) < self.slots:
                 ready = next((j for j in pending if all(self.record(d) for d in j.deps)), None)
                 if ready is None:
                     break
                 pending.remove(ready)
-                for folder in {Path(o).parent for o in ready.outputs if Path(o).parent.exists()}:
-                    aside = folder.with_name(folder.name + ".replaced")
-                    shutil.rmtree(aside, ignore_errors=True)
-                    folder.rename(aside)
                 argv = ready.argv() if callable(ready.argv) else ready.argv
-                log = open(self.out / "jobs" / f"{ready.name}.log", "w")
-                running[ready.name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                        env=env, cwd=self.cwd), time.time(), argv)
-                self._log(f"start {ready.name}")
+                continuing = bool(self.partial(ready.name)) and can_continue(ready)
+                if continuing:
+                    argv = [*argv, *ready.resume]
+                    self._log(f"continue {ready.name} (piece {self.partial(ready.name)['pieces'] + 1})")
+                else:  # a fresh start, in empty folders
+                    self.partial_path(ready.name).unlink(missing_ok=True)
+                    for folder in {Path(o).parent for o in ready.outputs if Path(o).parent.exists()}:
+                        aside = folder.with_name(folder.name + ".replaced")
+                        shutil.rmtree(aside, ignore_errors=True)
+                        folder.rename(aside)
+                    self._log(f"start {ready.name}")
+                log = open(self.out / "jobs" / f"{ready.name}.log", "a" if continuing else "w")
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
+                running[ready.name] = (proc, time.time(), argv[:len(argv) - len(ready.resume) * continuing])
             if late and not running:
-                print(f"deadline reached: {len(pending)} job(s) not started", flush=True)
+                if interrupting and stopped:
+                    print(f"interrupted: {len(stopped)} job(s) continue from their checkpoints next time "
+                          f"({', '.join(sorted(stopped))})", flush=True)
+                if pending:
+                    print(f"{'interrupted' if interrupting else 'deadline reached'}: {len(pending)} job(s) "
+                          f"not started", flush=True)
                 return
             if not running and pending:  # nothing can start: deps that are neither done nor pending
-                print(f"{len(pending)} job(s) wait for runs that are not in this invocation "
+                print(f"{len(pending)} job(s) wait for runs that are not in this invocation or were interrupted "
                       f"({', '.join(j.name for j in pending[:3])}...)", flush=True)
                 return
-            time.sleep(1)
+            time.sleep(self.poll_seconds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +246,8 @@ def _copy(src: Path, target: Path, replace: dict[str, str]) -> None:
 
 def save_records(out: Path, dest: Path, replace: dict[str, str] | None = None) -> int:
     """Copy the cache's records (`RECORD_GLOBS`) to `dest`; returns how many files. A run folder's
-    files only once its job has finished (`jobs/<name>.json`): a running one's curve is partial.
+    files only once its job has finished (`jobs/<name>.json`): a running or interrupted one's curve
+    is partial (and an interrupted one's `.partial.json` stays with its checkpoint, in the cache).
 
     `replace`: machine paths -> placeholders in the copies (e.g. {str(out): "<out>"}), so that the
     committed records name no machine's folders; `seed_records` puts them back.
@@ -171,7 +256,7 @@ def save_records(out: Path, dest: Path, replace: dict[str, str] | None = None) -
     for pattern in RECORD_GLOBS:
         for src in sorted(out.glob(pattern)):
             rel = src.relative_to(out)
-            if src.name.endswith(".replaced.json") or (rel.parts[0] == "runs" and not
+            if src.name.endswith((".replaced.json", ".partial.json")) or (rel.parts[0] == "runs" and not
                                                        (out / "jobs" / f"{rel.parts[1]}.json").exists()):
                 continue
             _copy(src, dest / src.relative_to(out), replace or {})

@@ -13,6 +13,11 @@ import tables_runner  # noqa: E402
 from tables_runner import Job, Runner, save_encoders, save_records, seed_encoders, seed_records, to_rerun  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def quick_polls(monkeypatch):
+    monkeypatch.setattr(Runner, "poll_seconds", 0.02)
+
+
 def touch_job(name: str, path: Path, deps=(), outputs=()) -> Job:
     """A job that appends its name to `path` (a log of what ran) and writes its outputs."""
     code = (f"import pathlib; open({str(path)!r}, 'a').write({name!r} + '\\n'); "
@@ -152,3 +157,99 @@ def test_encoders_travel_and_spare_the_pretraining(tmp_path, checkpoints):
     assert [j.name for j in to_rerun(grid(fresh), lambda n: (fresh / "jobs" / f"{n}.json").exists())] == ["ft"]
     Runner(fresh, 1, None, tmp_path).run(grid(fresh))
     assert ran(tmp_path) == ["ft"]
+
+
+# A stand-in for an ummae run that can be interrupted: it writes checkpoints/step-1.pt, then waits
+# for SIGTERM, on which it writes step-2 and exits 143 (as `ummae pretrain` does); with
+# `--resume auto` it continues from its newest checkpoint and finishes. Each piece appends what
+# it did to ran.txt.
+RESUMABLE = """
+import pathlib, signal, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+run, log = pathlib.Path(sys.argv[1]), open(sys.argv[2], "a")
+ckpts = run / "checkpoints"
+if "--resume" in sys.argv:
+    last = max(int(p.stem[5:]) for p in ckpts.glob("step-*.pt"))
+    log.write(f"continued-from-{last}\\n")
+    (run / "checkpoint.pt").write_text("done")
+    sys.exit(0)
+ckpts.mkdir(parents=True)
+(ckpts / "step-1.pt").write_text("1")
+(run / "ready").write_text("")
+while not stop:
+    time.sleep(0.01)
+(ckpts / "step-2.pt").write_text("2")
+log.write("stopped-at-2\\n")
+sys.exit(143)
+"""
+
+
+def resumable_job(tmp: Path, name: str = "pre") -> Job:
+    run = tmp / "cache" / "runs" / name
+    return Job(name, [sys.executable, "-c", RESUMABLE, str(run), str(tmp / "ran.txt")],
+               outputs=[run / "checkpoint.pt"], resume=["--resume", "auto"])
+
+
+def test_stop_time_interrupts_and_the_next_run_continues(tmp_path, capsys):
+    import time
+
+    runner = Runner(tmp_path / "cache", 2, None, tmp_path, stop=time.time() + 1.5)
+    runner.run([resumable_job(tmp_path), touch_job("after", tmp_path / "ran.txt", ["pre"])])
+    assert ran(tmp_path) == ["stopped-at-2"]  # "after" waits for it, not run, not failed
+    assert runner.record("pre") is None and runner.partial("pre")["pieces"] == 1
+    first = runner.partial("pre")["cpu_seconds"]
+    save_records(tmp_path / "cache", tmp_path / "docs")  # an unfinished run is not a record to commit
+    assert not list((tmp_path / "docs").rglob("*.json"))
+    out = capsys.readouterr().out
+    assert "stopped pre (exit 143)" in out and "FAILED" not in out
+    runner = Runner(tmp_path / "cache", 2, None, tmp_path)  # the next session
+    runner.run([resumable_job(tmp_path), touch_job("after", tmp_path / "ran.txt", ["pre"])])
+    assert ran(tmp_path) == ["stopped-at-2", "continued-from-2", "after"]
+    rec = runner.record("pre")
+    assert rec["pieces"] == 2 and rec["cpu_seconds"] > first and "--resume" not in rec["argv"]
+    assert runner.partial("pre") is None
+    assert "continue pre (piece 2)" in capsys.readouterr().out
+    assert (tmp_path / "cache" / "runs" / "pre" / "ready").exists()  # continued in place, not moved aside
+
+
+def test_sigterm_to_the_runner_interrupts_its_jobs(tmp_path, capsys):
+    """SIGTERM to the runner (a session's end, `kill`): resumable jobs stop with a checkpoint,
+    the others stop and start afresh next time; nothing is recorded as done or failed."""
+    import os
+    import signal
+    import threading
+    import time
+
+    ready = tmp_path / "cache" / "runs" / "pre" / "ready"
+
+    def kill_when_ready():
+        while not ready.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sleeper = Job("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    threading.Thread(target=kill_when_ready, daemon=True).start()
+    runner = Runner(tmp_path / "cache", 2, None, tmp_path)
+    began = time.time()
+    runner.run([resumable_job(tmp_path), sleeper, touch_job("later", tmp_path / "ran.txt")])
+    assert time.time() - began < 30 and ran(tmp_path) == ["stopped-at-2"]
+    out = capsys.readouterr().out
+    assert "signal SIGTERM: interrupting 2 running job(s)" in out
+    assert "interrupted sleeper" in out and "1 job(s) not started" in out
+    assert runner.partial("pre") and runner.partial("sleeper") is None and runner.record("sleeper") is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the runner put the handler back
+
+
+def test_interrupted_job_without_a_checkpoint_starts_afresh(tmp_path):
+    """A resumable job killed before its first checkpoint (exit 143 but no step-*.pt) has nothing
+    to continue: no partial record, and the next run starts it in an empty folder."""
+    code = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True); "
+            "(p / 'metrics.jsonl').open('a').write('x\\n'); sys.exit(143)")
+    run = tmp_path / "cache" / "runs" / "pre"
+    job = Job("pre", [sys.executable, "-c", code, str(run)], outputs=[run / "checkpoint.pt"], resume=["--resume", "auto"])
+    runner = Runner(tmp_path / "cache", 1, None, tmp_path)
+    runner.run([job])
+    assert runner.partial("pre") is None and runner.record("pre") is None
+    runner.run([job])
+    assert (run / "metrics.jsonl").read_text() == "x\n"  # not appended to the first attempt's
