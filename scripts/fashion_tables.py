@@ -28,7 +28,10 @@ What it runs, in this order (the most informative first, so that a partial grid 
 4. EMAE on the ViT, UM-EMAE on the Swin and MAE on timm's Hiera (patch 1, 8 px mask units: a
    4x4 unit grid) at equal epochs, then at equal CPU time: EMAE gets the CPU time its UM-MAE / MAE
    counterpart took at `--epochs` (Hiera UM-MAE Swin's), as whole epochs from the measured ratio;
-5. `ummae bench` of the configurations (step time, FLOPs, peak memory; synthetic batches).
+5. `ummae bench` of the configurations (step time, FLOPs, peak memory; synthetic batches);
+6. the convergence check: the five fine-tuning arms of 3. again, seeds `--ft-long-seeds`, on
+   longer schedules, `--ft-few-long-epochs` (3x, at 1%) and `--ft-full-long-epochs` (4x, all
+   labels): whether the accuracy has stopped rising, and whether the gaps of 3. survive it.
 
 Frozen evaluation (one feature pass per encoder, `--eval-one`): k-NN (cosine, T 0.07; k 10, 20,
 50), the `ummae linprobe` protocol (90 epochs, final epoch, probe seeds 0-2), and few labels (10
@@ -51,7 +54,10 @@ passes; 3 epochs with all labels, seed 0), estimated:
     4   EMAE / UM-EMAE / Hiera, equal epochs + equal time     ~3.3 CPU-h (+ 7 evaluations ~0.8)
     5   bench                                                 ~0.1 CPU-h
     total                                                     ~9.5 CPU-h (`--ft-full-seeds 0 1 2`: +4)
-(over the issue's ~8 by the equal-epoch EMAE runs, each 3x UM-MAE's cost per epoch.)
+    6   longer schedules, seed 0: 1% (18 epochs)              ~1.5 CPU-h
+        all labels (12 epochs)                                ~7 CPU-h
+(over the issue's ~8 by the equal-epoch EMAE runs, each 3x UM-MAE's cost per epoch, and by the
+convergence check, which spans sessions: its runs are continued from their checkpoints.)
 Runs go `--jobs` at a time, each on one thread (`OMP_NUM_THREADS=1`); every run's wall-clock,
 CPU time (`wait4`, data workers included) and peak memory are recorded. Everything is cached
 under `--out`, so an interrupted invocation continues where it stopped: `--stop MINUTES` or
@@ -72,6 +78,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tables_runner import (Job, Runner, fmt, plot_curves, read_metrics, save_encoders, save_records, seed_encoders,
@@ -113,6 +120,28 @@ KNN_KS = (10, 20, 50)
 # Appended to a pre-training's or fine-tuning's command to continue it from the checkpoint it wrote
 # when the runner interrupted it (`--stop`, or SIGTERM to the script): a run may span sessions.
 RESUME = ["--resume", "auto"]
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One fine-tuning table: its jobs are `ft_<key>_<arm>_s<seed>`."""
+
+    key: str
+    epochs: int
+    seeds: list[int]
+    few: bool  # 1% of the labels (else all)
+    title: str
+
+
+def ft_regimes(args) -> list[Regime]:
+    """The fine-tuning tables: 1% and all labels, then the same on the longer schedules."""
+    few = f"1% of the labels (600 images), {{}} epochs of {args.few_copies} passes"
+    return [Regime("few", args.ft_few_epochs, args.ft_seeds, True, few.format(args.ft_few_epochs)),
+            Regime("full", args.ft_full_epochs, args.ft_full_seeds, False, f"all labels, {args.ft_full_epochs} epochs"),
+            Regime("few_long", args.ft_few_long_epochs, args.ft_long_seeds, True,
+                   few.format(args.ft_few_long_epochs) + " (the longer schedule)"),
+            Regime("full_long", args.ft_full_long_epochs, args.ft_long_seeds, False,
+                   f"all labels, {args.ft_full_long_epochs} epochs (the longer schedule)")]
 
 
 def pretrain_argv(cfg: str, out: Path, seed: int, epochs: int, data: Path) -> list[str]:
@@ -207,18 +236,21 @@ def build_jobs(args, runner: Runner) -> list[Job]:
     for arch, ref in (("swin", "ummae_swin"), ("vit", "mae_vit")):
         evaluate(f"random_{arch}", ["--checkpoint", str(ckpt(f"pre_{ref}_e{E}")), "--init-random"],
                  [f"pre_{ref}_e{E}"])
-    # 3. fine-tuning: 1% of the labels (every seed), then all labels
-    for regime, epochs, seeds in (("few", args.ft_few_epochs, args.ft_seeds),
-                                  ("full", args.ft_full_epochs, args.ft_full_seeds)):
-        for s in seeds:
+    def finetune(regime: Regime) -> None:
+        for s in regime.seeds:
             train = (few_label_folder(data / "train", data / f"train_1pct_s{s}_x{args.few_copies}", FEW_PER_CLASS,
-                                              args.few_copies, s)
-                     if regime == "few" else data / "train")
+                                      args.few_copies, s)
+                     if regime.few else data / "train")
             for arm, ref in FT_ARMS.items():
-                name = f"ft_{regime}_{arm}_s{s}"
+                name = f"ft_{regime.key}_{arm}_s{s}"
                 jobs.append(Job(name, finetune_argv(ckpt(f"pre_{ref}_e{E}"), train, data / "test", run_dir(name),
-                                                    epochs, s, arm.startswith("random")), [f"pre_{ref}_e{E}"],
+                                                    regime.epochs, s, arm.startswith("random")), [f"pre_{ref}_e{E}"],
                                 outputs=[run_dir(name) / "metrics.jsonl"], resume=RESUME))
+
+    short, long = ft_regimes(args)[:2], ft_regimes(args)[2:]
+    # 3. fine-tuning: 1% of the labels (every seed), then all labels
+    for regime in short:
+        finetune(regime)
     # 4. EMAE, UM-EMAE, Hiera: equal epochs, then equal CPU time
     for cfg in LATER:
         evaluate_checkpoint(pretrain(cfg, E))
@@ -234,6 +266,9 @@ def build_jobs(args, runner: Runner) -> list[Job]:
                                           "--steps", "2" if args.quick else "5", "--warmup", "1", "--device", "cpu",
                                           "--set", f"data.img_size={IMG}", *sets,
                                           "--json", str(out / "bench" / f"{arch}.json")]))
+    # 6. the convergence check: the fine-tunings of 3. again on longer schedules (seeds --ft-long-seeds)
+    for regime in long:
+        finetune(regime)
     return jobs
 
 
@@ -351,16 +386,16 @@ def report(args, runner: Runner) -> dict:
         path = out / "eval" / f"{name}.json"
         frozen[name] = frozen_row(json.loads(path.read_text())) if path.exists() else None
     finetune = {}
-    for regime, seeds in (("few", args.ft_seeds), ("full", args.ft_full_seeds)):
-        finetune[regime] = {}
+    for regime in ft_regimes(args):
+        finetune[regime.key] = {}
         for arm in FT_ARMS:
+            name = f"ft_{regime.key}_{arm}_s{{}}"
             # a record without its curve (a cache seeded from records that lacked it) counts as not run
-            done = [s for s in seeds if runner.record(f"ft_{regime}_{arm}_s{s}")
-                    and val_curve(out / "runs" / f"ft_{regime}_{arm}_s{s}")]
-            curves = [val_curve(out / "runs" / f"ft_{regime}_{arm}_s{s}") for s in done]
-            finetune[regime][arm] = None if not done else {
+            done = [s for s in regime.seeds if runner.record(name.format(s)) and val_curve(out / "runs" / name.format(s))]
+            curves = [val_curve(out / "runs" / name.format(s)) for s in done]
+            finetune[regime.key][arm] = None if not done else {
                 "seeds": done, "final_top1": summarise([c[-1] for c in curves]), "curves": curves,
-                "cpu_s": summarise([runner.record(f"ft_{regime}_{arm}_s{s}")["cpu_seconds"] for s in done])}
+                "cpu_s": summarise([runner.record(name.format(s))["cpu_seconds"] for s in done])}
     bench = {arch: json.loads((out / "bench" / f"{arch}.json").read_text())
              for arch in ("swin", "vit", "hiera") if (out / "bench" / f"{arch}.json").exists()}
     results = {"epochs": E, "img_size": IMG, "pretraining": pretraining, "frozen": frozen, "finetune": finetune,
@@ -398,12 +433,12 @@ def tables(results: dict, args) -> list[str]:
         lines.append(f"| {name} | {fmt(r['linprobe'])} | {r['knn_chosen']:.1f} (k={r['knn_k']}) | {knn} | "
                      f"{fmt(r['few10_knn'])} | {fmt(r['few10_linprobe'])} | {fmt(r['few100_knn'])} | "
                      f"{fmt(r['few100_linprobe'])} | {r['select_linprobe']:.1f} |")
-    for regime, title in (("few", f"1% of the labels (600 images), {args.ft_few_epochs} epochs of "
-                                  f"{args.few_copies} passes"),
-                          ("full", f"all labels, {args.ft_full_epochs} epochs")):
-        lines += ["", f"| fine-tuning, {title}: final epoch | test top-1 (%), mean (min-max) | seeds | CPU time (s) "
-                      "| mean curve, per epoch |", "|---|---|---|---|---|"]
-        for arm, r in results["finetune"][regime].items():
+    for regime in ft_regimes(args):
+        if not regime.seeds:
+            continue
+        lines += ["", f"| fine-tuning, {regime.title}: final epoch | test top-1 (%), mean (min-max) | seeds "
+                      "| CPU time (s) | mean curve, per epoch |", "|---|---|---|---|---|"]
+        for arm, r in results["finetune"][regime.key].items():
             if r is None:
                 lines.append(f"| {arm} | {NOT_RUN} | | | |")
                 continue
@@ -441,29 +476,39 @@ def targets(results: dict, E: int) -> list[str]:
             add(name, margin[best] >= 5, f"{best} {scored[best][key]['mean']:.1f}, margin {margin[best]:+.1f}")
         else:
             add(name, None, "")
-    full, few = ft["full"], ft["few"]
-    if full["ummae_swin"] and full["random_swin"]:
-        pairs = [(u, r) for s, u in zip(full["ummae_swin"]["seeds"], full["ummae_swin"]["final_top1"]["values"])
-                 for t, r in zip(full["random_swin"]["seeds"], full["random_swin"]["final_top1"]["values"]) if s == t]
-        add("fine-tuned UM-MAE > random init on every seed, all labels", bool(pairs) and all(u > r for u, r in pairs),
-            " / ".join(f"{u:.1f} vs {r:.1f}" for u, r in pairs))
-    else:
-        add("fine-tuned UM-MAE > random init on every seed, all labels", None, "")
-    if few["ummae_swin"] and few["random_swin"]:
-        gap = few["ummae_swin"]["final_top1"]["mean"] - few["random_swin"]["final_top1"]["mean"]
-        add("fine-tuned UM-MAE >= random init + 3, 1% labels", gap >= 3, f"{gap:+.1f} (means)")
-    else:
-        add("fine-tuned UM-MAE >= random init + 3, 1% labels", None, "")
     cost = results["pretraining"]
-    u, m = cost.get(f"pre_ummae_swin_e{E}"), cost.get(f"pre_simmim_swin_e{E}")
-    if full["ummae_swin"] and full["simmim_swin"] and u and m:
-        gap = full["ummae_swin"]["final_top1"]["mean"] - full["simmim_swin"]["final_top1"]["mean"]
-        ratio = u["cpu_s"] / m["cpu_s"]
-        add("UM-MAE fine-tuned within 0.5 of SimMIM at <= 0.6x its pre-training CPU time",
-            gap >= -0.5 and ratio <= 0.6, f"{gap:+.1f} points at {ratio:.2f}x")
-    else:
-        add("UM-MAE fine-tuned within 0.5 of SimMIM at <= 0.6x its pre-training CPU time", None, "")
+    for full, few, schedule in ((ft["full"], ft["few"], ""),
+                                (ft.get("full_long"), ft.get("few_long"), ", longer schedule")):
+        finetune_targets(add, full or {}, few or {}, cost.get(f"pre_ummae_swin_e{E}"),
+                         cost.get(f"pre_simmim_swin_e{E}"), schedule)
     return lines
+
+
+def finetune_targets(add, full: dict, few: dict, cost_ummae: dict | None, cost_simmim: dict | None,
+                     schedule: str) -> None:
+    """The fine-tuning targets of one schedule. `full`, `few`: {arm: result} with all and 1% of the
+    labels; `cost_*`: the UM-MAE and SimMIM pre-trainings' records; `schedule`: the rows' suffix."""
+    ummae, random, simmim = full.get("ummae_swin"), full.get("random_swin"), full.get("simmim_swin")
+    name = f"fine-tuned UM-MAE > random init on every seed, all labels{schedule}"
+    if ummae and random:
+        pairs = [(a, b) for s, a in zip(ummae["seeds"], ummae["final_top1"]["values"])
+                 for t, b in zip(random["seeds"], random["final_top1"]["values"]) if s == t]
+        add(name, bool(pairs) and all(a > b for a, b in pairs), " / ".join(f"{a:.1f} vs {b:.1f}" for a, b in pairs))
+    else:
+        add(name, None, "")
+    name = f"fine-tuned UM-MAE >= random init + 3, 1% labels{schedule}"
+    if few.get("ummae_swin") and few.get("random_swin"):
+        gap = few["ummae_swin"]["final_top1"]["mean"] - few["random_swin"]["final_top1"]["mean"]
+        add(name, gap >= 3, f"{gap:+.1f} (means)")
+    else:
+        add(name, None, "")
+    name = f"UM-MAE fine-tuned within 0.5 of SimMIM at <= 0.6x its pre-training CPU time{schedule}"
+    if ummae and simmim and cost_ummae and cost_simmim:
+        gap = ummae["final_top1"]["mean"] - simmim["final_top1"]["mean"]
+        ratio = cost_ummae["cpu_s"] / cost_simmim["cpu_s"]
+        add(name, gap >= -0.5 and ratio <= 0.6, f"{gap:+.1f} points at {ratio:.2f}x")
+    else:
+        add(name, None, "")
 
 
 def pictures(results: dict, out: Path) -> None:
@@ -484,7 +529,7 @@ def pictures(results: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "loss_curves.png")
         plt.close(fig)
-    for regime in ("few", "full"):
+    for regime in results["finetune"]:
         done = {arm: r for arm, r in results["finetune"][regime].items() if r}
         if done:
             plot_curves(done, out / f"finetune_{regime}.png", ylabel="test top-1 (%)")
@@ -521,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--few-copies", type=int, default=FEW_COPIES, help="passes per 1%% epoch (default 10)")
     p.add_argument("--ft-full-seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds, all labels")
     p.add_argument("--ft-full-epochs", type=int, default=3, help="fine-tuning epochs, all labels (default 3)")
+    p.add_argument("--ft-long-seeds", type=int, nargs="*", default=[0],
+                   help="seeds of the longer fine-tuning schedules, the convergence check (default 0; none: skip)")
+    p.add_argument("--ft-few-long-epochs", type=int, default=18, help="the longer schedule at 1%% (default 18)")
+    p.add_argument("--ft-full-long-epochs", type=int, default=12,
+                   help="the longer schedule with all labels (default 12)")
     p.add_argument("--draws", type=int, default=5, help="draws of the few-label subsets (default 5)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--deadline", type=float, help="start no job after this many minutes; finish the running ones")
@@ -571,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report:
             quick_folder(args.data.with_name(args.data.name.removesuffix("_quick")), args.data, 200, 50)
         args.epochs, args.ft_few_epochs, args.ft_full_epochs, args.draws, args.few_copies = 1, 1, 1, 2, 1
-        args.ft_seeds, args.ft_full_seeds = args.ft_seeds[:1], args.ft_full_seeds[:1]
+        args.ft_seeds, args.ft_full_seeds, args.ft_long_seeds = args.ft_seeds[:1], args.ft_full_seeds[:1], []
     if args.records:
         n = seed_records(args.records, args.out, {"<out>": str(args.out), "<data>": str(args.data),
                                                   "<repo>": str(REPO)})

@@ -60,16 +60,21 @@ def test_job_order_most_informative_first(tiny_data, tmp_path, capsys):
                          "eval_pre_simmim_swin_e4", "pre_mae_vit_e4", "eval_pre_mae_vit_e4"]
     first_ft, first_emae = names.index("ft_few_ummae_swin_s0"), names.index("pre_emae_swin_e4")
     assert max(names.index(n) for n in ("eval_raw_pixels", "eval_random_swin", "eval_random_vit")) < first_ft
-    assert max(i for i, n in enumerate(names) if n.startswith("ft_")) < first_emae
-    assert len([n for n in names if n.startswith("ft_few")]) == 15 and len([n for n in names if n.startswith("ft_full")]) == 5
+    short = [i for i, n in enumerate(names) if n.startswith(("ft_few_", "ft_full_")) and "_long_" not in n]
+    long = [i for i, n in enumerate(names) if "_long_" in n]
+    assert max(short) < first_emae and min(long) > names.index("bench_hiera")  # the convergence check last
+    assert len(short) == 15 + 5 and len(long) == 5 + 5  # 1%: 3 seeds, all labels: 1; longer: seed 0
+    assert [n for n in names if n.startswith("ft_full_long_")][:2] == ["ft_full_long_ummae_swin_s0",
+                                                                        "ft_full_long_simmim_swin_s0"]
 
 
 def test_report_before_anything_ran(tiny_data, tmp_path, capsys):
     out = tmp_path / "out"
     assert fashion_tables.main(["--data", str(tiny_data), "--out", str(out), "--report"]) == 0
     tables = (out / "tables.md").read_text()
-    # 9 pre-training runs; their 9 frozen rows + 3 random inits + raw pixels; 2 x 5 fine-tuning arms; 6 targets
-    assert tables.count(fashion_tables.NOT_RUN) == 9 + 13 + 10 + 6
+    # 9 pre-training runs; their 9 frozen rows + 3 random inits + raw pixels; 4 x 5 fine-tuning arms
+    # (1% and all labels, short and long schedules); 6 targets + the 3 fine-tuning ones at the long schedule
+    assert tables.count(fashion_tables.NOT_RUN) == 9 + 13 + 20 + 9
     results = json.loads((out / "results.json").read_text())
     assert results["frozen"]["raw_pixels"] is None and results["finetune"]["few"]["ummae_swin"] is None
 
@@ -107,4 +112,8 @@ def test_targets_verdicts():
     verdicts = [line.rsplit("|", 2)[1].strip() for line in fashion_tables.targets(results, 4)[2:]]
     # probe 88.0 vs 84.5 (+3.5): met; 10/class k-NN 80 vs max(74, 72) +6: met, linear 79 vs 73 +6: met;
     # all labels: 92 > 91.5 but 91.0 < 91.2: missed; 1%: +4.5: met; +0.1 points vs SimMIM at 0.5x: met
-    assert verdicts == ["met", "met", "met", "missed", "met", "met"]
+    assert verdicts == ["met", "met", "met", "missed", "met", "met"] + [fashion_tables.NOT_RUN] * 3
+    results["finetune"]["full_long"] = {"ummae_swin": arm([92.5, 92.0]), "random_swin": arm([92.4, 91.9]),
+                                        "simmim_swin": arm([93.1, 93.1])}
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in fashion_tables.targets(results, 4)[8:]]
+    assert verdicts == ["met", fashion_tables.NOT_RUN, "missed"]  # -0.85 vs SimMIM: missed
